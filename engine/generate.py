@@ -1,0 +1,203 @@
+"""Batch generation in one process: prefill, then decode steps until every sequence finishes.
+
+``Generator.generate`` takes token-id prompts and per-prompt ``SamplingParams`` and returns one
+``Completion`` each. Prompts of different lengths prefill together (right-padded, each row with its
+own positions), then decode together; a finished row drops out of the batch at once.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.config import ModelConfig
+from engine.errors import RequestError
+from engine.kv_cache import ContiguousKVCache, make_step
+from engine.loader import Checkpoint, load_weights
+from engine.model import CausalLM
+from engine.sampling import SamplingBatch, sample
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0  # 0 (or -1): off
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def validate(self, vocab_size: int) -> None:
+        def bad(param, why):
+            raise RequestError(f"{param} {why}", param=param)
+
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            bad("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            bad("temperature", f"must be a finite number >= 0, got {t!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
+            bad("top_k", f"must be an integer >= 0 (or -1 for no limit), got {self.top_k!r}")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            bad("top_p", f"must be a number in (0, 1], got {p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            bad("seed", f"must be an integer, got {self.seed!r}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", f"must be non-empty strings, got {self.stop!r}")
+        for i in self.stop_token_ids:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
+                bad("stop_token_ids", f"must be token ids in [0, {vocab_size}), got {i!r}")
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str  # "stop" | "length"
+    seed: int
+
+
+class _Sequence:
+    """Host-side state of one row of the batch."""
+
+    def __init__(self, row, prompt, params: SamplingParams, eos_ids, tokenizer):
+        self.row, self.prompt, self.params = row, prompt, params
+        self.seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self.seed &= (1 << 63) - 1
+        self.out: list[int] = []
+        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_ids)
+        self.detok = IncrementalDetokenizer(tokenizer, prompt) if tokenizer else None
+        self.text = ""
+        self.finish: str | None = None
+
+    def append(self, token: int, context_limit: int) -> None:
+        self.out.append(token)
+        if self.detok is not None:
+            self.text += self.detok.push(token)
+            if self.params.stop and self._truncate_at_stop():
+                self.finish = "stop"
+                return
+        if token in self.stop_ids:
+            self.finish = "stop"
+        elif len(self.out) >= self.params.max_tokens or len(self.prompt) + len(self.out) >= context_limit:
+            self.finish = "length"
+        if self.finish and self.detok is not None:
+            self.text += self.detok.flush()
+            if self.params.stop and self._truncate_at_stop():
+                self.finish = "stop"
+
+    def _truncate_at_stop(self) -> bool:
+        hits = [i for i in (self.text.find(s) for s in self.params.stop) if i >= 0]
+        if not hits:
+            return False
+        self.text = self.text[: min(hits)]
+        return True
+
+
+class Generator:
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer | None = None, device: str = "cpu"):
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.max_len = model.rotary.max_len
+        self.windows = set(self.config.sliding_windows)
+        self.eos_ids = set(self.config.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_id is not None:
+            self.eos_ids.add(tokenizer.eos_id)
+        self.dtype = next(model.parameters()).dtype
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        max_len: int | None = None,
+        progress: bool = False,
+        with_tokenizer: bool = True,
+    ) -> Generator:
+        config = ModelConfig.from_hf(model_dir)
+        checkpoint = Checkpoint(model_dir)
+        tokenizer = Tokenizer(model_dir) if with_tokenizer else None
+        max_len = min(max_len or config.max_position_embeddings, config.max_position_embeddings)
+        with torch.device("meta"):
+            model = CausalLM(config, max_len=max_len)
+        model.to(dtype or config.dtype)
+        load_weights(model, checkpoint, device=device, progress=progress)
+        model.rotary.build(torch.device(device), dtype or config.dtype)
+        return cls(model.eval(), tokenizer, device)
+
+    def check_prompt(self, prompt: list[int], params: SamplingParams) -> None:
+        vocab = self.config.vocab_size
+        params.validate(vocab)
+        if not prompt:
+            raise RequestError("prompt is empty", param="prompt")
+        bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})", param="prompt")
+        if len(prompt) + params.max_tokens > self.max_len:
+            raise RequestError(
+                f"prompt of {len(prompt)} tokens plus max_tokens={params.max_tokens} exceeds the context "
+                f"length of {self.max_len} tokens",
+                param="max_tokens" if len(prompt) < self.max_len else "prompt",
+            )
+
+    @torch.inference_mode()
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[Completion]:
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        for prompt, p in zip(prompts, params):
+            self.check_prompt(prompt, p)
+        if not prompts:
+            return []
+        seqs = [_Sequence(i, list(p), sp, self.eos_ids, self.tokenizer) for i, (p, sp) in enumerate(zip(prompts, params))]
+        cache_len = max(len(s.prompt) + s.params.max_tokens for s in seqs)
+        cfg = self.config
+        cache = ContiguousKVCache(
+            self.model.layer_ids, len(seqs), cache_len, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device
+        )
+
+        longest = max(len(s.prompt) for s in seqs)
+        tokens = torch.zeros(len(seqs), longest, dtype=torch.long)
+        for s in seqs:
+            tokens[s.row, : len(s.prompt)] = torch.tensor(s.prompt)
+        last = torch.tensor([len(s.prompt) - 1 for s in seqs], device=self.device)
+        step = make_step(tokens.to(self.device), [0] * len(seqs), [s.row for s in seqs], self.windows, last)
+        logits = self.model(step.tokens, step, cache)
+        active = seqs
+        while True:
+            ids = sample(logits, self._sampling_batch(active)).tolist()
+            for s, t in zip(active, ids):
+                s.append(t, self.max_len)
+            active = [s for s in active if s.finish is None]
+            if not active:
+                break
+            tokens = torch.tensor([[s.out[-1]] for s in active], device=self.device)
+            starts = [len(s.prompt) + len(s.out) - 1 for s in active]
+            step = make_step(tokens, starts, [s.row for s in active], self.windows, None)
+            logits = self.model(step.tokens, step, cache)[:, -1]
+        return [Completion(s.prompt, s.out, s.text if s.detok else None, s.finish, s.seed) for s in seqs]
+
+    def _sampling_batch(self, seqs: list[_Sequence]) -> SamplingBatch:
+        return SamplingBatch.build(
+            temperature=[float(s.params.temperature) for s in seqs],
+            top_k=[max(s.params.top_k, 0) for s in seqs],
+            top_p=[float(s.params.top_p) for s in seqs],
+            seeds=[s.seed for s in seqs],
+            counters=[len(s.out) for s in seqs],
+            device=self.device,
+        )

@@ -1,0 +1,233 @@
+"""Decoder-only transformer for the Llama, Mistral, Qwen2/3 and GLM/GLM-4 families.
+
+Module attribute names follow the Hugging Face checkpoint tensor names (``model.layers.3.mlp.down_proj``),
+so loading is a matter of names, not code. The model is stateless between calls: the KV cache and the
+per-step metadata (``Step``) are passed in, so the contiguous cache used for batch generation and a
+paged cache can be swapped without touching this file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ModelConfig, rope_inv_freq
+
+
+@dataclass
+class Step:
+    """What one forward pass works on.
+
+    tokens and positions are [B, S]; row b of the batch reads and writes cache row ``rows[b]``.
+    ``kv_len`` is the number of cache positions attention looks at (max position + 1).
+    ``logit_index`` [B] selects the one position per row whose logits are wanted (None: all).
+    ``masks`` maps a sliding window (None for full attention) to a boolean mask [B, 1, S, kv_len],
+    or to None where every cached position up to kv_len is visible to every query.
+    """
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    rows: torch.Tensor
+    rows_slice: slice | None
+    kv_len: int
+    logit_index: torch.Tensor | None
+    masks: dict[int | None, torch.Tensor | None]
+
+
+def attention_mask(positions: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
+    """mask[b, 0, s, t] is True where the query at positions[b, s] may attend to cache position t."""
+    t = torch.arange(kv_len, device=positions.device)
+    q = positions[:, None, :, None]  # [B, 1, S, 1]
+    mask = t <= q
+    if window is not None:
+        mask &= q - t < window
+    return mask
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for every position up to ``max_len``, laid out for the family's pairing."""
+
+    def __init__(self, config: ModelConfig, max_len: int):
+        super().__init__()
+        self.interleaved = config.arch.rope_interleaved
+        self.dim = config.rotary_dim
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.config = config
+        self.max_len = max_len
+
+    def build(self, device: torch.device, dtype: torch.dtype) -> None:
+        inv_freq, scale = rope_inv_freq(self.config)
+        freqs = torch.outer(torch.arange(self.max_len, dtype=torch.float32), inv_freq)
+        freqs = freqs.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat((freqs, freqs), -1)
+        self.cos = (freqs.cos() * scale).to(device=device, dtype=dtype)
+        self.sin = (freqs.sin() * scale).to(device=device, dtype=dtype)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # [B, S] -> [B, S, 1, rot] so that it broadcasts over heads of [B, S, H, D]
+        return self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        if self.interleaved:
+            return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.dim == x.shape[-1]:
+            return x * cos + self.rotate(x) * sin
+        rot, rest = x[..., : self.dim], x[..., self.dim :]
+        return torch.cat((rot * cos + self.rotate(rot) * sin, rest), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.window = config.sliding_windows[layer_id]
+        self.n_heads, self.n_kv, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        h, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(h, q, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(h, kv, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(h, kv, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q, h, bias=config.o_bias)
+        if config.arch.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, rotary: Rotary, cos, sin, cache, step: Step) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, S, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
+        # q: [B, H, S, D]; k, v: [B, KV, T, D] once the cache has them
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        k, v = cache.update(self.layer_id, k, v, step)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=step.masks[self.window], enable_gqa=self.n_kv != self.n_heads
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        if config.arch.fused_gate_up:
+            self.gate_up_proj = nn.Linear(h, 2 * i, bias=bias)
+        else:
+            self.gate_proj = nn.Linear(h, i, bias=bias)
+            self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.fused = config.arch.fused_gate_up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.self_attn = Attention(config, layer_id)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.mlp = MLP(config)
+        if config.arch.sandwich_norm:
+            self.post_self_attn_layernorm = RMSNorm(config.hidden_size, eps)
+            self.post_mlp_layernorm = RMSNorm(config.hidden_size, eps)
+        else:
+            self.post_self_attn_layernorm = self.post_mlp_layernorm = None
+
+    def forward(self, x, rotary, cos, sin, cache, step: Step) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), rotary, cos, sin, cache, step)
+        if self.post_self_attn_layernorm is not None:
+            h = self.post_self_attn_layernorm(h)
+        x = x + h
+        h = self.mlp(self.post_attention_layernorm(x))
+        if self.post_mlp_layernorm is not None:
+            h = self.post_mlp_layernorm(h)
+        return x + h
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: ModelConfig, layer_ids: list[int], first: bool, last: bool):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if first else None
+        self.layers = nn.ModuleDict({str(i): Block(config, i) for i in layer_ids})
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if last else None
+
+
+class CausalLM(nn.Module):
+    """A whole model, or one pipeline stage of it: the layers in ``layer_ids``, the embedding when
+    ``first`` and the final norm and head when ``last``.
+
+    ``forward`` takes token ids on the first stage and hidden states [B, S, hidden] elsewhere; it
+    returns float32 logits ([B, V] with ``step.logit_index``, else [B, S, V]) on the last stage and
+    hidden states elsewhere.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        max_len: int,
+        layer_ids: list[int] | None = None,
+        first: bool = True,
+        last: bool = True,
+    ):
+        super().__init__()
+        self.config = config
+        self.layer_ids = list(range(config.num_layers)) if layer_ids is None else list(layer_ids)
+        self.model = Decoder(config, self.layer_ids, first, last)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if last else None
+        self.rotary = Rotary(config, max_len)
+        self.tie_weights()
+
+    @property
+    def ties_embeddings(self) -> bool:
+        return (
+            self.config.tie_word_embeddings
+            and self.model.embed_tokens is not None
+            and self.lm_head is not None
+        )
+
+    def tie_weights(self) -> None:
+        if self.ties_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, x: torch.Tensor, step: Step, cache) -> torch.Tensor:
+        if self.model.embed_tokens is not None:
+            x = self.model.embed_tokens(x)
+        cos, sin = self.rotary(step.positions)
+        for layer in self.model.layers.values():
+            x = layer(x, self.rotary, cos, sin, cache, step)
+        if self.lm_head is None:
+            return x
+        if step.logit_index is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), step.logit_index]
+        return self.lm_head(self.model.norm(x)).float()
