@@ -66,6 +66,7 @@ DTYPES = {
 }
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_ROPE_BASE_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
 
 
 @dataclass
@@ -208,7 +209,7 @@ class ModelConfig:
             rms_norm_eps=get("rms_norm_eps", float, 1e-6),
             rope_theta=float(rope.get("rope_theta", 10000.0)),
             rope_type=rope_type,
-            rope_scaling=rope,
+            rope_scaling={k: v for k, v in rope.items() if k not in _ROPE_BASE_KEYS},
             partial_rotary_factor=float(partial),
             qkv_bias=attention_bias if arch.qkv_bias is None else arch.qkv_bias,
             o_bias=attention_bias if arch.o_bias is None else arch.o_bias,

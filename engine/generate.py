@@ -66,6 +66,22 @@ class Completion:
     seed: int
 
 
+def check_request(prompt: list[int], params: SamplingParams, vocab_size: int, max_len: int) -> None:
+    """Raise RequestError unless ``prompt`` and ``params`` can run within the vocabulary and context."""
+    params.validate(vocab_size)
+    if not prompt:
+        raise RequestError("prompt is empty", param="prompt")
+    bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise RequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab_size})", param="prompt")
+    if len(prompt) + params.max_tokens > max_len:
+        raise RequestError(
+            f"prompt of {len(prompt)} tokens plus max_tokens={params.max_tokens} exceeds the context "
+            f"length of {max_len} tokens",
+            param="max_tokens" if len(prompt) < max_len else "prompt",
+        )
+
+
 class _Sequence:
     """Host-side state of one row of the batch."""
 
@@ -137,21 +153,6 @@ class Generator:
         model.rotary.build(torch.device(device), dtype or config.dtype)
         return cls(model.eval(), tokenizer, device)
 
-    def check_prompt(self, prompt: list[int], params: SamplingParams) -> None:
-        vocab = self.config.vocab_size
-        params.validate(vocab)
-        if not prompt:
-            raise RequestError("prompt is empty", param="prompt")
-        bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise RequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})", param="prompt")
-        if len(prompt) + params.max_tokens > self.max_len:
-            raise RequestError(
-                f"prompt of {len(prompt)} tokens plus max_tokens={params.max_tokens} exceeds the context "
-                f"length of {self.max_len} tokens",
-                param="max_tokens" if len(prompt) < self.max_len else "prompt",
-            )
-
     @torch.inference_mode()
     def generate(
         self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
@@ -161,7 +162,7 @@ class Generator:
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         for prompt, p in zip(prompts, params):
-            self.check_prompt(prompt, p)
+            check_request(prompt, p, self.config.vocab_size, self.max_len)
         if not prompts:
             return []
         seqs = [_Sequence(i, list(p), sp, self.eos_ids, self.tokenizer) for i, (p, sp) in enumerate(zip(prompts, params))]

@@ -56,6 +56,10 @@ def make_hf_model(case: str, seed: int = 0, **overrides):
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             else:
                 p.normal_(0, 0.08)
+    # greedy parity compares raw argmax over 32 tokens: let transformers' generate run past EOS
+    # instead of suppressing it (min_new_tokens) or stopping on it
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
     return model.eval()
 
 

@@ -1,0 +1,4 @@
+"""Process groups, the parallel layout and the collectives that tensor and pipeline parallelism use.
+
+Imports only torch and ``topologies``; never ``engine`` or ``server``.
+"""

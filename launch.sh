@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# ringleader launcher.
+#
+#   ./launch.sh                          generate with the demo checkpoint (built on first use)
+#   ./launch.sh generate [ARGS...]       the generation CLI: ./launch.sh generate --help
+#   ./launch.sh demo [PATH]              build the demo checkpoint, print its directory
+#
+# The first run creates .venv with the CPU build of torch (see scripts/env.sh); set
+# RINGLEADER_PYTHON to run with an interpreter of your own, e.g. one with a CUDA torch.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=scripts/env.sh
+source "$root/scripts/env.sh"
+ringleader_env ""
+
+DEFAULT_PROMPT=${RINGLEADER_PROMPT:-"The leader sends a message to every rank of the cluster"}
+
+if [ $# -eq 0 ]; then
+    exec "$PY" -m engine.cli generate --prompt "$DEFAULT_PROMPT" --max-tokens 48 --temperature 0.8 --seed 0
+fi
+cmd=$1
+shift
+case "$cmd" in
+    generate | demo)
+        exec "$PY" -m engine.cli "$cmd" "$@"
+        ;;
+    -h | --help | help)
+        sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+        ;;
+    *)
+        echo "launch.sh: error: unknown command '$cmd' (expected: generate, demo)" >&2
+        exit 2
+        ;;
+esac

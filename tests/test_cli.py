@@ -1,0 +1,54 @@
+"""The launch script and the generation CLI as people and scripts run them: real processes."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def _launch(*args, home=None, timeout=300):
+    env = {**os.environ, "RINGLEADER_PYTHON": sys.executable}
+    if home is not None:
+        env["RINGLEADER_HOME"] = str(home)
+    return subprocess.run(
+        [str(ROOT / "launch.sh"), *args], capture_output=True, text=True, env=env, timeout=timeout, cwd="/"
+    )
+
+
+def test_generate_json_is_reproducible_and_consistent(tiny_demo):
+    args = ["generate", "--model", str(tiny_demo), "--prompt", "The ring sends", "--max-tokens", "12"]
+    args += ["--temperature", "0.9", "--seed", "42", "--ignore-eos", "--json"]
+    first = _launch(*args)
+    assert first.returncode == 0, first.stderr
+    record = json.loads(first.stdout)
+    assert len(record["token_ids"]) == 12 and record["finish_reason"] == "length"
+    assert record["usage"]["completion_tokens"] == 12
+    assert record["usage"]["prompt_tokens"] == len(record["prompt_token_ids"])
+    again = json.loads(_launch(*args).stdout)
+    assert again["token_ids"] == record["token_ids"] and again["text"] == record["text"]
+
+
+def test_prompt_ids_and_greedy(tiny_demo):
+    run = _launch("generate", "--model", str(tiny_demo), "--prompt-ids", "1,5,9,200", "--max-tokens", "5",
+                  "--temperature", "0", "--ignore-eos", "--json")
+    assert run.returncode == 0, run.stderr
+    record = json.loads(run.stdout)
+    assert record["prompt_token_ids"] == [1, 5, 9, 200] and len(record["token_ids"]) == 5
+
+
+def test_bad_flag_and_bad_model_fail_cleanly(tmp_path):
+    run = _launch("generate", "--model", str(tmp_path / "nowhere"), "--prompt", "x")
+    assert run.returncode == 2
+    assert "nowhere" in run.stderr and "Traceback" not in run.stderr
+    run = _launch("frobnicate")
+    assert run.returncode == 2 and "unknown command" in run.stderr
+
+
+def test_plain_launch_builds_the_demo_and_generates(tmp_path):
+    run = _launch(home=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip()
+    assert (tmp_path / "demo-v1" / "model.safetensors").is_file()
+    assert "tokens/s" in run.stderr
