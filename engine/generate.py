@@ -71,9 +71,13 @@ def check_request(prompt: list[int], params: SamplingParams, vocab_size: int, ma
     params.validate(vocab_size)
     if not prompt:
         raise RequestError("prompt is empty", param="prompt")
-    bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size), None)
+    bad = next(
+        (t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size), None
+    )
     if bad is not None:
-        raise RequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab_size})", param="prompt")
+        raise RequestError(
+            f"prompt token id {bad!r} is outside the vocabulary [0, {vocab_size})", param="prompt"
+        )
     if len(prompt) + params.max_tokens > max_len:
         raise RequestError(
             f"prompt of {len(prompt)} tokens plus max_tokens={params.max_tokens} exceeds the context "
@@ -165,11 +169,20 @@ class Generator:
             check_request(prompt, p, self.config.vocab_size, self.max_len)
         if not prompts:
             return []
-        seqs = [_Sequence(i, list(p), sp, self.eos_ids, self.tokenizer) for i, (p, sp) in enumerate(zip(prompts, params))]
+        seqs = [
+            _Sequence(i, list(p), sp, self.eos_ids, self.tokenizer)
+            for i, (p, sp) in enumerate(zip(prompts, params))
+        ]
         cache_len = max(len(s.prompt) + s.params.max_tokens for s in seqs)
         cfg = self.config
         cache = ContiguousKVCache(
-            self.model.layer_ids, len(seqs), cache_len, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device
+            self.model.layer_ids,
+            len(seqs),
+            cache_len,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            self.dtype,
+            self.device,
         )
 
         longest = max(len(s.prompt) for s in seqs)

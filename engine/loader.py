@@ -91,7 +91,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             )
         if base + end > size:
             raise CheckpointError(
-                f"{path}: file is truncated: tensor {name!r} needs bytes up to {base + end}, the file has {size}"
+                f"{path}: file is truncated: tensor {name!r} needs bytes up to {base + end}, "
+                f"the file has {size}"
             )
         out[name] = TensorInfo(path, name, dtype, shape, base + begin, nbytes)
     return out
@@ -157,7 +158,8 @@ class Checkpoint:
             missing = [n for n in weight_map if n not in self.tensors]
             if missing:
                 raise CheckpointError(
-                    f"{index}: tensor {missing[0]!r} is listed but not found in shard {weight_map[missing[0]]!r}"
+                    f"{index}: tensor {missing[0]!r} is listed but not found in shard "
+                    f"{weight_map[missing[0]]!r}"
                 )
         elif single.is_file():
             self.tensors = read_header(single)
@@ -204,7 +206,9 @@ def load_weights(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(names), desc="loading weights", unit="tensor", disable=os.environ.get("CI") == "true")
+        bar = tqdm(
+            total=len(names), desc="loading weights", unit="tensor", disable=os.environ.get("CI") == "true"
+        )
     try:
         for name in names:
             param = params[name]

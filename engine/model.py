@@ -102,7 +102,11 @@ class Attention(nn.Module):
         self.layer_id = layer_id
         self.window = config.sliding_windows[layer_id]
         self.n_heads, self.n_kv, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        h, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        h, q, kv = (
+            config.hidden_size,
+            config.num_heads * config.head_dim,
+            config.num_kv_heads * config.head_dim,
+        )
         self.q_proj = nn.Linear(h, q, bias=config.qkv_bias)
         self.k_proj = nn.Linear(h, kv, bias=config.qkv_bias)
         self.v_proj = nn.Linear(h, kv, bias=config.qkv_bias)

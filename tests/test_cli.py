@@ -31,8 +31,19 @@ def test_generate_json_is_reproducible_and_consistent(tiny_demo):
 
 
 def test_prompt_ids_and_greedy(tiny_demo):
-    run = _launch("generate", "--model", str(tiny_demo), "--prompt-ids", "1,5,9,200", "--max-tokens", "5",
-                  "--temperature", "0", "--ignore-eos", "--json")
+    run = _launch(
+        "generate",
+        "--model",
+        str(tiny_demo),
+        "--prompt-ids",
+        "1,5,9,200",
+        "--max-tokens",
+        "5",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+    )
     assert run.returncode == 0, run.stderr
     record = json.loads(run.stdout)
     assert record["prompt_token_ids"] == [1, 5, 9, 200] and len(record["token_ids"]) == 5

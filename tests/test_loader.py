@@ -84,7 +84,10 @@ def _edit_config(path, **changes):
 
 
 BAD_CHECKPOINTS = {
-    "unsupported architecture": (lambda p: _edit_config(p, architectures=["GPT2LMHeadModel"]), "GPT2LMHeadModel"),
+    "unsupported architecture": (
+        lambda p: _edit_config(p, architectures=["GPT2LMHeadModel"]),
+        "GPT2LMHeadModel",
+    ),
     "missing config": (lambda p: (p / "config.json").unlink(), "config.json not found"),
     "config not json": (lambda p: (p / "config.json").write_text("{nope"), "not valid JSON"),
     "missing weights": (lambda p: (p / "model.safetensors").unlink(), "no model.safetensors"),
@@ -125,7 +128,10 @@ def test_missing_shard_and_missing_tensor_are_named(tmp_path):
 
 
 BAD_REQUESTS = {
-    "prompt over the context": (["--prompt-ids", ",".join(["5"] * 500), "--max-tokens", "20"], "context length"),
+    "prompt over the context": (
+        ["--prompt-ids", ",".join(["5"] * 500), "--max-tokens", "20"],
+        "context length",
+    ),
     "temperature": (["--prompt", "hi", "--temperature", "-1"], "temperature"),
     "top_p": (["--prompt", "hi", "--top-p", "1.5"], "top_p"),
     "max_tokens": (["--prompt", "hi", "--max-tokens", "0"], "max_tokens"),

@@ -52,7 +52,9 @@ def test_greedy_continuation_matches_transformers(pair):
     prompt = torch.randint(0, hf.config.vocab_size, (1, 11), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         ref = hf.generate(prompt, max_new_tokens=DECODE_STEPS, do_sample=False)
-    ours = gen.generate([prompt[0].tolist()], SamplingParams(max_tokens=DECODE_STEPS, temperature=0, ignore_eos=True))
+    ours = gen.generate(
+        [prompt[0].tolist()], SamplingParams(max_tokens=DECODE_STEPS, temperature=0, ignore_eos=True)
+    )
     assert ours[0].token_ids == ref[0, prompt.shape[1] :].tolist()
     assert ours[0].finish_reason == "length"
 
@@ -65,9 +67,7 @@ def test_batch_of_different_lengths_matches_one_by_one(pair):
     batch = gen.generate(prompts, params)
     for prompt, out in zip(prompts, batch):
         with torch.inference_mode():
-            ref = hf.generate(
-                torch.tensor([prompt]), max_new_tokens=DECODE_STEPS, do_sample=False
-            )
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=DECODE_STEPS, do_sample=False)
         assert out.token_ids == ref[0, len(prompt) :].tolist()
 
 

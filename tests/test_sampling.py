@@ -98,7 +98,11 @@ def test_a_seeded_sequence_does_not_depend_on_its_batch(gen):
     others = [gen.tokenizer.encode(t) for t in ("A longer prompt with more words in it", "x")]
     mixed = gen.generate(
         [others[0], prompt, others[1]],
-        [SamplingParams(max_tokens=5, temperature=1.0, seed=1), p, SamplingParams(max_tokens=30, temperature=0)],
+        [
+            SamplingParams(max_tokens=5, temperature=1.0, seed=1),
+            p,
+            SamplingParams(max_tokens=30, temperature=0),
+        ],
     )
     assert mixed[1].token_ids == alone
 
@@ -106,7 +110,9 @@ def test_a_seeded_sequence_does_not_depend_on_its_batch(gen):
 def test_top_k_1_generation_equals_greedy(gen):
     prompt = gen.tokenizer.encode("Greedy and top-k one agree")
     greedy = gen.generate([prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
-    topk1 = gen.generate([prompt], SamplingParams(max_tokens=24, temperature=1.5, top_k=1, seed=3, ignore_eos=True))[0]
+    topk1 = gen.generate(
+        [prompt], SamplingParams(max_tokens=24, temperature=1.5, top_k=1, seed=3, ignore_eos=True)
+    )[0]
     assert greedy.token_ids == topk1.token_ids
 
 

@@ -56,7 +56,9 @@ def test_stop_string_truncates_text_and_ends_with_stop(gen):
     free = gen.generate([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))[0]
     assert len(free.text) > 6
     stop = free.text[3:5]
-    out = gen.generate([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=[stop]))[0]
+    out = gen.generate([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=[stop]))[
+        0
+    ]
     assert out.finish_reason == "stop"
     assert out.text == free.text[: free.text.find(stop)]
     assert len(out.token_ids) < len(free.token_ids)
@@ -73,5 +75,7 @@ def test_stop_token_id_ends_generation_and_is_returned(gen):
 
 
 def test_max_tokens_ends_with_length(gen):
-    out = gen.generate([gen.tokenizer.encode("x")], SamplingParams(max_tokens=7, temperature=0, ignore_eos=True))[0]
+    out = gen.generate(
+        [gen.tokenizer.encode("x")], SamplingParams(max_tokens=7, temperature=0, ignore_eos=True)
+    )[0]
     assert len(out.token_ids) == 7 and out.finish_reason == "length"

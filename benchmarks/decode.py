@@ -1,0 +1,161 @@
+"""Decode throughput of the engine against transformers' generate, side by side in one run.
+
+Both load the same checkpoint, run with the same thread count, prompts and greedy settings, and
+generate the same number of new tokens (EOS ignored). For each batch size the script prints
+tokens/s for both and their ratio, the engine's achieved weight-read bandwidth next to the
+machine's measured copy bandwidth, and the peak resident memory added by loading the checkpoint.
+
+    python benchmarks/decode.py --preset demo --batch-sizes 1,16
+    python benchmarks/decode.py --preset demo-150m --batch-sizes 1,16
+    python benchmarks/decode.py --model DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.demo import default_demo_dir, ensure_demo  # noqa: E402
+from engine.generate import Generator, SamplingParams  # noqa: E402
+from engine.loader import Checkpoint  # noqa: E402
+
+
+def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Bytes moved per second by a large tensor copy (each byte read once and written once)."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t)
+    return 2 * nbytes / min(times)
+
+
+def load_peak_rss(model_dir: str) -> tuple[int, int]:
+    """(peak RSS added while loading, checkpoint bytes), measured in a fresh process."""
+    code = (
+        "import resource, sys, psutil, torch\n"
+        "from engine.generate import Generator\n"
+        "base = psutil.Process().memory_info().rss\n"
+        "peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+        "assert peak_before <= base * 1.05, 'import peak above current RSS; measurement would be off'\n"
+        f"Generator.from_pretrained({model_dir!r}, with_tokenizer=False)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return int(out.stdout.strip()), Checkpoint(model_dir).nbytes()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="checkpoint directory (default: the demo preset below)")
+    parser.add_argument("--preset", default="demo", help="demo preset to build when --model is not given")
+    parser.add_argument("--batch-sizes", default="1,16")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    if args.model:
+        model_dir = args.model
+    else:
+        path = (
+            default_demo_dir() if args.preset == "demo" else default_demo_dir().with_name(f"{args.preset}-v1")
+        )
+        model_dir = str(ensure_demo(path, args.preset))
+
+    gen = Generator.from_pretrained(model_dir, with_tokenizer=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    params = sum(p.numel() for p in gen.model.parameters())
+    # bytes a decode step reads: every weight but the embedding table, of which it gathers B rows
+    weights_read = sum(
+        p.numel() * p.element_size() for n, p in gen.model.named_parameters() if "embed_tokens" not in n
+    )
+    if gen.model.ties_embeddings:
+        weights_read += gen.model.lm_head.weight.numel() * gen.model.lm_head.weight.element_size()
+    copy_bw = copy_bandwidth()
+    rss, ckpt_bytes = load_peak_rss(model_dir)
+
+    print(f"model {model_dir}: {params / 1e6:.1f}M parameters, {ckpt_bytes / 2**20:.1f} MiB checkpoint")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads")
+    print(f"machine copy bandwidth: {copy_bw / 1e9:.2f} GB/s (read + write)")
+    print(f"peak RSS added by loading: {rss / 2**20:.1f} MiB = {rss / ckpt_bytes:.2f}x the checkpoint")
+    print(
+        f"{'batch':>5} {'engine tok/s':>13} {'transformers tok/s':>19} {'ratio':>6} "
+        f"{'engine weight GB/s':>19}"
+    )
+
+    results = []
+    g = torch.Generator().manual_seed(0)
+    vocab = gen.config.vocab_size
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        prompts = torch.randint(3, vocab, (batch, args.prompt_len), generator=g)
+        sp = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+
+        def run_engine(prompts=prompts, sp=sp):
+            out = gen.generate(prompts.tolist(), sp)
+            assert all(len(o.token_ids) == args.new_tokens for o in out)
+
+        def run_hf(prompts=prompts):
+            with torch.inference_mode():
+                out = hf.generate(
+                    prompts,
+                    attention_mask=torch.ones_like(prompts),
+                    max_new_tokens=args.new_tokens,
+                    do_sample=False,
+                )
+            assert out.shape[1] == args.prompt_len + args.new_tokens
+
+        times = {"engine": [], "hf": []}
+        run_engine(), run_hf()  # warm-up
+        for _ in range(args.repeats):
+            for name, fn in (("engine", run_engine), ("hf", run_hf)):
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+        tokens = batch * args.new_tokens
+        ours = tokens / statistics.median(times["engine"])
+        theirs = tokens / statistics.median(times["hf"])
+        bw = weights_read * args.new_tokens / statistics.median(times["engine"])
+        print(f"{batch:>5} {ours:>13.1f} {theirs:>19.1f} {ours / theirs:>5.2f}x {bw / 1e9:>19.2f}")
+        results.append(
+            {"batch": batch, "engine_tok_s": ours, "transformers_tok_s": theirs, "weight_read_gb_s": bw / 1e9}
+        )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "model": model_dir,
+                    "params": params,
+                    "copy_bw_gb_s": copy_bw / 1e9,
+                    "load_rss_ratio": rss / ckpt_bytes,
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
