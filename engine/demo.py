@@ -136,7 +136,7 @@ def build_demo(path: str | Path, preset: str = "demo", seed: int = 0) -> Path:
     from safetensors.torch import save_file
 
     from engine.config import ModelConfig
-    from engine.model import CausalLM
+    from engine.model import CausalLM, Part
 
     shape = PRESETS[preset]
     path = Path(path)
@@ -188,14 +188,20 @@ def build_demo(path: str | Path, preset: str = "demo", seed: int = 0) -> Path:
             )
             + "\n"
         )
-        model = CausalLM(ModelConfig.from_dict(config), max_len=1)
+        with torch.device("meta"):
+            model = CausalLM(ModelConfig.from_dict(config), max_len=1)
+        layout = model.checkpoint_layout()
+        shapes = {}
+        for name, p in model.named_parameters():
+            parts = layout[name].parts if name in layout else [Part(name, tuple(p.shape))]
+            shapes.update((part.name, part.shape) for part in parts)
         gen = torch.Generator().manual_seed(seed)
         state = {}
-        for name, p in model.named_parameters():
+        for name, shape in shapes.items():
             if name.endswith("norm.weight"):
-                state[name] = torch.ones_like(p)
+                state[name] = torch.ones(shape)
             else:
-                state[name] = torch.empty_like(p).normal_(0.0, 0.02, generator=gen)
+                state[name] = torch.empty(shape).normal_(0.0, 0.02, generator=gen)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if path.exists():
             shutil.rmtree(path)

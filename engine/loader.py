@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -179,7 +178,8 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-# How a parameter is cut out of its checkpoint tensor: (dim, start, stop), or None for the whole.
+# How a part is cut out of its checkpoint tensor: (dim, start, stop), or None for the whole tensor.
+# Called with the parameter's name and the part's checkpoint tensor; tensor parallelism uses it.
 Slicer = Callable[[str, TensorInfo], "tuple[int, int, int] | None"]
 
 
@@ -193,45 +193,61 @@ def load_weights(
     """Allocate ``model``'s parameters (built on the meta device, in the dtype wanted) and fill them
     from ``checkpoint``, converting dtype where the file's differs.
 
-    Returns the number of parameter bytes this process holds. ``slicer`` maps a parameter name to
-    the slice of the checkpoint tensor it owns (tensor parallelism); by default each parameter is
-    the whole tensor of the same name.
+    ``model.checkpoint_layout()`` says which checkpoint tensors make up each parameter (see
+    ``engine.model.Source``); a parameter it does not name is the tensor of the same name. Returns
+    the number of parameter bytes this process holds.
     """
+    from engine.model import Part, Source
+
     model.to_empty(device=device)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    layout = model.checkpoint_layout() if hasattr(model, "checkpoint_layout") else {}
     params = dict(model.named_parameters())  # tied parameters appear once
-    names = list(params)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(
-            total=len(names), desc="loading weights", unit="tensor", disable=os.environ.get("CI") == "true"
-        )
+        bar = tqdm(total=len(params), desc="loading weights", unit="tensor")
     try:
-        for name in names:
-            param = params[name]
-            info = checkpoint.info(name)
-            cut = slicer(name, info) if slicer else None
-            shape = list(info.shape)
-            if cut is not None:
-                dim, start, stop = cut
-                shape[dim] = stop - start
-            if shape != list(param.shape):
-                raise CheckpointError(
-                    f"{info.path}: tensor {name!r} has shape {list(info.shape)}"
-                    + (f" (slice {cut})" if cut else "")
-                    + f", but config.json implies {list(param.shape)}"
+        for name, param in params.items():
+            source = layout.get(name) or Source((Part(name, tuple(param.shape)),))
+            offset = 0
+            for part in source.parts:
+                info = checkpoint.info(part.name)
+                cut = slicer(name, info) if slicer else None
+                shape = list(info.shape)
+                if cut is not None:
+                    shape[cut[0]] = cut[2] - cut[1]
+                if shape != list(part.shape):
+                    raise CheckpointError(
+                        f"{info.path}: tensor {part.name!r} has shape {list(info.shape)}"
+                        + (f" (slice {cut})" if cut else "")
+                        + f", but config.json implies {list(part.shape)}"
+                    )
+                if not info.dtype.is_floating_point:
+                    raise CheckpointError(
+                        f"{info.path}: tensor {part.name!r} has non-float dtype {info.dtype}"
+                    )
+                rows = shape[0] if shape else 1
+                if source.transposed:
+                    dst = param[:, offset : offset + rows]
+                elif len(source.parts) > 1:
+                    dst = param[offset : offset + rows]
+                else:
+                    dst = param
+                direct = (
+                    not source.transposed
+                    and dst.device.type == "cpu"
+                    and dst.dtype == info.dtype
+                    and dst.is_contiguous()
                 )
-            if not info.dtype.is_floating_point:
-                raise CheckpointError(f"{info.path}: tensor {name!r} has non-float dtype {info.dtype}")
-            direct = param.device.type == "cpu" and param.dtype == info.dtype and param.is_contiguous()
-            src = read_tensor(info, *(cut or (0, 0, None)), out=param.data if direct else None)
-            if not direct:
                 with torch.no_grad():
-                    param.copy_(src)
-            del src
+                    src = read_tensor(info, *(cut or (0, 0, None)), out=dst.data if direct else None)
+                    if not direct:
+                        dst.copy_(src.T if source.transposed else src)
+                del src
+                offset += rows
             if bar is not None:
                 bar.update()
     finally:
