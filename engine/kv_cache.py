@@ -31,10 +31,15 @@ class ContiguousKVCache:
 
     def update(self, layer_id: int, k: torch.Tensor, v: torch.Tensor, step: Step):
         kc, vc = self.k[layer_id], self.v[layer_id]
-        rows = step.rows[:, None]
-        # advanced indices around a slice put the indexed dims first: [B, S, KV, D]
-        kc[rows, :, step.positions] = k.transpose(1, 2)
-        vc[rows, :, step.positions] = v.transpose(1, 2)
+        if step.rows_slice is not None and step.start is not None:
+            span = slice(step.start, step.start + k.shape[2])
+            kc[step.rows_slice, :, span] = k
+            vc[step.rows_slice, :, span] = v
+        else:
+            rows = step.rows[:, None]
+            # advanced indices around a slice put the indexed dims first: [B, S, KV, D]
+            kc[rows, :, step.positions] = k.transpose(1, 2)
+            vc[rows, :, step.positions] = v.transpose(1, 2)
         if step.rows_slice is not None:
             return kc[step.rows_slice, :, : step.kv_len], vc[step.rows_slice, :, : step.kv_len]
         return kc[step.rows, :, : step.kv_len], vc[step.rows, :, : step.kv_len]
@@ -75,6 +80,7 @@ def make_step(
         positions=positions,
         rows=torch.tensor(rows, dtype=torch.long, device=device),
         rows_slice=slice(rows[0], rows[0] + B) if contiguous else None,
+        start=starts[0] if min(starts) == max(starts) else None,
         kv_len=kv_len,
         logit_index=logit_index,
         masks=masks,

@@ -178,6 +178,24 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
 
+def _materialize(model: nn.Module, device: torch.device) -> None:
+    """Give every meta parameter and buffer uninitialised storage on ``device``, keeping ties.
+
+    Unlike ``Module.to_empty``, this touches no symbolic-shape machinery (which imports some 35 MB
+    of Python modules on first use) and allocates each tied parameter once.
+    """
+    fresh: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.is_meta:
+                if id(p) not in fresh:
+                    fresh[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), False)
+                module._parameters[name] = fresh[id(p)]
+        for name, b in module._buffers.items():
+            if b is not None and b.is_meta:
+                module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
+
+
 # How a part is cut out of its checkpoint tensor: (dim, start, stop), or None for the whole tensor.
 # Called with the parameter's name and the part's checkpoint tensor; tensor parallelism uses it.
 Slicer = Callable[[str, TensorInfo], "tuple[int, int, int] | None"]
@@ -199,9 +217,7 @@ def load_weights(
     """
     from engine.model import Part, Source
 
-    model.to_empty(device=device)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    _materialize(model, torch.device(device))
     layout = model.checkpoint_layout() if hasattr(model, "checkpoint_layout") else {}
     params = dict(model.named_parameters())  # tied parameters appear once
     bar = None
@@ -253,6 +269,4 @@ def load_weights(
     finally:
         if bar is not None:
             bar.close()
-    for p in model.parameters():
-        p.requires_grad_(False)
     return sum(p.numel() * p.element_size() for p in params.values())

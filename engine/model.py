@@ -29,6 +29,7 @@ class Step:
     tokens and positions are [B, S]; row b of the batch reads and writes cache row ``rows[b]``.
     ``kv_len`` is the number of cache positions attention looks at (max position + 1).
     ``logit_index`` [B] selects the one position per row whose logits are wanted (None: all).
+    ``start`` is the first position of every row when they all start at the same one, else None.
     ``masks`` maps a sliding window (None for full attention) to a boolean mask [B, 1, S, kv_len],
     or to None where every cached position up to kv_len is visible to every query.
     """
@@ -37,6 +38,7 @@ class Step:
     positions: torch.Tensor
     rows: torch.Tensor
     rows_slice: slice | None
+    start: int | None
     kv_len: int
     logit_index: torch.Tensor | None
     masks: dict[int | None, torch.Tensor | None]
@@ -70,7 +72,15 @@ class Source:
 
 
 class Linear(nn.Module):
-    """y = x @ weight (+ bias), with weight stored [in_features, out_features]."""
+    """y = x @ weight (+ bias), with weight stored [in_features, out_features].
+
+    On CPU, a product with few rows (a decode step) is a matrix-vector product, which the BLAS
+    runs on one thread however many torch has. Viewing the weight as T column blocks [T, in,
+    out / T] (no copy) and multiplying them as a batch spreads it over T threads; a decode step of
+    the demo model runs about 1.2x faster on 2 cores this way (BENCHMARKS.md).
+    """
+
+    BLOCKED_MAX_ROWS = 32
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
@@ -78,7 +88,15 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.weight
+        n_in, n_out = self.weight.shape
+        rows = x.numel() // n_in
+        threads = torch.get_num_threads() if x.device.type == "cpu" else 1
+        if threads > 1 and n_out % threads == 0 and rows <= self.BLOCKED_MAX_ROWS:
+            blocks = self.weight.view(n_in, threads, n_out // threads).transpose(0, 1)
+            y = torch.bmm(x.reshape(1, rows, n_in).expand(threads, -1, -1), blocks)
+            y = y.transpose(0, 1).reshape(*x.shape[:-1], n_out)
+        else:
+            y = x @ self.weight
         return y if self.bias is None else y + self.bias
 
 
@@ -89,14 +107,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class Rotary(nn.Module):
-    """cos/sin tables for every position up to ``max_len``, laid out for the family's pairing."""
+    """cos/sin tables for every position up to ``max_len``, laid out for the family's pairing.
+
+    Rotating a pair (a, b) by angle t gives (a cos t - b sin t, b cos t + a sin t): with the sign
+    folded into the sin table, that is x * cos + swap(x) * sin, where swap exchanges the halves
+    (pairs (i, i + d/2), Llama) or the neighbours (pairs (2i, 2i + 1), GLM) of the rotary part.
+    """
 
     def __init__(self, config: ModelConfig, max_len: int):
         super().__init__()
@@ -110,25 +130,29 @@ class Rotary(nn.Module):
     def build(self, device: torch.device, dtype: torch.dtype) -> None:
         inv_freq, scale = rope_inv_freq(self.config)
         freqs = torch.outer(torch.arange(self.max_len, dtype=torch.float32), inv_freq)
-        freqs = freqs.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat((freqs, freqs), -1)
-        self.cos = (freqs.cos() * scale).to(device=device, dtype=dtype)
-        self.sin = (freqs.sin() * scale).to(device=device, dtype=dtype)
+        cos, sin = freqs.cos() * scale, freqs.sin() * scale
+        if self.interleaved:
+            cos = cos.repeat_interleave(2, dim=-1)
+            sin = torch.stack((-sin, sin), dim=-1).flatten(-2)
+        else:
+            cos, sin = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+        self.cos = cos.to(device=device, dtype=dtype)
+        self.sin = sin.to(device=device, dtype=dtype)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # [B, S] -> [B, S, 1, rot] so that it broadcasts over heads of [B, S, H, D]
         return self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)
 
-    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+    def swap(self, x: torch.Tensor) -> torch.Tensor:
         if self.interleaved:
-            return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
-        half = x.shape[-1] // 2
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+            return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        return x.roll(self.dim // 2, dims=-1)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.dim == x.shape[-1]:
-            return x * cos + self.rotate(x) * sin
+            return x * cos + self.swap(x) * sin
         rot, rest = x[..., : self.dim], x[..., self.dim :]
-        return torch.cat((rot * cos + self.rotate(rot) * sin, rest), dim=-1)
+        return torch.cat((rot * cos + self.swap(rot) * sin, rest), dim=-1)
 
 
 class Attention(nn.Module):
@@ -139,7 +163,6 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         h, q = config.hidden_size, config.num_heads * config.head_dim
         kv = config.num_kv_heads * config.head_dim
-        self.sizes = [q, kv, kv]
         self.qkv_proj = Linear(h, q + 2 * kv, bias=config.qkv_bias)
         self.o_proj = Linear(q, h, bias=config.o_bias)
         if config.arch.qk_norm:
@@ -150,13 +173,14 @@ class Attention(nn.Module):
 
     def forward(self, x, rotary: Rotary, cos, sin, cache, step: Step) -> torch.Tensor:
         B, S, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q = q.view(B, S, self.n_heads, self.head_dim)
-        k = k.view(B, S, self.n_kv, self.head_dim)
-        v = v.view(B, S, self.n_kv, self.head_dim)
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        qkv = self.qkv_proj(x)
+        # q and k side by side: [B, S, H + KV, D], so that one rotary pass serves both
+        qk = qkv[..., : (H + KV) * D].view(B, S, H + KV, D)
+        v = qkv[..., (H + KV) * D :].view(B, S, KV, D)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
+            qk = torch.cat((self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])), dim=2)
+        q, k = rotary.apply(qk, cos, sin).split((H, KV), dim=2)
         # q: [B, H, S, D]; k, v: [B, KV, T, D] once the cache has them
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         k, v = cache.update(self.layer_id, k, v, step)
@@ -206,7 +230,10 @@ class Block(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, config: ModelConfig, layer_ids: list[int], first: bool, last: bool):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if first else None
+        # an explicit (empty) weight skips the random init, which on the meta device would pull in
+        # torch's decomposition machinery and some 75 MB of Python modules for nothing
+        V, h = config.vocab_size, config.hidden_size
+        self.embed_tokens = nn.Embedding(V, h, _weight=torch.empty(V, h)) if first else None
         self.layers = nn.ModuleDict({str(i): Block(config, i) for i in layer_ids})
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if last else None
 
