@@ -4,7 +4,7 @@ Module names follow the Hugging Face checkpoint (``model.layers.3.mlp.down_proj`
 deliberate differences, both declared in ``CausalLM.checkpoint_layout`` so that the loader maps names
 and never needs model code: q/k/v projections live in one ``qkv_proj`` and gate/up in one
 ``gate_up_proj`` (one matrix product instead of three or two), and projection weights are stored
-transposed, [in, out], which decodes measurably faster on CPU (see BENCHMARKS.md).
+transposed, [in, out], which the CPU multiplies faster for the few rows of a decode step.
 
 The model is stateless between calls: the KV cache and the per-step metadata (``Step``) are passed
 in, so the contiguous cache used for batch generation and a paged cache can be swapped without
@@ -76,8 +76,7 @@ class Linear(nn.Module):
 
     On CPU, a product with few rows (a decode step) is a matrix-vector product, which the BLAS
     runs on one thread however many torch has. Viewing the weight as T column blocks [T, in,
-    out / T] (no copy) and multiplying them as a batch spreads it over T threads; a decode step of
-    the demo model runs about 1.2x faster on 2 cores this way (BENCHMARKS.md).
+    out / T] (no copy) and multiplying them as a batch spreads it over T threads.
     """
 
     BLOCKED_MAX_ROWS = 32
