@@ -4,6 +4,7 @@
 #   ./launch.sh                          generate with the demo checkpoint (built on first use)
 #   ./launch.sh generate [ARGS...]       the generation CLI: ./launch.sh generate --help
 #   ./launch.sh demo [PATH]              build the demo checkpoint, print its directory
+#   ./launch.sh info                     this host's CPUs, memory and GPUs (NVML) as JSON
 #
 # The first run creates .venv with the CPU build of torch (see scripts/env.sh); set
 # RINGLEADER_PYTHON to run with an interpreter of your own, e.g. one with a CUDA torch.
@@ -21,14 +22,14 @@ fi
 cmd=$1
 shift
 case "$cmd" in
-    generate | demo)
+    generate | demo | info)
         exec "$PY" -m engine.cli "$cmd" "$@"
         ;;
     -h | --help | help)
-        sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
         ;;
     *)
-        echo "launch.sh: error: unknown command '$cmd' (expected: generate, demo)" >&2
+        echo "launch.sh: error: unknown command '$cmd' (expected: generate, demo, info)" >&2
         exit 2
         ;;
 esac

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--threads", type=int, default=None, help="intra-op CPU threads")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
 
+    sub.add_parser("info", help="print this host's CPUs, memory and GPUs as JSON")
+
     demo = sub.add_parser("demo", help="build the demo checkpoint and print its path")
     demo.add_argument("path", nargs="?")
     demo.add_argument("--force", action="store_true")
@@ -138,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "info":
+            from engine.hardware import describe
+
+            print(json.dumps(describe(), indent=2))
+            return 0
         from engine.demo import build_demo, default_demo_dir, ensure_demo
 
         print(build_demo(args.path or default_demo_dir()) if args.force else ensure_demo(args.path))

@@ -63,3 +63,26 @@ def test_plain_launch_builds_the_demo_and_generates(tmp_path):
     assert run.stdout.strip()
     assert (tmp_path / "demo-v1" / "model.safetensors").is_file()
     assert "tokens/s" in run.stderr
+
+
+def test_info_reports_the_host():
+    run = _launch("info")
+    assert run.returncode == 0, run.stderr
+    info = json.loads(run.stdout)
+    assert info["cpu_cores"] >= 1 and info["memory_total_bytes"] > 0
+    assert isinstance(info["gpus"], list)
+    assert (info["nvml_error"] is None) or info["gpus"] == []
+
+
+def test_a_failing_nvml_is_reported_not_raised(monkeypatch):
+    import pynvml
+
+    from engine import hardware
+
+    def no_driver():
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
+    monkeypatch.setattr(pynvml, "nvmlInit", no_driver)
+    gpus, why = hardware.gpus()
+    assert gpus == [] and "NVML unavailable" in why
+    assert hardware.describe()["gpus"] == []
