@@ -179,7 +179,7 @@ class Generator:
             self.model.layer_ids,
             len(seqs),
             cache_len,
-            cfg.num_kv_heads,
+            self.model.kv_heads,
             cfg.head_dim,
             self.dtype,
             self.device,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,24 +195,18 @@ def _materialize(model: nn.Module, device: torch.device) -> None:
                 module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
 
 
-# How a part is cut out of its checkpoint tensor: (dim, start, stop), or None for the whole tensor.
-# Called with the parameter's name and the part's checkpoint tensor; tensor parallelism uses it.
-Slicer = Callable[[str, TensorInfo], "tuple[int, int, int] | None"]
-
-
 def load_weights(
     model: nn.Module,
     checkpoint: Checkpoint,
     device: torch.device | str = "cpu",
-    slicer: Slicer | None = None,
     progress: bool = False,
 ) -> int:
     """Allocate ``model``'s parameters (built on the meta device, in the dtype wanted) and fill them
     from ``checkpoint``, converting dtype where the file's differs.
 
-    ``model.checkpoint_layout()`` says which checkpoint tensors make up each parameter (see
-    ``engine.model.Source``); a parameter it does not name is the tensor of the same name. Returns
-    the number of parameter bytes this process holds.
+    ``model.checkpoint_layout()`` says which checkpoint tensors, or slices of them, make up each
+    parameter (see ``engine.model.Source``); a parameter it does not name is the tensor of the same
+    name, whole. Returns the number of parameter bytes this process holds.
     """
     from engine.model import Part, Source
 
@@ -228,45 +221,41 @@ def load_weights(
     try:
         for name, param in params.items():
             source = layout.get(name) or Source((Part(name, tuple(param.shape)),))
-            offset = 0
-            for part in source.parts:
-                info = checkpoint.info(part.name)
-                cut = slicer(name, info) if slicer else None
-                shape = list(info.shape)
-                if cut is not None:
-                    shape[cut[0]] = cut[2] - cut[1]
-                if shape != list(part.shape):
-                    raise CheckpointError(
-                        f"{info.path}: tensor {part.name!r} has shape {list(info.shape)}"
-                        + (f" (slice {cut})" if cut else "")
-                        + f", but config.json implies {list(part.shape)}"
-                    )
-                if not info.dtype.is_floating_point:
-                    raise CheckpointError(
-                        f"{info.path}: tensor {part.name!r} has non-float dtype {info.dtype}"
-                    )
-                rows = shape[0] if shape else 1
-                if source.transposed:
-                    dst = param[:, offset : offset + rows]
-                elif len(source.parts) > 1:
-                    dst = param[offset : offset + rows]
-                else:
-                    dst = param
-                direct = (
-                    not source.transposed
-                    and dst.device.type == "cpu"
-                    and dst.dtype == info.dtype
-                    and dst.is_contiguous()
-                )
-                with torch.no_grad():
-                    src = read_tensor(info, *(cut or (0, 0, None)), out=dst.data if direct else None)
-                    if not direct:
-                        dst.copy_(src.T if source.transposed else src)
-                del src
-                offset += rows
+            _fill(param, source, checkpoint)
             if bar is not None:
                 bar.update()
     finally:
         if bar is not None:
             bar.close()
     return sum(p.numel() * p.element_size() for p in params.values())
+
+
+def _fill(param: torch.Tensor, source, checkpoint: Checkpoint) -> None:
+    out_dim = 1 if source.transposed else 0
+    offset = 0
+    for part in source.parts:
+        info = checkpoint.info(part.name)
+        if list(info.shape) != list(part.shape):
+            raise CheckpointError(
+                f"{info.path}: tensor {part.name!r} has shape {list(info.shape)}, but config.json implies "
+                f"{list(part.shape)}"
+            )
+        if not info.dtype.is_floating_point:
+            raise CheckpointError(f"{info.path}: tensor {part.name!r} has non-float dtype {info.dtype}")
+        dim, start, stop = part.cut or (0, 0, info.shape[0] if info.shape else 1)
+        rows = (stop - start) if dim == 0 else (info.shape[0] if info.shape else 1)
+        dst = param.narrow(out_dim, offset, rows) if param.dim() else param
+        direct = (
+            not source.transposed
+            and dst.device.type == "cpu"
+            and dst.dtype == info.dtype
+            and dst.is_contiguous()
+        )
+        with torch.no_grad():
+            src = read_tensor(info, dim, start, stop, out=dst.data if direct else None)
+            if not direct:
+                dst.copy_(src.T if source.transposed else src)
+        offset += rows
+    if param.dim() and offset < param.shape[out_dim]:
+        with torch.no_grad():
+            param.narrow(out_dim, offset, param.shape[out_dim] - offset).zero_()

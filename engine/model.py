@@ -6,6 +6,11 @@ and never needs model code: q/k/v projections live in one ``qkv_proj`` and gate/
 ``gate_up_proj`` (one matrix product instead of three or two), and projection weights are stored
 transposed, [in, out], which the CPU multiplies faster for the few rows of a decode step.
 
+Tensor parallelism is built in (Megatron's pairing): qkv and gate_up are split by output columns,
+o_proj and down_proj by input rows, each followed by the one all-reduce of its block, written in
+``Attention.forward`` and ``MLP.forward``; the embedding and the head are split by vocabulary.
+With tp = 1 every collective is the identity.
+
 The model is stateless between calls: the KV cache and the per-step metadata (``Step``) are passed
 in, so the contiguous cache used for batch generation and a paged cache can be swapped without
 touching this file.
@@ -19,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from comm.collectives import TPGroup, all_gather_last_dim, all_reduce, gather_last_dim
 from engine.config import ModelConfig, rope_inv_freq
 
 
@@ -56,16 +62,19 @@ def attention_mask(positions: torch.Tensor, kv_len: int, window: int | None) -> 
 
 @dataclass(frozen=True)
 class Part:
-    """A checkpoint tensor (its name and shape as stored) that fills part of a parameter."""
+    """A checkpoint tensor, by name and full shape as stored, or the slice ``cut`` of it
+    ((dim, start, stop)), that fills part of a parameter."""
 
     name: str
     shape: tuple[int, ...]
+    cut: tuple[int, int, int] | None = None
 
 
 @dataclass(frozen=True)
 class Source:
     """A parameter is its parts concatenated along the output dimension (dim 0 as stored in the
-    checkpoint); ``transposed`` parameters hold that result as [in, out]."""
+    checkpoint), zero beyond them (vocabulary padding); ``transposed`` parameters hold that
+    result as [in, out]."""
 
     parts: tuple[Part, ...]
     transposed: bool = False
@@ -87,6 +96,12 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.add_bias(self.matmul(x))
+
+    def add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.bias is None else y + self.bias
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
         n_in, n_out = self.weight.shape
         rows = x.numel() // n_in
         threads = torch.get_num_threads() if x.device.type == "cpu" else 1
@@ -96,7 +111,7 @@ class Linear(nn.Module):
             y = y.transpose(0, 1).reshape(*x.shape[:-1], n_out)
         else:
             y = x @ self.weight
-        return y if self.bias is None else y + self.bias
+        return y
 
 
 class RMSNorm(nn.Module):
@@ -155,18 +170,19 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int):
+    def __init__(self, config: ModelConfig, layer_id: int, tp: TPGroup):
         super().__init__()
-        self.layer_id = layer_id
+        self.layer_id, self.tp = layer_id, tp
         self.window = config.sliding_windows[layer_id]
-        self.n_heads, self.n_kv, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        h, q = config.hidden_size, config.num_heads * config.head_dim
-        kv = config.num_kv_heads * config.head_dim
-        self.qkv_proj = Linear(h, q + 2 * kv, bias=config.qkv_bias)
-        self.o_proj = Linear(q, h, bias=config.o_bias)
+        self.n_heads = config.num_heads // tp.size
+        self.n_kv = max(1, config.num_kv_heads // tp.size)  # kv heads are replicated when tp > n_kv
+        self.head_dim = D = config.head_dim
+        h = config.hidden_size
+        self.qkv_proj = Linear(h, (self.n_heads + 2 * self.n_kv) * D, bias=config.qkv_bias)
+        self.o_proj = Linear(self.n_heads * D, h, bias=config.o_bias)
         if config.arch.qk_norm:
-            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.q_norm = RMSNorm(D, config.rms_norm_eps)
+            self.k_norm = RMSNorm(D, config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
 
@@ -183,32 +199,56 @@ class Attention(nn.Module):
         # q: [B, H, S, D]; k, v: [B, KV, T, D] once the cache has them
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         k, v = cache.update(self.layer_id, k, v, step)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=step.masks[self.window], enable_gqa=self.n_kv != self.n_heads
-        )
-        return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.masks[self.window], enable_gqa=KV != H)
+        y = self.o_proj.matmul(y.transpose(1, 2).reshape(B, S, H * D))  # partial sum over local heads
+        y = all_reduce(y, self.tp)  # the attention block's one tensor-parallel all-reduce
+        return self.o_proj.add_bias(y)
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TPGroup):
         super().__init__()
-        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_up_proj = Linear(h, 2 * i, bias=bias)
+        self.tp = tp
+        h, i, bias = config.hidden_size, config.intermediate_size // tp.size, config.mlp_bias
+        self.gate_up_proj = Linear(h, 2 * i, bias=bias)  # [gate | up] of this rank's columns
         self.down_proj = Linear(i, h, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        y = self.down_proj.matmul(F.silu(gate) * up)  # partial sum over local columns
+        y = all_reduce(y, self.tp)  # the MLP block's one tensor-parallel all-reduce
+        return self.down_proj.add_bias(y)
+
+
+class VocabEmbedding(nn.Module):
+    """Rows [start, start + rows) of the (padded) vocabulary; other ids embed to zero here, and the
+    all-reduce adds in the one rank that owns each id."""
+
+    def __init__(self, rows: int, hidden: int, start: int, tp: TPGroup):
+        super().__init__()
+        # an explicit (empty) tensor skips the random init, which on the meta device would pull in
+        # torch's decomposition machinery and some 75 MB of Python modules for nothing
+        self.weight = nn.Parameter(torch.empty(rows, hidden))
+        self.start, self.tp = start, tp
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        x = F.embedding(local.masked_fill(outside, 0), self.weight)
+        x = x.masked_fill(outside[..., None], 0.0)
+        return all_reduce(x, self.tp)  # the embedding's one tensor-parallel all-reduce
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int):
+    def __init__(self, config: ModelConfig, layer_id: int, tp: TPGroup):
         super().__init__()
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps)
-        self.self_attn = Attention(config, layer_id)
+        self.self_attn = Attention(config, layer_id, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, tp)
         if config.arch.sandwich_norm:
             self.post_self_attn_layernorm = RMSNorm(config.hidden_size, eps)
             self.post_mlp_layernorm = RMSNorm(config.hidden_size, eps)
@@ -227,23 +267,27 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, config: ModelConfig, layer_ids: list[int], first: bool, last: bool):
+    def __init__(self, config: ModelConfig, layer_ids: list[int], first: bool, last: bool, tp: TPGroup):
         super().__init__()
-        # an explicit (empty) weight skips the random init, which on the meta device would pull in
-        # torch's decomposition machinery and some 75 MB of Python modules for nothing
-        V, h = config.vocab_size, config.hidden_size
-        self.embed_tokens = nn.Embedding(V, h, _weight=torch.empty(V, h)) if first else None
-        self.layers = nn.ModuleDict({str(i): Block(config, i) for i in layer_ids})
+        rows = vocab_rows_per_rank(config.vocab_size, tp.size)
+        self.embed_tokens = VocabEmbedding(rows, config.hidden_size, tp.rank * rows, tp) if first else None
+        self.layers = nn.ModuleDict({str(i): Block(config, i, tp) for i in layer_ids})
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if last else None
+
+
+def vocab_rows_per_rank(vocab_size: int, tp: int) -> int:
+    """Vocabulary rows each rank holds: the vocabulary padded up to a multiple of tp, split evenly."""
+    return -(-vocab_size // tp)
 
 
 class CausalLM(nn.Module):
     """A whole model, or one pipeline stage of it: the layers in ``layer_ids``, the embedding when
-    ``first`` and the final norm and head when ``last``.
+    ``first`` and the final norm and head when ``last``; with ``tp`` of size > 1, this rank's shard.
 
     ``forward`` takes token ids on the first stage and hidden states [B, S, hidden] elsewhere; it
-    returns float32 logits ([B, V] with ``step.logit_index``, else [B, S, V]) on the last stage and
-    hidden states elsewhere.
+    returns hidden states on all but the last stage, and there float32 logits over this rank's
+    slice of the vocabulary ([B, V/tp] with ``step.logit_index``, else [B, S, V/tp]), which
+    ``gather_logits`` assembles on the rank that samples.
     """
 
     def __init__(
@@ -253,13 +297,17 @@ class CausalLM(nn.Module):
         layer_ids: list[int] | None = None,
         first: bool = True,
         last: bool = True,
+        tp: TPGroup | None = None,
     ):
         super().__init__()
         self.config = config
+        self.tp = tp = tp or TPGroup()
         self.layer_ids = list(range(config.num_layers)) if layer_ids is None else list(layer_ids)
-        self.model = Decoder(config, self.layer_ids, first, last)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if last else None
+        self.model = Decoder(config, self.layer_ids, first, last, tp)
+        rows = vocab_rows_per_rank(config.vocab_size, tp.size)
+        self.lm_head = nn.Linear(config.hidden_size, rows, bias=False) if last else None
         self.rotary = Rotary(config, max_len)
+        self.kv_heads = max(1, config.num_kv_heads // tp.size)
         self.tie_weights()
 
     @property
@@ -275,29 +323,63 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def checkpoint_layout(self) -> dict[str, Source]:
-        """Where each parameter comes from in a Hugging Face checkpoint; parameters not listed are
-        the checkpoint tensor of the same name, as stored."""
-        cfg = self.config
-        h, i = cfg.hidden_size, cfg.intermediate_size
-        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        """Where each parameter comes from in a Hugging Face checkpoint, as slices of checkpoint
+        tensors for this tensor-parallel rank; parameters not listed are the checkpoint tensor of
+        the same name, whole (the norms)."""
+        cfg, r, T = self.config, self.tp.rank, self.tp.size
+        h, i, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+        q, kv = cfg.num_heads * D, cfg.num_kv_heads * D
+        ql, il = q // T, i // T
+        kv_head = r * self.kv_heads if T <= cfg.num_kv_heads else r // (T // cfg.num_kv_heads)
+        kv_cut = (0, kv_head * D, (kv_head + self.kv_heads) * D)
         layout = {}
 
-        def add(param, parts, bias):
-            weights = tuple(Part(f"{n}.weight", (o, inp)) for n, o, inp in parts)
+        def add(param, parts, bias, row_parallel=False):
+            """parts: (checkpoint name, full [out, in] shape, cut of this rank or None)"""
+            weights = tuple(Part(f"{n}.weight", shape, cut) for n, shape, cut in parts)
             layout[f"{param}.weight"] = Source(weights, transposed=True)
             if bias:
-                layout[f"{param}.bias"] = Source(tuple(Part(f"{n}.bias", (o,)) for n, o, _ in parts))
+                # a row-parallel layer's bias is added once, after the all-reduce: whole on every rank
+                cuts = [None if row_parallel else cut for _, _, cut in parts]
+                layout[f"{param}.bias"] = Source(
+                    tuple(Part(f"{n}.bias", shape[:1], c) for (n, shape, _), c in zip(parts, cuts))
+                )
 
         for layer in self.layer_ids:
             a, m = f"model.layers.{layer}.self_attn.", f"model.layers.{layer}.mlp."
-            qkv = [(a + "q_proj", q, h), (a + "k_proj", kv, h), (a + "v_proj", kv, h)]
+            qkv = [
+                (a + "q_proj", (q, h), (0, r * ql, (r + 1) * ql)),
+                (a + "k_proj", (kv, h), kv_cut),
+                (a + "v_proj", (kv, h), kv_cut),
+            ]
             add(a + "qkv_proj", qkv, cfg.qkv_bias)
-            add(a + "o_proj", [(a + "o_proj", h, q)], cfg.o_bias)
+            add(a + "o_proj", [(a + "o_proj", (h, q), (1, r * ql, (r + 1) * ql))], cfg.o_bias, True)
             if cfg.arch.fused_gate_up:
-                add(m + "gate_up_proj", [(m + "gate_up_proj", 2 * i, h)], cfg.mlp_bias)
+                gate_up = [
+                    (m + "gate_up_proj", (2 * i, h), (0, r * il, (r + 1) * il)),
+                    (m + "gate_up_proj", (2 * i, h), (0, i + r * il, i + (r + 1) * il)),
+                ]
             else:
-                add(m + "gate_up_proj", [(m + "gate_proj", i, h), (m + "up_proj", i, h)], cfg.mlp_bias)
-            add(m + "down_proj", [(m + "down_proj", h, i)], cfg.mlp_bias)
+                gate_up = [
+                    (m + "gate_proj", (i, h), (0, r * il, (r + 1) * il)),
+                    (m + "up_proj", (i, h), (0, r * il, (r + 1) * il)),
+                ]
+            add(m + "gate_up_proj", gate_up, cfg.mlp_bias)
+            add(m + "down_proj", [(m + "down_proj", (h, i), (1, r * il, (r + 1) * il))], cfg.mlp_bias, True)
+
+        rows = vocab_rows_per_rank(cfg.vocab_size, T)
+        start, stop = min(r * rows, cfg.vocab_size), min((r + 1) * rows, cfg.vocab_size)
+        vocab_part = (Part("model.embed_tokens.weight", (cfg.vocab_size, h), (0, start, stop)),)
+        if stop == start:
+            vocab_part = ()  # all padding: zeros
+        if self.model.embed_tokens is not None:
+            layout["model.embed_tokens.weight"] = Source(vocab_part)
+        if self.lm_head is not None and not self.ties_embeddings:
+            if cfg.tie_word_embeddings:  # a last stage without the embedding reads the tied tensor
+                layout["lm_head.weight"] = Source(vocab_part)
+            else:
+                head = tuple(Part("lm_head.weight", p.shape, p.cut) for p in vocab_part)
+                layout["lm_head.weight"] = Source(head)
         return layout
 
     def forward(self, x: torch.Tensor, step: Step, cache) -> torch.Tensor:
@@ -311,3 +393,9 @@ class CausalLM(nn.Module):
         if step.logit_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), step.logit_index]
         return self.lm_head(self.model.norm(x)).float()
+
+    def gather_logits(self, local: torch.Tensor, everywhere: bool = False) -> torch.Tensor | None:
+        """Full logits [..., vocab_size] from every rank's slice: on tp rank 0 only (None on the
+        others), or on every rank with ``everywhere``."""
+        full = all_gather_last_dim(local, self.tp) if everywhere else gather_last_dim(local, self.tp)
+        return None if full is None else full[..., : self.config.vocab_size]

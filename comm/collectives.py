@@ -1,0 +1,46 @@
+"""The collectives the engine calls, each written out where the model uses it.
+
+``TPGroup`` is a rank's place in its tensor-parallel group. With one rank every function here is
+the identity, so single-process code pays nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    rank: int = 0
+    size: int = 1
+    group: object = None  # torch.distributed ProcessGroup; None when size == 1
+    ranks: tuple[int, ...] = (0,)  # global ranks of the group, in tp order
+
+
+def all_reduce(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    """Sum ``x`` over the tensor-parallel group, in place; every rank gets the same bits."""
+    if tp.size > 1:
+        dist.all_reduce(x, group=tp.group)
+    return x
+
+
+def gather_last_dim(x: torch.Tensor, tp: TPGroup, dst: int = 0) -> torch.Tensor | None:
+    """Concatenate the ranks' ``x`` along the last dimension on tp rank ``dst`` only (None elsewhere)."""
+    if tp.size == 1:
+        return x
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(tp.size)] if tp.rank == dst else None
+    dist.gather(x, parts, dst=tp.ranks[dst], group=tp.group)
+    return torch.cat(parts, dim=-1) if parts is not None else None
+
+
+def all_gather_last_dim(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    """Concatenate the ranks' ``x`` along the last dimension on every rank."""
+    if tp.size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(tp.size)]
+    dist.all_gather(parts, x.contiguous(), group=tp.group)
+    return torch.cat(parts, dim=-1)
