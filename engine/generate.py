@@ -7,6 +7,7 @@ own positions), then decode together; a finished row drops out of the batch at o
 
 from __future__ import annotations
 
+import collections
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -16,10 +17,9 @@ import torch
 
 from engine.config import ModelConfig
 from engine.errors import RequestError
-from engine.kv_cache import ContiguousKVCache, make_step
+from engine.executor import LocalExecutor, Plan
 from engine.loader import Checkpoint, load_weights
 from engine.model import CausalLM
-from engine.sampling import SamplingBatch, sample
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -64,6 +64,7 @@ class Completion:
     text: str | None
     finish_reason: str  # "stop" | "length"
     seed: int
+    logits: list[torch.Tensor] | None = None  # per generated token, when recorded
 
 
 def check_request(prompt: list[int], params: SamplingParams, vocab_size: int, max_len: int) -> None:
@@ -98,6 +99,7 @@ class _Sequence:
         self.detok = IncrementalDetokenizer(tokenizer, prompt) if tokenizer else None
         self.text = ""
         self.finish: str | None = None
+        self.logits: list[torch.Tensor] = []
 
     def append(self, token: int, context_limit: int) -> None:
         self.out.append(token)
@@ -124,17 +126,29 @@ class _Sequence:
 
 
 class Generator:
-    def __init__(self, model: CausalLM, tokenizer: Tokenizer | None = None, device: str = "cpu"):
+    """The generation loop over an executor: the model in this process (``from_pretrained``) or a
+    replica spread over ranks (``engine.replica``). With ``micro_batches`` > 1 the batch is split
+    into that many groups that are in flight at once, which keeps pipeline stages busy."""
+
+    def __init__(
+        self,
+        model: CausalLM,
+        tokenizer: Tokenizer | None = None,
+        device: str | torch.device = "cpu",
+        executor=None,
+        micro_batches: int = 1,
+    ):
         self.model = model
         self.config: ModelConfig = model.config
         self.tokenizer = tokenizer
         self.device = torch.device(device)
+        self.executor = executor or LocalExecutor(model, self.device)
+        self.micro_batches = micro_batches
         self.max_len = model.rotary.max_len
         self.windows = set(self.config.sliding_windows)
         self.eos_ids = set(self.config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_id is not None:
             self.eos_ids.add(tokenizer.eos_id)
-        self.dtype = next(model.parameters()).dtype
 
     @classmethod
     def from_pretrained(
@@ -149,18 +163,17 @@ class Generator:
         config = ModelConfig.from_hf(model_dir)
         checkpoint = Checkpoint(model_dir)
         tokenizer = Tokenizer(model_dir) if with_tokenizer else None
-        max_len = min(max_len or config.max_position_embeddings, config.max_position_embeddings)
-        with torch.device("meta"):
-            model = CausalLM(config, max_len=max_len)
-        model.to(dtype or config.dtype)
-        load_weights(model, checkpoint, device=device, progress=progress)
-        model.rotary.build(torch.device(device), dtype or config.dtype)
-        return cls(model.eval(), tokenizer, device)
+        model = build_model(config, checkpoint, torch.device(device), dtype, max_len, progress=progress)
+        return cls(model, tokenizer, device)
 
     @torch.inference_mode()
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams],
+        record_logits: bool = False,
     ) -> list[Completion]:
+        """Complete every prompt; ``record_logits`` keeps each step's full logits (for checks)."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
@@ -173,45 +186,76 @@ class Generator:
             _Sequence(i, list(p), sp, self.eos_ids, self.tokenizer)
             for i, (p, sp) in enumerate(zip(prompts, params))
         ]
-        cache_len = max(len(s.prompt) + s.params.max_tokens for s in seqs)
-        cfg = self.config
-        cache = ContiguousKVCache(
-            self.model.layer_ids,
-            len(seqs),
-            cache_len,
-            self.model.kv_heads,
-            cfg.head_dim,
-            self.dtype,
-            self.device,
-        )
-
-        longest = max(len(s.prompt) for s in seqs)
-        tokens = torch.zeros(len(seqs), longest, dtype=torch.long)
-        for s in seqs:
-            tokens[s.row, : len(s.prompt)] = torch.tensor(s.prompt)
-        last = torch.tensor([len(s.prompt) - 1 for s in seqs], device=self.device)
-        step = make_step(tokens.to(self.device), [0] * len(seqs), [s.row for s in seqs], self.windows, last)
-        logits = self.model(step.tokens, step, cache)
-        active = seqs
-        while True:
-            ids = sample(logits, self._sampling_batch(active)).tolist()
-            for s, t in zip(active, ids):
+        self.executor.begin(len(seqs), max(len(s.prompt) + s.params.max_tokens for s in seqs))
+        n, m = len(seqs), max(1, min(self.micro_batches, len(seqs)))
+        groups = [seqs[i * n // m : (i + 1) * n // m] for i in range(m)]
+        inflight = collections.deque()
+        for mb, group in enumerate(groups):
+            self.executor.submit(self._plan(mb, group, prefill=True, record=record_logits))
+            inflight.append((mb, group))
+        while inflight:
+            mb, group = inflight.popleft()
+            ids, logits = self.executor.result(mb)
+            for i, (s, t) in enumerate(zip(group, ids)):
                 s.append(t, self.max_len)
-            active = [s for s in active if s.finish is None]
-            if not active:
-                break
-            tokens = torch.tensor([[s.out[-1]] for s in active], device=self.device)
-            starts = [len(s.prompt) + len(s.out) - 1 for s in active]
-            step = make_step(tokens, starts, [s.row for s in active], self.windows, None)
-            logits = self.model(step.tokens, step, cache)[:, -1]
-        return [Completion(s.prompt, s.out, s.text if s.detok else None, s.finish, s.seed) for s in seqs]
+                if logits is not None:
+                    s.logits.append(logits[i].cpu())
+            group = [s for s in group if s.finish is None]
+            if group:
+                self.executor.submit(self._plan(mb, group, prefill=False, record=record_logits))
+                inflight.append((mb, group))
+        return [
+            Completion(s.prompt, s.out, s.text if s.detok else None, s.finish, s.seed, s.logits or None)
+            for s in seqs
+        ]
 
-    def _sampling_batch(self, seqs: list[_Sequence]) -> SamplingBatch:
-        return SamplingBatch.build(
+    def close(self) -> None:
+        """Release the executor (on a multi-rank replica: tell the other ranks to exit)."""
+        self.executor.shutdown()
+
+    @staticmethod
+    def _plan(mb: int, seqs: list[_Sequence], prefill: bool, record: bool) -> Plan:
+        if prefill:
+            width = max(len(s.prompt) for s in seqs)
+            tokens = [s.prompt + [0] * (width - len(s.prompt)) for s in seqs]
+            starts = [0] * len(seqs)
+            index = [len(s.prompt) - 1 for s in seqs]
+        else:
+            tokens = [[s.out[-1]] for s in seqs]
+            starts = [len(s.prompt) + len(s.out) - 1 for s in seqs]
+            index = [0] * len(seqs)
+        return Plan(
+            mb=mb,
+            tokens=tokens,
+            starts=starts,
+            rows=[s.row for s in seqs],
+            logit_index=index,
             temperature=[float(s.params.temperature) for s in seqs],
             top_k=[max(s.params.top_k, 0) for s in seqs],
             top_p=[float(s.params.top_p) for s in seqs],
             seeds=[s.seed for s in seqs],
             counters=[len(s.out) for s in seqs],
-            device=self.device,
+            record_logits=record,
         )
+
+
+def build_model(
+    config: ModelConfig,
+    checkpoint: Checkpoint,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    max_len: int | None = None,
+    layer_ids: list[int] | None = None,
+    first: bool = True,
+    last: bool = True,
+    tp=None,
+    progress: bool = False,
+) -> CausalLM:
+    """A model (or one stage/shard of it) with its weights read from ``checkpoint``."""
+    max_len = min(max_len or config.max_position_embeddings, config.max_position_embeddings)
+    with torch.device("meta"):
+        model = CausalLM(config, max_len=max_len, layer_ids=layer_ids, first=first, last=last, tp=tp)
+    model.to(dtype or config.dtype)
+    load_weights(model, checkpoint, device=device, progress=progress)
+    model.rotary.build(device, dtype or config.dtype)
+    return model.eval()
