@@ -16,7 +16,9 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
+from comm.layout import LayoutError
 from engine.errors import RingleaderError
 
 EXIT_USAGE = 2
@@ -54,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     gen.add_argument("--threads", type=int, default=None, help="intra-op CPU threads")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
+    par = gen.add_argument_group("parallelism (started through torchrun when tp x pp > 1)")
+    par.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage")
+    par.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    par.add_argument("--stage-layers", type=_ids, default=None, help="layers per stage, e.g. 10,14")
+    par.add_argument("--timeout", type=float, default=60.0, help="seconds before a silent peer is an error")
+    par.add_argument("--nnodes", type=int, default=1)
+    par.add_argument("--nproc-per-node", type=int, default=None)
+    par.add_argument("--node-rank", type=int, default=None)
+    par.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the rendezvous (multi-node)")
+    par.add_argument("--rdzv-id", default="ringleader", help="job id shared by all nodes")
 
     sub.add_parser("info", help="print this host's CPUs, memory and GPUs as JSON")
 
@@ -63,25 +75,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launched_as_rank() -> bool:
+    """True in a process that torchrun (or srun with several tasks) started as one rank."""
+    return "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
+
+
 def _generate(args) -> int:
     import torch
 
-    from engine.config import DTYPES, ModelConfig
+    from comm.layout import ParallelLayout
+    from engine.config import ModelConfig
     from engine.demo import ensure_demo
-    from engine.generate import Generator, SamplingParams, check_request
+    from engine.generate import SamplingParams, check_request
+    from engine.replica import check_layout
     from engine.tokenizer import Tokenizer
 
     if args.threads is not None:
         if args.threads < 1:
             raise RingleaderError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RingleaderError(f"--device {device}: CUDA is not available on this machine")
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RingleaderError(f"--device {args.device}: CUDA is not available on this machine")
+    layout = ParallelLayout(tp=args.tp, pp=args.pp, stage_layers=tuple(args.stage_layers or ()))
+    distributed = layout.world_size > 1 or args.nnodes > 1 or _launched_as_rank()
     model_dir = args.model or str(ensure_demo())
-    # everything that can be wrong with the request is checked before the weights are read
+    # everything that can be wrong with the request is checked before any weight is read or any
+    # process is started
     config = ModelConfig.from_hf(model_dir)
-    tokenizer = Tokenizer(model_dir)
+    if distributed:
+        check_layout(layout, config)
+    # token-id prompts run without a tokenizer; the output then has no text
+    has_tokenizer = args.prompt is not None or (Path(model_dir) / "tokenizer.model").is_file()
+    tokenizer = Tokenizer(model_dir) if has_tokenizer else None
     if args.prompt is not None:
         prompt = tokenizer.encode(args.prompt, add_bos=False if args.no_bos else None)
     else:
@@ -97,17 +122,108 @@ def _generate(args) -> int:
         ignore_eos=args.ignore_eos,
     )
     check_request(prompt, params, config.vocab_size, config.max_position_embeddings)
+    if distributed and not _launched_as_rank():
+        return _exec_torchrun(args, layout)
+    if distributed:
+        return _run_rank(args, layout, model_dir, prompt, params)
+    return _run_single(args, model_dir, prompt, params)
+
+
+def _exec_torchrun(args, layout) -> int:
+    """Replace this process by torchrun starting this very command on every local rank."""
+    if args.nnodes < 1 or layout.world_size % args.nnodes:
+        raise RingleaderError(
+            f"--nnodes {args.nnodes} does not divide the {layout.world_size} ranks of the layout"
+        )
+    nproc = args.nproc_per_node or layout.world_size // args.nnodes
+    if nproc * args.nnodes != layout.world_size:
+        raise RingleaderError(
+            f"--nnodes {args.nnodes} x --nproc-per-node {nproc} is not the layout's "
+            f"tp x pp = {layout.world_size} ranks"
+        )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(args.nnodes)]
+    cmd += ["--nproc-per-node", str(nproc), "--max-restarts", "0"]
+    if args.rdzv_endpoint:
+        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint, "--rdzv-id", args.rdzv_id]
+        if args.node_rank is not None:
+            cmd += ["--node-rank", str(args.node_rank)]
+    elif args.nnodes > 1:
+        raise RingleaderError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+    else:
+        cmd += ["--standalone"]
+    cmd += ["-m", "engine.cli", *sys.argv[1:]]
+    sys.stdout.flush()
+    os.execv(sys.executable, cmd)
+    return 1  # not reached
+
+
+def _run_rank(args, layout, model_dir, prompt, params) -> int:
+    """One rank of a tp x pp replica: the head generates and prints, the others follow it."""
+    import torch
+    import torch.distributed as dist
+
+    from comm.dist import DistEnv, env_from, init
+    from engine.config import DTYPES
+    from engine.replica import load_stage, make_groups
+
+    env: DistEnv = env_from()
+    try:
+        env, device = init(env, timeout_s=args.timeout)
+        if args.device:
+            device = torch.device(args.device)
+        tp = make_groups(layout, env.rank, args.timeout)
+        t0 = time.perf_counter()
+        replica = load_stage(
+            model_dir,
+            layout,
+            env,
+            tp,
+            device,
+            DTYPES[args.dtype] if args.dtype else None,
+            progress=not args.json,
+        )
+        load_s = time.perf_counter() - t0
+        if replica.is_head:
+            gen = replica.generator()
+            t1 = time.perf_counter()
+            (out,) = gen.generate([prompt], params)
+            gen_s = time.perf_counter() - t1
+            gen.close()
+            _print_result(args, out, model_dir, load_s, gen_s, layout)
+        else:
+            replica.follow()
+        dist.destroy_process_group()
+    except RuntimeError as e:  # torch.distributed's errors: a peer died, hung past the timeout, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"ringleader: error: rank {env.rank}: lost the replica ({first}); exiting", file=sys.stderr)
+        os._exit(1)  # no clean-up that could wait on the dead peer
+    return 0
+
+
+def _run_single(args, model_dir, prompt, params) -> int:
+    import torch
+
+    from engine.config import DTYPES
+    from engine.generate import Generator
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     gen = Generator.from_pretrained(
         model_dir,
         device=device,
         dtype=DTYPES[args.dtype] if args.dtype else None,
         progress=not args.json,
+        with_tokenizer=(Path(model_dir) / "tokenizer.model").is_file(),
     )
     load_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     (out,) = gen.generate([prompt], params)
     gen_s = time.perf_counter() - t1
+    _print_result(args, out, model_dir, load_s, gen_s, None)
+    return 0
+
+
+def _print_result(args, out, model_dir, load_s, gen_s, layout) -> None:
     if args.json:
         record = {
             "model": os.path.abspath(model_dir),
@@ -121,18 +237,18 @@ def _generate(args) -> int:
                 "completion_tokens": len(out.token_ids),
                 "total_tokens": len(out.prompt_ids) + len(out.token_ids),
             },
+            "parallel": {"tp": layout.tp if layout else 1, "pp": layout.pp if layout else 1},
             "timing": {"load_s": round(load_s, 4), "generate_s": round(gen_s, 4)},
         }
-        print(json.dumps(record, ensure_ascii=False))
+        print(json.dumps(record, ensure_ascii=False), flush=True)
     else:
-        print(out.text)
+        print(out.text if out.text is not None else out.token_ids, flush=True)
         rate = len(out.token_ids) / gen_s if gen_s > 0 else float("inf")
         print(
             f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}, {rate:.1f} tokens/s, "
             f"load {load_s:.2f}s]",
             file=sys.stderr,
         )
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(build_demo(args.path or default_demo_dir()) if args.force else ensure_demo(args.path))
         return 0
-    except RingleaderError as e:
+    except (RingleaderError, LayoutError) as e:
         print(f"ringleader: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
