@@ -102,8 +102,7 @@ def _generate(args) -> int:
     # everything that can be wrong with the request is checked before any weight is read or any
     # process is started
     config = ModelConfig.from_hf(model_dir)
-    if distributed:
-        check_layout(layout, config)
+    check_layout(layout, config)
     # token-id prompts run without a tokenizer; the output then has no text
     has_tokenizer = args.prompt is not None or (Path(model_dir) / "tokenizer.model").is_file()
     tokenizer = Tokenizer(model_dir) if has_tokenizer else None

@@ -1,0 +1,214 @@
+"""Tensor and pipeline parallelism in real processes on gloo, started by torchrun.
+
+One torchrun launch per layout runs every checkpoint in one process group (tests/parallel_worker.py)
+with the tensor-parallel consistency checks on: the run fails if any two ranks of a tp group hold
+different logits or choose different ids at any step.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT
+from hf_models import write_hf_checkpoint
+
+from comm.layout import ParallelLayout
+from engine.config import ModelConfig
+from engine.model import CausalLM
+
+LAYOUTS = [(2, 1), (4, 1), (1, 2), (2, 2), (1, 4)]
+# llama-mqa-tied: one kv head (tp > kv heads: replicated), tied embeddings, odd vocabulary (97);
+# llama: two kv heads (split), q/k/v/o and MLP biases; glm4: fused gate_up, partial interleaved
+# rotary, sandwich norms, one kv head.
+MODELS = {"llama-mqa-tied": {}, "llama": {}, "glm4": {}}
+PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11, 12, 13], [4], [30, 31, 32, 33, 34]]
+NEW_TOKENS = 32
+TOL = 1e-4
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parallel")
+    refs = {}
+    for name, extra in MODELS.items():
+        hf = write_hf_checkpoint(name, root / name, seed=11, num_hidden_layers=4, **extra)
+        refs[name] = []
+        for prompt in PROMPTS:
+            with torch.inference_mode():
+                out = hf.generate(
+                    torch.tensor([prompt]),
+                    max_new_tokens=NEW_TOKENS,
+                    do_sample=False,
+                    output_logits=True,
+                    return_dict_in_generate=True,
+                )
+            refs[name].append((out.sequences[0, len(prompt) :].tolist(), torch.cat(out.logits)))
+    return root, refs
+
+
+@pytest.fixture(scope="module", params=LAYOUTS, ids=[f"tp{t}-pp{p}" for t, p in LAYOUTS])
+def run(request, checkpoints, tmp_path_factory):
+    tp, pp = request.param
+    root, _ = checkpoints
+    out = tmp_path_factory.mktemp(f"tp{tp}pp{pp}")
+    models = ",".join(f"{name}={root / name}" for name in MODELS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp * pp)]
+    cmd += [str(ROOT / "tests" / "parallel_worker.py"), "--tp", str(tp), "--pp", str(pp)]
+    cmd += ["--models", models, "--prompts", json.dumps(PROMPTS), "--max-tokens", str(NEW_TOKENS)]
+    cmd += ["--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(out / f"rank{r}.pt") for r in range(tp * pp)]
+    return tp, pp, ranks
+
+
+def test_greedy_tokens_match_transformers_and_single_rank(run, checkpoints):
+    _, refs = checkpoints
+    tp, pp, ranks = run
+    for name in MODELS:
+        got = ranks[0]["results"][name]["tokens"]
+        assert got == [tokens for tokens, _ in refs[name]], name
+
+
+def test_logits_match_transformers_at_every_step(run, checkpoints):
+    _, refs = checkpoints
+    tp, pp, ranks = run
+    for name in MODELS:
+        for i, (_, ref_logits) in enumerate(refs[name]):
+            got = ranks[0]["results"][name]["logits"][i]
+            assert got.shape == ref_logits.shape
+            assert (got - ref_logits).abs().max().item() <= TOL, f"{name} prompt {i}"
+
+
+def test_each_rank_holds_its_share_of_the_parameters(run, checkpoints):
+    root, _ = checkpoints
+    tp, pp, ranks = run
+    layout = ParallelLayout(tp=tp, pp=pp)
+    for name in MODELS:
+        config = ModelConfig.from_hf(root / name)
+        for rank, saved in enumerate(ranks):
+            _, stage, _ = layout.coords(rank)
+            layers = layout.layers_of_stage(stage, config.num_layers)
+            first, last = stage == 0, stage == pp - 1
+            with torch.device("meta"):
+                whole = CausalLM(config, 1, layers, first, last)
+            params = dict(whole.named_parameters())
+            total = sum(p.numel() for p in params.values()) * 4
+            # parts every rank holds whole: norms, biases added after the all-reduce, kv heads
+            # replicated because tp exceeds them, and the rows that pad the vocabulary to tp
+            replicated = sum(
+                p.numel()
+                for n, p in params.items()
+                if "norm" in n or n.endswith(("o_proj.bias", "down_proj.bias"))
+            )
+            if tp > config.num_kv_heads:
+                kv = config.num_kv_heads * config.head_dim
+                for n, p in params.items():
+                    if n.endswith("qkv_proj.weight"):
+                        replicated += 2 * kv * config.hidden_size
+                    elif n.endswith("qkv_proj.bias"):
+                        replicated += 2 * kv
+            pad = (-config.vocab_size) % tp * config.hidden_size
+            replicated += pad * (first + (last and not whole.ties_embeddings))
+            bound = total / tp + replicated * 4
+            assert saved["param_bytes"][name] <= bound, (name, rank)
+            assert saved["param_bytes"][name] < total or tp == 1
+
+
+def _cli(*args, timeout=240):
+    cmd = [str(ROOT / "launch.sh"), "generate", *args]
+    env = {**_env(), "RINGLEADER_PYTHON": sys.executable}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd="/")
+
+
+def test_two_loopback_nodes_generate_what_one_node_does(tiny_demo):
+    common = [
+        "--model",
+        str(tiny_demo),
+        "--prompt",
+        "Two nodes",
+        "--max-tokens",
+        "24",
+        "--temperature",
+        "0.7",
+    ]
+    common += ["--seed", "5", "--ignore-eos", "--json", "--tp", "2", "--pp", "2"]
+    one = _cli(*common)
+    assert one.returncode == 0, one.stderr[-3000:]
+    port = 29400 + os.getpid() % 500
+    multi = common + ["--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"t{os.getpid()}"]
+    cmd = [str(ROOT / "launch.sh"), "generate", *multi]
+    env = {**_env(), "RINGLEADER_PYTHON": sys.executable}
+    nodes = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
+    outs = [n.communicate(timeout=240) for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), [e[-2000:] for _, e in outs]
+    printed = [json.loads(o) for o, _ in outs if o.strip()]
+    assert len(printed) == 1  # only the head prints
+    assert printed[0]["token_ids"] == json.loads(one.stdout)["token_ids"]
+    assert printed[0]["parallel"] == {"tp": 2, "pp": 2}
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--tp", "3"], "tp=3 does not divide the model's 4 attention heads"),
+        (["--pp", "3"], "pp=3 exceeds the model's 2 layers"),
+        (["--tp", "0"], "tp must be a positive integer"),
+        (["--pp", "2", "--stage-layers", "2,1"], "must be positive and add up to the model's 2 layers"),
+        (["--tp", "2", "--nnodes", "3"], "--nnodes 3 does not divide"),
+    ],
+)
+def test_invalid_layout_fails_at_once_with_its_message(tiny_demo, flags, message):
+    start = time.monotonic()
+    proc = _cli("--model", str(tiny_demo), "--prompt", "x", *flags)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert time.monotonic() - start < 30
+
+
+def test_a_dead_rank_makes_the_others_exit_promptly(tiny_demo):
+    cmd = [str(ROOT / "launch.sh"), "generate", "--model", str(tiny_demo), "--prompt-ids", "1,2"]
+    cmd += ["--max-tokens", "500", "--ignore-eos", "--tp", "2", "--pp", "2", "--stage-layers", "1,1"]
+    env = {**_env(), "RINGLEADER_PYTHON": sys.executable}
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # wait for the ranks to come up, then kill one that is not the head
+    deadline = time.monotonic() + 120
+    children = []
+    while time.monotonic() < deadline and len(children) < 4:
+        time.sleep(0.5)
+        children = _rank_pids(launcher.pid)
+    assert len(children) == 4
+    time.sleep(2)
+    assert launcher.poll() is None, "generation ended before the fault could be injected"
+    os.kill(children[-1], signal.SIGKILL)
+    killed = time.monotonic()
+    _, err = launcher.communicate(timeout=60)
+    assert time.monotonic() - killed < 15
+    assert launcher.returncode != 0
+    assert "lost the replica" in err
+
+
+def _rank_pids(root_pid: int) -> list[int]:
+    import psutil
+
+    try:
+        procs = psutil.Process(root_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return sorted(
+        p.pid
+        for p in procs
+        if "engine.cli" in " ".join(p.cmdline()) and "torch.distributed.run" not in " ".join(p.cmdline())
+    )
