@@ -112,7 +112,7 @@ def test_each_rank_holds_its_share_of_the_parameters(run, checkpoints):
             )
             if tp > config.num_kv_heads:
                 kv = config.num_kv_heads * config.head_dim
-                for n, p in params.items():
+                for n in params:
                     if n.endswith("qkv_proj.weight"):
                         replicated += 2 * kv * config.hidden_size
                     elif n.endswith("qkv_proj.bias"):
