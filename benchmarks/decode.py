@@ -81,10 +81,7 @@ def main() -> int:
     if args.model:
         model_dir = args.model
     else:
-        path = (
-            default_demo_dir() if args.preset == "demo" else default_demo_dir().with_name(f"{args.preset}-v1")
-        )
-        model_dir = str(ensure_demo(path, args.preset))
+        model_dir = str(ensure_demo(default_demo_dir(args.preset), args.preset))
 
     gen = Generator.from_pretrained(model_dir, with_tokenizer=False)
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

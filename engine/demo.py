@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-VERSION = 1
+VERSION = 2
 
 PRESETS = {
     # about 20M parameters
@@ -31,8 +31,8 @@ PRESETS = {
         hidden_size=384,
         intermediate_size=1536,
         num_hidden_layers=8,
-        num_attention_heads=6,
-        num_key_value_heads=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
         vocab_size=4096,
         max_position_embeddings=2048,
     ),
@@ -212,9 +212,10 @@ def build_demo(path: str | Path, preset: str = "demo", seed: int = 0) -> Path:
     return path
 
 
-def default_demo_dir() -> Path:
+def default_demo_dir(preset: str = "demo") -> Path:
+    """Where a preset is built by default: $RINGLEADER_HOME (~/.cache/ringleader)/PRESET-vVERSION."""
     home = os.environ.get("RINGLEADER_HOME") or Path.home() / ".cache" / "ringleader"
-    return Path(home) / f"demo-v{VERSION}"
+    return Path(home) / f"{preset}-v{VERSION}"
 
 
 def ensure_demo(path: str | Path | None = None, preset: str = "demo") -> Path:

@@ -219,7 +219,12 @@ def run_stage(model: CausalLM, plan: Plan, cache, windows, ranks: ReplicaRanks, 
     kept = logits if plan.record_logits else None
     if ranks.sampler == ranks.head:
         return ids.tolist(), kept
-    send_ids(ids, kept, ranks.head, comm_device(device))
+    # without waiting: the head may still be busy with its own stage of another micro-batch
+    dev = comm_device(device)
+    outbox.send(torch.tensor([ids.numel(), int(kept is not None)], device=dev), ranks.head, TAG_IDS)
+    outbox.send(ids.to(dev).contiguous(), ranks.head, TAG_IDS)
+    if kept is not None:
+        outbox.send(kept.to(dev).contiguous(), ranks.head, TAG_IDS)
     return None
 
 
@@ -234,13 +239,6 @@ def _check_identical(model: CausalLM, logits: torch.Tensor, ids: torch.Tensor) -
     everyone = all_gather_last_dim(both, tp).view(tp.size, -1)
     if not all(torch.equal(everyone[0], everyone[r]) for r in range(1, tp.size)):
         raise RuntimeError(f"tensor-parallel ranks {list(tp.ranks)} disagree on logits or sampled ids")
-
-
-def send_ids(ids: torch.Tensor, logits: torch.Tensor | None, dst: int, dev: torch.device) -> None:
-    dist.send(torch.tensor([ids.numel(), int(logits is not None)], device=dev), dst, tag=TAG_IDS)
-    dist.send(ids.to(dev).contiguous(), dst, tag=TAG_IDS)
-    if logits is not None:
-        dist.send(logits.to(dev).contiguous(), dst, tag=TAG_IDS)
 
 
 def recv_ids(src: int, vocab: int, device) -> tuple[list[int], torch.Tensor | None]:

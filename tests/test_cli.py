@@ -61,7 +61,9 @@ def test_plain_launch_builds_the_demo_and_generates(tmp_path):
     run = _launch(home=tmp_path)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip()
-    assert (tmp_path / "demo-v1" / "model.safetensors").is_file()
+    from engine.demo import VERSION
+
+    assert (tmp_path / f"demo-v{VERSION}" / "model.safetensors").is_file()
     assert "tokens/s" in run.stderr
 
 
