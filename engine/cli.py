@@ -75,9 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _launched_as_rank() -> bool:
-    """True in a process that torchrun (or srun with several tasks) started as one rank."""
-    return "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
+def _launched_as_rank(layout, args) -> bool:
+    """True in a process that is already one rank: started by torchrun, or by srun with one task
+    per rank (srun with one task per node runs launch.sh, which starts torchrun)."""
+    if "RANK" in os.environ:
+        return True
+    ntasks = int(os.environ.get("SLURM_NTASKS", "0") or 0)
+    return "SLURM_PROCID" in os.environ and args.nnodes == 1 and ntasks == layout.world_size > 1
 
 
 def _generate(args) -> int:
@@ -97,7 +101,8 @@ def _generate(args) -> int:
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise RingleaderError(f"--device {args.device}: CUDA is not available on this machine")
     layout = ParallelLayout(tp=args.tp, pp=args.pp, stage_layers=tuple(args.stage_layers or ()))
-    distributed = layout.world_size > 1 or args.nnodes > 1 or _launched_as_rank()
+    as_rank = _launched_as_rank(layout, args)
+    distributed = layout.world_size > 1 or args.nnodes > 1 or as_rank
     model_dir = args.model or str(ensure_demo())
     # everything that can be wrong with the request is checked before any weight is read or any
     # process is started
@@ -121,7 +126,7 @@ def _generate(args) -> int:
         ignore_eos=args.ignore_eos,
     )
     check_request(prompt, params, config.vocab_size, config.max_position_embeddings)
-    if distributed and not _launched_as_rank():
+    if distributed and not as_rank:
         return _exec_torchrun(args, layout)
     if distributed:
         return _run_rank(args, layout, model_dir, prompt, params)
