@@ -97,6 +97,7 @@ def worker(args) -> None:
                 print(json.dumps(r))
     elif replica.is_head:
         gen = replica.generator()
+        gen.min_micro_batch_rows = 1  # split however small the batch: the comparison is the point
         g = torch.Generator().manual_seed(0)
         prompts = torch.randint(3, replica.model.config.vocab_size, (args.batch, 16), generator=g).tolist()
         params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)

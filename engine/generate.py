@@ -127,8 +127,14 @@ class _Sequence:
 
 class Generator:
     """The generation loop over an executor: the model in this process (``from_pretrained``) or a
-    replica spread over ranks (``engine.replica``). With ``micro_batches`` > 1 the batch is split
-    into that many groups that are in flight at once, which keeps pipeline stages busy."""
+    replica spread over ranks (``engine.replica``).
+
+    With ``micro_batches`` > 1 (a pipeline's stage count) the batch is split into up to that many
+    groups in flight at once, so that the stages work at the same time; but only into groups of at
+    least ``min_micro_batch_rows`` sequences, because a decode pass over a few rows costs about as
+    much as over many (it is bound by reading the weights), and splitting a small batch would
+    multiply that cost by more than the overlap saves (BENCHMARKS.md).
+    """
 
     def __init__(
         self,
@@ -137,6 +143,7 @@ class Generator:
         device: str | torch.device = "cpu",
         executor=None,
         micro_batches: int = 1,
+        min_micro_batch_rows: int = 32,
     ):
         self.model = model
         self.config: ModelConfig = model.config
@@ -144,6 +151,7 @@ class Generator:
         self.device = torch.device(device)
         self.executor = executor or LocalExecutor(model, self.device)
         self.micro_batches = micro_batches
+        self.min_micro_batch_rows = min_micro_batch_rows
         self.max_len = model.rotary.max_len
         self.windows = set(self.config.sliding_windows)
         self.eos_ids = set(self.config.eos_token_ids)
@@ -187,7 +195,8 @@ class Generator:
             for i, (p, sp) in enumerate(zip(prompts, params))
         ]
         self.executor.begin(len(seqs), max(len(s.prompt) + s.params.max_tokens for s in seqs))
-        n, m = len(seqs), max(1, min(self.micro_batches, len(seqs)))
+        n = len(seqs)
+        m = max(1, min(self.micro_batches, n // max(1, self.min_micro_batch_rows)))
         groups = [seqs[i * n // m : (i + 1) * n // m] for i in range(m)]
         inflight = collections.deque()
         for mb, group in enumerate(groups):

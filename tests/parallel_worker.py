@@ -36,6 +36,7 @@ def main():
         saved["param_bytes"][name] = replica.param_bytes
         if replica.is_head:
             gen = replica.generator()
+            gen.min_micro_batch_rows = 1  # exercise micro-batches in flight even for a few prompts
             params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
             outs = gen.generate(prompts, params, record_logits=True)
             gen.close()
