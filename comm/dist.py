@@ -78,7 +78,12 @@ def env_from(environ: dict | None = None) -> DistEnv:
             master_port=_int(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500,
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1")
+        # the step's own count first: an inherited SLURM_NTASKS_PER_NODE may describe the batch job
+        per_node = (
+            env.get("SLURM_STEP_TASKS_PER_NODE")
+            or env.get("SLURM_TASKS_PER_NODE")
+            or env.get("SLURM_NTASKS_PER_NODE", "1")
+        )
         per_node = re.match(r"\d+", per_node)
         hosts = expand_nodelist(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "127.0.0.1"))
         if not hosts:

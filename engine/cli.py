@@ -146,7 +146,9 @@ def _exec_torchrun(args, layout) -> int:
             f"tp x pp = {layout.world_size} ranks"
         )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(args.nnodes)]
-    cmd += ["--nproc-per-node", str(nproc), "--max-restarts", "0"]
+    # a rank that loses a peer notices within milliseconds (a reset connection) and exits with its
+    # own message; torchrun checks on its workers every 2 s and then stops whoever is left
+    cmd += ["--nproc-per-node", str(nproc), "--max-restarts", "0", "--monitor-interval", "2"]
     if args.rdzv_endpoint:
         cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint, "--rdzv-id", args.rdzv_id]
         if args.node_rank is not None:

@@ -17,15 +17,15 @@ def test_torchrun_environment():
 
 def test_slurm_environment_without_torchrun():
     env = env_from(
-        {"SLURM_PROCID": "6", "SLURM_NTASKS": "8", "SLURM_LOCALID": "2", "SLURM_NTASKS_PER_NODE": "4",
-         "SLURM_JOB_NODELIST": "gpu[07-08]"}
+        {"SLURM_PROCID": "6", "SLURM_NTASKS": "8", "SLURM_LOCALID": "2", "SLURM_TASKS_PER_NODE": "4(x2)",
+         "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}
     )  # fmt: skip
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (6, 8, 2, 4)
     assert env.master_addr == "gpu07" and env.master_port == 29500 and env.node_rank == 1
 
 
-def test_slurm_tasks_per_node_in_its_compressed_form():
-    env = env_from({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_TASKS_PER_NODE": "4(x2)",
+def test_slurm_falls_back_to_the_requested_tasks_per_node():
+    env = env_from({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4",
                     "SLURM_JOB_NODELIST": "n1"})  # fmt: skip
     assert env.local_world_size == 4
 

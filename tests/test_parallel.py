@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -19,6 +20,7 @@ from hf_models import write_hf_checkpoint
 
 from comm.layout import ParallelLayout
 from engine.config import ModelConfig
+from engine.generate import Generator, SamplingParams
 from engine.model import CausalLM
 
 LAYOUTS = [(2, 1), (4, 1), (1, 2), (2, 2), (1, 4)]
@@ -52,6 +54,10 @@ def checkpoints(tmp_path_factory):
                     return_dict_in_generate=True,
                 )
             refs[name].append((out.sequences[0, len(prompt) :].tolist(), torch.cat(out.logits)))
+        single = Generator.from_pretrained(root / name, with_tokenizer=False)
+        params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+        ours = [c.token_ids for c in single.generate(PROMPTS, params)]
+        assert ours == [tokens for tokens, _ in refs[name]], f"single-rank engine differs on {name}"
     return root, refs
 
 
@@ -183,21 +189,24 @@ def test_a_dead_rank_makes_the_others_exit_promptly(tiny_demo):
     cmd += ["--max-tokens", "500", "--ignore-eos", "--tp", "2", "--pp", "2", "--stage-layers", "1,1"]
     env = {**_env(), "RINGLEADER_PYTHON": sys.executable}
     launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    # wait for the ranks to come up, then kill one that is not the head
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(launcher.stderr), daemon=True)
+    reader.start()
+    # every rank reports its parameters once it has loaded them; then generation is under way
     deadline = time.monotonic() + 120
-    children = []
-    while time.monotonic() < deadline and len(children) < 4:
-        time.sleep(0.5)
-        children = _rank_pids(launcher.pid)
-    assert len(children) == 4
-    time.sleep(2)
+    while time.monotonic() < deadline and sum("parameter bytes" in line for line in lines) < 4:
+        time.sleep(0.2)
+    children = _rank_pids(launcher.pid)
+    assert len(children) == 4, lines
+    time.sleep(1)
     assert launcher.poll() is None, "generation ended before the fault could be injected"
     os.kill(children[-1], signal.SIGKILL)
     killed = time.monotonic()
-    _, err = launcher.communicate(timeout=60)
+    launcher.wait(timeout=60)
     assert time.monotonic() - killed < 15
+    reader.join(timeout=10)
     assert launcher.returncode != 0
-    assert "lost the replica" in err
+    assert sum("lost the replica" in line for line in lines) >= 1
 
 
 def _rank_pids(root_pid: int) -> list[int]:
