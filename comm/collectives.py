@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from comm import allreduce
+
 
 @dataclass(frozen=True)
 class TPGroup:
@@ -18,12 +20,15 @@ class TPGroup:
     size: int = 1
     group: object = None  # torch.distributed ProcessGroup; None when size == 1
     ranks: tuple[int, ...] = (0,)  # global ranks of the group, in tp order
+    algorithm: str = "native"  # all-reduce: native | star | tree | ring | hier | hier-scatter | auto
+    per_node: int = 1  # ranks of the group per node, for the hierarchical topologies
 
 
 def all_reduce(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
-    """Sum ``x`` over the tensor-parallel group, in place; every rank gets the same bits."""
+    """Sum ``x`` over the tensor-parallel group, in place, with the group's configured algorithm;
+    every rank gets the same bits."""
     if tp.size > 1:
-        dist.all_reduce(x, group=tp.group)
+        allreduce.all_reduce(x, tp.algorithm, tp.rank, tp.ranks, tp.group, tp.per_node)
     return x
 
 

@@ -33,8 +33,15 @@ def check_layout(layout: ParallelLayout, config: ModelConfig, world_size: int | 
         )
 
 
-def make_groups(layout: ParallelLayout, rank: int, timeout_s: float) -> TPGroup:
-    """Create every tensor-parallel group (all ranks, same order) and return this rank's."""
+def make_groups(
+    layout: ParallelLayout,
+    rank: int,
+    timeout_s: float,
+    algorithm: str = "native",
+    per_node: int | None = None,
+) -> TPGroup:
+    """Create every tensor-parallel group (all ranks, same order) and return this rank's, whose
+    all-reduces use ``algorithm`` (``per_node``: its ranks per node, for the hierarchical ones)."""
     dp, pp, tp = layout.coords(rank)
     mine = TPGroup()
     for d in range(layout.dp):
@@ -42,7 +49,7 @@ def make_groups(layout: ParallelLayout, rank: int, timeout_s: float) -> TPGroup:
             ranks = layout.tp_group_ranks(d, p)
             group = new_group(ranks, timeout_s) if layout.tp > 1 else None
             if (d, p) == (dp, pp):
-                mine = TPGroup(rank=tp, size=layout.tp, group=group, ranks=tuple(ranks))
+                mine = TPGroup(tp, layout.tp, group, tuple(ranks), algorithm, per_node or layout.tp)
     return mine
 
 

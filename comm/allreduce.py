@@ -1,0 +1,81 @@
+"""Run a ``topologies`` schedule as an all-reduce with torch.distributed point-to-point.
+
+Semantics are those of ``dist.all_reduce`` (sum, in place) for any size and dtype, and every rank
+ends with the same bits. Each step's sends and receives go out together through
+``batch_isend_irecv`` (which NCCL needs to run a pair of opposite transfers without deadlock);
+received regions land in scratch buffers and are added or copied in the schedule's order once
+the step completes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+
+from topologies.schedule import Schedule, build, span
+
+ALGORITHMS = ("native", "star", "tree", "ring", "hier", "hier-scatter", "auto")
+TREE_CHUNK_BYTES = 256 << 10
+MAX_TREE_CHUNKS = 8
+
+
+@functools.lru_cache(maxsize=256)
+def schedule_for(name: str, n: int, per_node: int, chunks: int = 1) -> Schedule:
+    return build(name, n, per_node=per_node, chunks=chunks)
+
+
+def tree_chunks(nbytes: int) -> int:
+    """Pieces a tree all-reduce pipelines a message of ``nbytes`` in."""
+    return max(1, min(MAX_TREE_CHUNKS, nbytes // TREE_CHUNK_BYTES))
+
+
+def run_schedule(
+    x: torch.Tensor, schedule: Schedule, rank: int, ranks: tuple[int, ...], group
+) -> torch.Tensor:
+    """All-reduce the contiguous tensor ``x`` in place by ``schedule``; ``rank`` is this process's
+    index in the group and ``ranks`` the group's global ranks."""
+    if not x.is_contiguous():
+        raise ValueError("run_schedule needs a contiguous tensor")
+    flat = x.view(-1)
+    n = flat.numel()
+    if n == 0 or schedule.n == 1:
+        return x
+    for step in schedule.steps[rank]:
+        ops, landed = [], []
+        for op in step:
+            a, b = span(op.region, n)
+            if a == b:
+                continue
+            if op.kind == "send":
+                ops.append(dist.P2POp(dist.isend, flat[a:b], ranks[op.peer], group))
+            else:
+                buf = torch.empty(b - a, dtype=flat.dtype, device=flat.device)
+                ops.append(dist.P2POp(dist.irecv, buf, ranks[op.peer], group))
+                landed.append((op.kind, a, b, buf))
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        for kind, a, b, buf in landed:
+            if kind == "reduce":
+                flat[a:b].add_(buf)
+            else:
+                flat[a:b].copy_(buf)
+    return x
+
+
+def all_reduce(
+    x: torch.Tensor, algorithm: str, rank: int, ranks: tuple[int, ...], group, per_node: int
+) -> None:
+    """Sum ``x`` over the group in place with the named algorithm (``native``: the backend's own)."""
+    n = len(ranks)
+    if algorithm == "auto":
+        from comm.cost import choose
+
+        algorithm = choose(x.numel() * x.element_size(), n, per_node)
+    if algorithm == "native":
+        dist.all_reduce(x, group=group)
+        return
+    chunks = tree_chunks(x.numel() * x.element_size()) if algorithm == "tree" else 1
+    run_schedule(x, schedule_for(algorithm, n, per_node, chunks), rank, ranks, group)
