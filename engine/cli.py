@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--pp", type=int, default=1, help="pipeline stages")
     par.add_argument("--stage-layers", type=_ids, default=None, help="layers per stage, e.g. 10,14")
     par.add_argument("--timeout", type=float, default=60.0, help="seconds before a silent peer is an error")
+    par.add_argument(
+        "--allreduce",
+        choices=["native", "star", "tree", "ring", "hier", "hier-scatter", "auto"],
+        default="native",
+        help="tensor-parallel all-reduce: the backend's own (native), a topology, or auto by size",
+    )
     par.add_argument("--nnodes", type=int, default=1)
     par.add_argument("--nproc-per-node", type=int, default=None)
     par.add_argument("--node-rank", type=int, default=None)
@@ -177,7 +183,8 @@ def _run_rank(args, layout, model_dir, prompt, params) -> int:
         env, device = init(env, timeout_s=args.timeout)
         if args.device:
             device = torch.device(args.device)
-        tp = make_groups(layout, env.rank, args.timeout)
+        per_node = min(layout.tp, env.local_world_size)
+        tp = make_groups(layout, env.rank, args.timeout, args.allreduce, per_node)
         t0 = time.perf_counter()
         replica = load_stage(
             model_dir,
@@ -243,7 +250,11 @@ def _print_result(args, out, model_dir, load_s, gen_s, layout) -> None:
                 "completion_tokens": len(out.token_ids),
                 "total_tokens": len(out.prompt_ids) + len(out.token_ids),
             },
-            "parallel": {"tp": layout.tp if layout else 1, "pp": layout.pp if layout else 1},
+            "parallel": {
+                "tp": layout.tp if layout else 1,
+                "pp": layout.pp if layout else 1,
+                "allreduce": args.allreduce,
+            },
             "timing": {"load_s": round(load_s, 4), "generate_s": round(gen_s, 4)},
         }
         print(json.dumps(record, ensure_ascii=False), flush=True)

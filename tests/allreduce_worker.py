@@ -12,7 +12,11 @@ from comm.allreduce import all_reduce
 from comm.dist import init
 
 ALGORITHMS = ["star", "tree", "ring", "hier", "hier-scatter", "auto"]
-DTYPES = {"float32": (torch.float32, 1e-5), "bfloat16": (torch.bfloat16, 2e-2), "float16": (torch.float16, 2e-3)}
+DTYPES = {
+    "float32": (torch.float32, 1e-5),
+    "bfloat16": (torch.bfloat16, 2e-2),
+    "float16": (torch.float16, 2e-3),
+}
 
 
 def main():

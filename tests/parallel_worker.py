@@ -3,6 +3,7 @@ checkpoint, in one process group, with the tensor-parallel consistency checks on
 tokens and per-step logits; every rank saves its parameter bytes."""
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -23,6 +24,9 @@ def main():
     parser.add_argument("--prompts", required=True, help="JSON list of token-id lists")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--allreduce", default="native", help="comma-separated algorithms to run each model with"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     env, device = init(timeout_s=60)
@@ -30,9 +34,12 @@ def main():
     tp = make_groups(layout, env.rank, 60)
     prompts = json.loads(args.prompts)
     saved = {"param_bytes": {}, "results": {}}
-    for item in args.models.split(","):
+    runs = [(item, algo) for item in args.models.split(",") for algo in args.allreduce.split(",")]
+    for item, algo in runs:
         name, path = item.split("=", 1)
-        replica = load_stage(path, layout, env, tp, device, check=True, progress=False)
+        name = name if algo == "native" else f"{name}@{algo}"
+        group = dataclasses.replace(tp, algorithm=algo, per_node=max(1, args.tp // 2))
+        replica = load_stage(path, layout, env, group, device, check=True, progress=False)
         saved["param_bytes"][name] = replica.param_bytes
         if replica.is_head:
             gen = replica.generator()
