@@ -137,7 +137,7 @@ def report(args, rows, fitted, decode) -> None:
             for a in ALGORITHMS
         ]
         print(f"{size:>9} " + " ".join(cells) + f"  {by[(size, 'auto')]['auto_picks']}")
-    print(f"\nbusbw GB/s (algbw x 2(n-1)/n)")
+    print("\nbusbw GB/s (algbw x 2(n-1)/n)")
     print(f"{'bytes':>9} " + " ".join(f"{a:>12}" for a in ALGORITHMS))
     for size in SIZES:
         bus = [size / by[(size, a)]["seconds"] * 2 * (n - 1) / n / 1e9 for a in ALGORITHMS]
