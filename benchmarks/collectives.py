@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import statistics
@@ -29,56 +30,83 @@ ALGORITHMS = ["native", "star", "tree", "ring", "hier", "hier-scatter", "auto"]
 SIZES = [8 << (2 * i) for i in range(12)] + [64 << 20]  # 8 B, 32 B, ..., 32 MiB, 64 MiB
 
 
+def _time(x, algorithm, rank, ranks, per_node, ops) -> float:
+    """Seconds per all-reduce over ``ops`` back-to-back calls, started together (a barrier)."""
+    import torch.distributed as dist
+
+    from comm.allreduce import all_reduce
+
+    dist.barrier()
+    t = time.perf_counter()
+    for _ in range(ops):
+        all_reduce(x, algorithm, rank, ranks, None, per_node)
+    return (time.perf_counter() - t) / ops
+
+
+def _sweep(algorithms, n, rank, per_node, trials) -> list[dict]:
+    """Every size, the algorithms interleaved trial by trial; per (size, algorithm) the median over
+    trials of the slowest rank's time."""
+    import torch
+    import torch.distributed as dist
+
+    ranks = tuple(range(n))
+    rows = []
+    for size in SIZES:
+        x = torch.zeros(max(1, size // 4), dtype=torch.float32)  # zeros: repeated sums stay finite
+        ops = max(1, min(20, (4 << 20) // size))
+        for algorithm in algorithms:
+            _time(x, algorithm, rank, ranks, per_node, 1)  # warm-up
+        times = {a: [] for a in algorithms}
+        for _ in range(trials):
+            for algorithm in algorithms:
+                local = _time(x, algorithm, rank, ranks, per_node, ops)
+                everyone = [None] * n
+                dist.all_gather_object(everyone, local)
+                times[algorithm].append(max(everyone))
+        rows += [{"bytes": size, "algorithm": a, "seconds": statistics.median(times[a])} for a in algorithms]
+    return rows
+
+
 def measure(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from comm.allreduce import all_reduce, tree_chunks
-    from comm.cost import choose, coefficients, fit, load
+    from comm import cost
+    from comm.allreduce import ring_pieces, tree_chunks
+    from comm.dist import init
 
-    env, _ = __import__("comm.dist", fromlist=["init"]).init(timeout_s=300)
-    n, rank, ranks = env.world_size, env.rank, tuple(range(env.world_size))
+    env, _ = init(timeout_s=300)
+    n, rank = env.world_size, env.rank
     torch.set_num_threads(1)
-    rows = []
-    for size in SIZES:
-        x = torch.ones(max(1, size // 4), dtype=torch.float32)
-        reps = max(5, min(50, (1 << 24) // size))
-        for algorithm in ALGORITHMS:
-            times = []
-            for _ in range(reps + 2):
-                y = x.clone()
-                dist.barrier()
-                t = time.perf_counter()
-                all_reduce(y, algorithm, rank, ranks, None, args.per_node)
-                times.append(time.perf_counter() - t)
-            local = statistics.median(times[2:])
-            slowest = [None] * n
-            dist.all_gather_object(slowest, local)
-            rows.append({"bytes": size, "algorithm": algorithm, "seconds": max(slowest)})
-    if rank == 0:
-        # fit one link for the hand-written topologies and one for native, from sizes >= 64 KiB up
-        # and from the smallest sizes, so that both alpha and beta are pinned down
-        samples = {"topologies": [], "native": []}
+    fixed = [a for a in ALGORITHMS if a != "auto"]
+    rows = _sweep(fixed, n, rank, args.per_node, args.trials)
+
+    def chunks(name, nbytes):
+        return {"tree": tree_chunks(nbytes), "ring": ring_pieces(nbytes, n)}.get(name, 1)
+
+    links = {}
+    for name in fixed:
+        samples = []
         for r in rows:
-            name = r["algorithm"]
-            if name == "auto":
-                continue
-            chunks = tree_chunks(r["bytes"]) if name == "tree" else 1
-            a, b = coefficients(name, n, args.per_node, chunks)
-            samples["native" if name == "native" else "topologies"].append((a, b * r["bytes"], r["seconds"]))
-        fitted = {key: vars(fit(value)) for key, value in samples.items()}
-        Path(args.fitted).write_text(
-            json.dumps({**fitted, "ranks": n, "per_node": args.per_node}, indent=2) + "\n"
+            if r["algorithm"] == name:
+                a, b = cost.coefficients(name, n, args.per_node, chunks(name, r["bytes"]))
+                samples.append((a, b * r["bytes"], r["seconds"]))
+        links[name] = cost.fit(samples)
+    fitted = cost.Fitted(links, "this run")
+    cost.use(fitted)  # every rank computed the same fit from the same gathered times
+    rows += _sweep(["auto"], n, rank, args.per_node, args.trials)
+    for r in rows:
+        name = (
+            r["algorithm"] if r["algorithm"] != "auto" else cost.choose(r["bytes"], n, args.per_node, fitted)
         )
-        model = load(Path(args.fitted))
-        for r in rows:
-            name = r["algorithm"] if r["algorithm"] != "auto" else choose(r["bytes"], n, args.per_node, model)
-            link = model.native if name == "native" else model.topologies
-            chunks = tree_chunks(r["bytes"]) if name == "tree" else 1
-            a, b = coefficients(name, n, args.per_node, chunks)
-            r["predicted"] = a * link.alpha + b * r["bytes"] * link.beta
-            r["auto_picks"] = name if r["algorithm"] == "auto" else ""
-        print(json.dumps({"rows": rows, "fitted": fitted}))
+        r["predicted"] = cost.predict(
+            name, n, r["bytes"], links[name], args.per_node, chunks(name, r["bytes"])
+        )
+        r["auto_picks"] = name if r["algorithm"] == "auto" else ""
+    if rank == 0:
+        record = {"links": {k: vars(v) for k, v in links.items()}, "ranks": n, "per_node": args.per_node}
+        Path(args.fitted).write_text(json.dumps(record, indent=2) + "\n")
+        print(json.dumps({"rows": rows, "links": record["links"]}))
     decode = decode_steps(args, env) if args.model else None
     if rank == 0 and decode:
         print(json.dumps({"decode": decode}))
@@ -97,8 +125,6 @@ def decode_steps(args, env) -> dict:
     layout = ParallelLayout(tp=env.world_size)
     out = {}
     base = make_groups(layout, env.rank, 300, "native", args.per_node)
-    import dataclasses
-
     for algorithm in ALGORITHMS:
         tp = dataclasses.replace(base, algorithm=algorithm)
         replica = load_stage(args.model, layout, env, tp, torch.device("cpu"), progress=False)
@@ -116,7 +142,7 @@ def decode_steps(args, env) -> dict:
     return out
 
 
-def report(args, rows, fitted, decode) -> None:
+def report(args, rows, links, decode) -> None:
     n = args.nproc
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -126,9 +152,8 @@ def report(args, rows, fitted, decode) -> None:
         w.writerows(rows)
     by = {(r["bytes"], r["algorithm"]): r for r in rows}
     print(f"{n} ranks, {args.per_node} per node (hier), gloo, float32; time in microseconds (predicted)")
-    print(f"fitted: topologies alpha {fitted['topologies']['alpha'] * 1e6:.1f} us, beta "
-          f"{fitted['topologies']['beta'] * 1e9:.3f} ns/B; native alpha {fitted['native']['alpha'] * 1e6:.1f} us, "
-          f"beta {fitted['native']['beta'] * 1e9:.3f} ns/B")  # fmt: skip
+    for name, link in links.items():
+        print(f"fitted {name:>12}: alpha {link['alpha'] * 1e6:9.1f} us, beta {link['beta'] * 1e9:7.3f} ns/B")
     header = f"{'bytes':>9} " + " ".join(f"{a:>17}" for a in ALGORITHMS) + "  auto picks"
     print(header)
     for size in SIZES:
@@ -162,11 +187,12 @@ def report(args, rows, fitted, decode) -> None:
         if r["bytes"] >= 64 << 10 and r["algorithm"] != "auto"
     ]
     print(
-        f"  cost model error at >= 64 KiB: median {statistics.median(errors):.0%}, worst {max(errors):.0%} (target <= 30%)"
+        f"  cost model error at >= 64 KiB: median {statistics.median(errors):.0%}, "
+        f"worst {max(errors):.0%} (target <= 30%)"
     )
     if decode:
-        print("\ndecode, tp = %d, batch 1, %d tokens: " % (n, args.decode_tokens) + ", ".join(
-            f"{a} {t:.1f} tok/s" for a, t in decode.items()))  # fmt: skip
+        rates = ", ".join(f"{a} {t:.1f} tok/s" for a, t in decode.items())
+        print(f"\ndecode, tp = {n}, batch 1, {args.decode_tokens} tokens: {rates}")
     plot(rows, n, out / "collectives.png")
     print(f"\nwrote {out / 'collectives.csv'}, {out / 'collectives.png'}, {args.fitted}")
 
@@ -201,6 +227,7 @@ def main() -> None:
     parser.add_argument("--per-node", type=int, default=2, help="ranks per emulated node (hier)")
     parser.add_argument("--model", default=None, help="checkpoint for the decode timing (default: demo)")
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--fitted", default=str(ROOT / "topologies" / "fitted.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -214,7 +241,7 @@ def main() -> None:
         args.model = str(ensure_demo(default_demo_dir()))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc)]
     cmd += [__file__, "--worker", "--per-node", str(args.per_node), "--model", args.model]
-    cmd += ["--decode-tokens", str(args.decode_tokens), "--fitted", args.fitted]
+    cmd += ["--decode-tokens", str(args.decode_tokens), "--fitted", args.fitted, "--trials", str(args.trials)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
@@ -222,7 +249,7 @@ def main() -> None:
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     measured = next(r for r in records if "rows" in r)
     decode = next((r["decode"] for r in records if "decode" in r), None)
-    report(args, measured["rows"], measured["fitted"], decode)
+    report(args, measured["rows"], measured["links"], decode)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from topologies.schedule import Schedule, build, span
 ALGORITHMS = ("native", "star", "tree", "ring", "hier", "hier-scatter", "auto")
 TREE_CHUNK_BYTES = 256 << 10
 MAX_TREE_CHUNKS = 8
+RING_PIECE_BYTES = 1 << 20
+MAX_RING_PIECES = 8
 
 
 @functools.lru_cache(maxsize=256)
@@ -31,11 +33,31 @@ def tree_chunks(nbytes: int) -> int:
     return max(1, min(MAX_TREE_CHUNKS, nbytes // TREE_CHUNK_BYTES))
 
 
+def ring_pieces(nbytes: int, n: int) -> int:
+    """Pieces each ring message of a ``nbytes`` all-reduce over n ranks goes in."""
+    return max(1, min(MAX_RING_PIECES, nbytes // (n * RING_PIECE_BYTES)))
+
+
+_scratch: dict[tuple, torch.Tensor] = {}
+
+
+def _scratch_for(flat: torch.Tensor, numel: int) -> torch.Tensor:
+    """A reusable receive buffer: fresh allocations of megabytes cost page faults on every call."""
+    key = (flat.dtype, flat.device)
+    buf = _scratch.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch[key] = torch.empty(numel, dtype=flat.dtype, device=flat.device)
+    return buf
+
+
 def run_schedule(
     x: torch.Tensor, schedule: Schedule, rank: int, ranks: tuple[int, ...], group
 ) -> torch.Tensor:
     """All-reduce the contiguous tensor ``x`` in place by ``schedule``; ``rank`` is this process's
-    index in the group and ``ranks`` the group's global ranks."""
+    index in the group and ``ranks`` the group's global ranks.
+
+    A step's receives are applied in the schedule's order, each as soon as it has arrived, so the
+    additions of one piece overlap the transfer of the next."""
     if not x.is_contiguous():
         raise ValueError("run_schedule needs a contiguous tensor")
     flat = x.view(-1)
@@ -43,25 +65,34 @@ def run_schedule(
     if n == 0 or schedule.n == 1:
         return x
     for step in schedule.steps[rank]:
-        ops, landed = [], []
-        for op in step:
-            a, b = span(op.region, n)
+        spans = [span(op.region, n) for op in step]
+        need = sum(b - a for op, (a, b) in zip(step, spans) if op.kind != "send")
+        scratch = _scratch_for(flat, need) if need else None
+        ops, landed, at = [], [], 0
+        for op, (a, b) in zip(step, spans):
             if a == b:
                 continue
             if op.kind == "send":
                 ops.append(dist.P2POp(dist.isend, flat[a:b], ranks[op.peer], group))
             else:
-                buf = torch.empty(b - a, dtype=flat.dtype, device=flat.device)
+                buf = scratch[at : at + b - a]
+                at += b - a
+                landed.append((len(ops), op.kind, a, b, buf))
                 ops.append(dist.P2POp(dist.irecv, buf, ranks[op.peer], group))
-                landed.append((op.kind, a, b, buf))
-        if ops:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
-        for kind, a, b, buf in landed:
+        if not ops:
+            continue
+        works = dist.batch_isend_irecv(ops)
+        waited = 0
+        for index, kind, a, b, buf in landed:
+            while waited <= index:  # in posting order, which the backends progress in
+                works[waited].wait()
+                waited += 1
             if kind == "reduce":
                 flat[a:b].add_(buf)
             else:
                 flat[a:b].copy_(buf)
+        for work in works[waited:]:
+            work.wait()
     return x
 
 
@@ -77,5 +108,6 @@ def all_reduce(
     if algorithm == "native":
         dist.all_reduce(x, group=group)
         return
-    chunks = tree_chunks(x.numel() * x.element_size()) if algorithm == "tree" else 1
+    nbytes = x.numel() * x.element_size()
+    chunks = {"tree": tree_chunks(nbytes), "ring": ring_pieces(nbytes, n)}.get(algorithm, 1)
     run_schedule(x, schedule_for(algorithm, n, per_node, chunks), rank, ranks, group)

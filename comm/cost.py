@@ -14,8 +14,9 @@ critical path, ``t = a * alpha + b * S * beta``; ``coefficients`` gives (a, b):
 - native: the backend's own algorithm, measured rather than derived: a = b = 1 on its own
   (alpha, beta).
 
-``fit`` finds alpha and beta from measured times by least squares; ``auto`` picks the topology
-with the lowest predicted time, the way NCCL's tuner picks an algorithm per size.
+``fit`` finds alpha and beta from measured times by least squares (benchmarks/collectives.py
+writes them to topologies/fitted.json); ``auto`` picks the algorithm with the lowest predicted
+time, the way NCCL's tuner picks an algorithm per size.
 """
 
 from __future__ import annotations
@@ -84,39 +85,45 @@ def fit(samples: list[tuple[float, float, float]]) -> Link:
 
 @dataclass(frozen=True)
 class Fitted:
-    """Fitted links of one machine: the hand-written topologies share one, native has its own."""
+    """A machine's measured links: one (alpha, beta) per algorithm, fitted to that algorithm's
+    own times with its coefficients. (On an oversubscribed host, where ranks share cores, what a
+    message costs depends on how many others are in flight, so one link does not fit them all.)"""
 
-    topologies: Link
-    native: Link
-    source: str = "built-in"
-
-
-# From benchmarks/collectives.py on the project's 2-core CPU machine (gloo, 4 ranks), used when
-# topologies/fitted.json is absent; see BENCHMARKS.md.
-DEFAULT = Fitted(topologies=Link(alpha=1.0e-3, beta=2.0e-10), native=Link(alpha=6.0e-3, beta=3.0e-10))
+    links: dict[str, Link]
+    source: str = ""
 
 
-def load(path: Path = TOPOLOGY_FILE) -> Fitted:
+def load(path: Path = TOPOLOGY_FILE) -> Fitted | None:
     if not path.is_file():
-        return DEFAULT
+        return None
     raw = json.loads(path.read_text())
-    return Fitted(Link(**raw["topologies"]), Link(**raw["native"]), str(path))
+    return Fitted({name: Link(**link) for name, link in raw["links"].items()}, str(path))
 
 
 _FITTED: Fitted | None = None
+_LOADED = False
 
 
 def choose(nbytes: int, n: int, per_node: int, fitted: Fitted | None = None) -> str:
-    """The topology with the lowest predicted all-reduce time for ``nbytes`` over ``n`` ranks."""
-    global _FITTED
+    """The algorithm with the lowest predicted all-reduce time for ``nbytes`` over ``n`` ranks,
+    from ``fitted`` or topologies/fitted.json; ``native`` when there is no fit to go by."""
+    global _FITTED, _LOADED
     if fitted is None:
-        _FITTED = _FITTED or load()
+        if not _LOADED:
+            _FITTED, _LOADED = load(), True
         fitted = _FITTED
-    from comm.allreduce import tree_chunks
+    if fitted is None:
+        return "native"
+    from comm.allreduce import ring_pieces, tree_chunks
 
     def cost(name: str) -> float:
-        link = fitted.native if name == "native" else fitted.topologies
-        chunks = tree_chunks(nbytes) if name == "tree" else 1
-        return predict(name, n, nbytes, link, per_node, chunks)
+        chunks = {"tree": tree_chunks(nbytes), "ring": ring_pieces(nbytes, n)}.get(name, 1)
+        return predict(name, n, nbytes, fitted.links[name], per_node, chunks)
 
-    return min(CANDIDATES, key=cost)
+    return min((name for name in CANDIDATES if name in fitted.links), key=cost)
+
+
+def use(fitted: Fitted | None) -> None:
+    """Make ``auto`` go by ``fitted`` in this process (every rank of a group must agree)."""
+    global _FITTED, _LOADED
+    _FITTED, _LOADED = fitted, True

@@ -114,19 +114,31 @@ def tree(n: int, arity: int = 2, chunks: int = 1) -> Schedule:
     return s
 
 
-def ring(n: int) -> Schedule:
+def ring(n: int, pieces: int = 1) -> Schedule:
     """Reduce-scatter then all-gather around the ring r -> r + 1, the buffer in n parts: each rank
-    sends 2(n - 1) messages of 1/n of the buffer, the bandwidth-optimal all-reduce."""
-    s = Schedule("ring", n)
+    sends 2(n - 1) messages of 1/n of the buffer, the bandwidth-optimal all-reduce. With ``pieces``
+    > 1 each message goes in that many pieces, so that adding one piece overlaps the next's
+    transfer."""
+    s = Schedule("ring" if pieces == 1 else f"ring/{pieces}", n)
     if n == 1:
         return s
-    part = lambda c: ((c % n, n),)  # noqa: E731
+
+    def both(send_to, send_part, kind, recv_from, recv_part):
+        ops = []
+        for k in range(pieces):
+            sub = ((k, pieces),) if pieces > 1 else ()
+            ops += [
+                Op("send", send_to, ((send_part % n, n), *sub)),
+                Op(kind, recv_from, ((recv_part % n, n), *sub)),
+            ]
+        return ops
+
     for r in range(n):
         right, left = (r + 1) % n, (r - 1) % n
         for k in range(n - 1):  # after this, rank r holds the sum of part r + 1
-            s.add(r, Op("send", right, part(r - k)), Op("reduce", left, part(r - k - 1)))
+            s.add(r, *both(right, r - k, "reduce", left, r - k - 1))
         for k in range(n - 1):
-            s.add(r, Op("send", right, part(r + 1 - k)), Op("copy", left, part(r - k)))
+            s.add(r, *both(right, r + 1 - k, "copy", left, r - k))
     return s
 
 
@@ -215,7 +227,7 @@ def build(name: str, n: int, per_node: int | None = None, chunks: int = 1) -> Sc
     if name == "tree":
         return tree(n, 2, chunks)
     if name == "ring":
-        return ring(n)
+        return ring(n, chunks)
     if name in ("hier", "hier-reduce", "hier-scatter"):
         variant = "scatter" if name == "hier-scatter" else "reduce"
         return hierarchical(n, per_node or max(1, n // 2), variant)
