@@ -90,11 +90,13 @@ def measure(args) -> None:
         for r in rows:
             if r["algorithm"] == name:
                 a, b = cost.coefficients(name, n, args.per_node, chunks(name, r["bytes"]))
-                samples.append((a, b * r["bytes"], r["seconds"]))
+                samples.append((a, b * r["bytes"], r["seconds"], r["bytes"]))
         links[name] = cost.fit(samples)
     fitted = cost.Fitted(links, "this run")
     cost.use(fitted)  # every rank computed the same fit from the same gathered times
-    rows += _sweep(["auto"], n, rank, args.per_node, args.trials)
+    # a second sweep, every algorithm and auto interleaved: these are the figures reported, and
+    # the predictions of the fit to the first sweep are checked against them
+    rows = _sweep(ALGORITHMS, n, rank, args.per_node, args.trials)
     for r in rows:
         name = (
             r["algorithm"] if r["algorithm"] != "auto" else cost.choose(r["bytes"], n, args.per_node, fitted)
@@ -190,6 +192,12 @@ def report(args, rows, links, decode) -> None:
         f"  cost model error at >= 64 KiB: median {statistics.median(errors):.0%}, "
         f"worst {max(errors):.0%} (target <= 30%)"
     )
+    worst = sorted(
+        (abs(r["predicted"] - r["seconds"]) / r["seconds"], r["algorithm"], r["bytes"])
+        for r in rows
+        if r["bytes"] >= 64 << 10 and r["algorithm"] != "auto"
+    )[-3:]
+    print("  largest errors: " + ", ".join(f"{a} at {b} B {e:.0%}" for e, a, b in reversed(worst)))
     if decode:
         rates = ", ".join(f"{a} {t:.1f} tok/s" for a, t in decode.items())
         print(f"\ndecode, tp = {n}, batch 1, {args.decode_tokens} tokens: {rates}")

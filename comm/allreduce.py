@@ -17,7 +17,7 @@ import torch.distributed as dist
 from topologies.schedule import Schedule, build, span
 
 ALGORITHMS = ("native", "star", "tree", "ring", "hier", "hier-scatter", "auto")
-TREE_CHUNK_BYTES = 256 << 10
+TREE_CHUNK_BYTES = 1 << 20
 MAX_TREE_CHUNKS = 8
 RING_PIECE_BYTES = 1 << 20
 MAX_RING_PIECES = 8

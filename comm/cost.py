@@ -14,7 +14,7 @@ critical path, ``t = a * alpha + b * S * beta``; ``coefficients`` gives (a, b):
 - native: the backend's own algorithm, measured rather than derived: a = b = 1 on its own
   (alpha, beta).
 
-``fit`` finds alpha and beta from measured times by least squares (benchmarks/collectives.py
+``fit`` finds alpha and beta from measured times (benchmarks/collectives.py
 writes them to topologies/fitted.json); ``auto`` picks the algorithm with the lowest predicted
 time, the way NCCL's tuner picks an algorithm per size.
 """
@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 TOPOLOGY_FILE = Path(__file__).resolve().parent.parent / "topologies" / "fitted.json"
 CANDIDATES = ("native", "star", "tree", "ring", "hier", "hier-scatter")
+NATIVE_MARGIN = 0.15  # auto leaves native only for a predicted gain larger than this
 
 
 @dataclass(frozen=True)
@@ -62,25 +64,22 @@ def predict(topology: str, n: int, nbytes: int, link: Link, per_node: int = 1, c
     return a * link.alpha + b * nbytes * link.beta
 
 
-def fit(samples: list[tuple[float, float, float]]) -> Link:
-    """Least-squares (alpha, beta) >= 0 from samples (a, b * S, seconds), relative error weighted
-    so that small messages count as much as large ones."""
-    # minimise sum((a*alpha + bs*beta - t) / t)^2: normal equations of the weighted problem
-    saa = sab = sbb = sat = sbt = 0.0
-    for a, bs, t in samples:
-        w = 1.0 / (t * t)
-        saa, sab, sbb = saa + w * a * a, sab + w * a * bs, sbb + w * bs * bs
-        sat, sbt = sat + w * a * t, sbt + w * bs * t
-    det = saa * sbb - sab * sab
-    if det <= 0:
-        raise ValueError("need samples of at least two different shapes to fit alpha and beta")
-    alpha = (sat * sbb - sab * sbt) / det
-    beta = (saa * sbt - sab * sat) / det
-    if alpha < 0:  # bandwidth-only fit
-        alpha, beta = 0.0, sbt / sbb
-    if beta < 0:  # latency-only fit
-        alpha, beta = sat / saa, 0.0
-    return Link(alpha, beta)
+SMALL_BYTES = 1 << 10  # messages this small measure the latency alone
+LARGE_BYTES = 1 << 20  # messages this large measure the bandwidth
+
+
+def fit(samples: list[tuple[float, float, float, int]]) -> Link:
+    """(alpha, beta) from samples (a, b * S, seconds, S) of one algorithm: alpha from the small
+    messages, where the bytes cost next to nothing, then beta from the large ones, once their
+    latency is taken off; both as medians, so that one noisy size does not swing the fit."""
+    small = [t / a for a, _, t, size in samples if size <= SMALL_BYTES and a > 0]
+    if not small:
+        raise ValueError(f"fitting alpha needs messages of at most {SMALL_BYTES} bytes")
+    alpha = statistics.median(small)
+    large = [max(0.0, t - a * alpha) / bs for a, bs, t, size in samples if size >= LARGE_BYTES and bs > 0]
+    if not large:
+        raise ValueError(f"fitting beta needs messages of at least {LARGE_BYTES} bytes")
+    return Link(alpha, statistics.median(large))
 
 
 @dataclass(frozen=True)
@@ -120,10 +119,35 @@ def choose(nbytes: int, n: int, per_node: int, fitted: Fitted | None = None) -> 
         chunks = {"tree": tree_chunks(nbytes), "ring": ring_pieces(nbytes, n)}.get(name, 1)
         return predict(name, n, nbytes, fitted.links[name], per_node, chunks)
 
-    return min((name for name in CANDIDATES if name in fitted.links), key=cost)
+    best = min((name for name in CANDIDATES if name in fitted.links), key=cost)
+    # a hand-written algorithm must promise a clear gain: within the fit's error the backend's
+    # own is the safer choice
+    if "native" in fitted.links and cost(best) > (1 - NATIVE_MARGIN) * cost("native"):
+        return "native"
+    return best
 
 
 def use(fitted: Fitted | None) -> None:
     """Make ``auto`` go by ``fitted`` in this process (every rank of a group must agree)."""
     global _FITTED, _LOADED
     _FITTED, _LOADED = fitted, True
+
+
+def predict_two_level(
+    topology: str, n: int, per_node: int, nbytes: int, intra: Link, inter: Link, chunks: int = 1
+) -> float:
+    """All-reduce time on n ranks in nodes of ``per_node``, links ``intra`` inside a node and
+    ``inter`` between nodes. A flat algorithm spanning nodes runs at the pace of its slowest link;
+    the hierarchical ones use each link for its own level."""
+    g = max(1, min(per_node, n))
+    m = math.ceil(n / g)
+    flat = inter if m > 1 else intra
+    if topology in ("star", "tree", "ring"):
+        return predict(topology, n, nbytes, flat, per_node, chunks)
+    if topology == "hier":
+        inside = predict("star", g, nbytes, intra)
+        return inside + predict("ring", m, nbytes, inter)
+    if topology == "hier-scatter":
+        inside = 2.0 * (g - 1) * (intra.alpha + nbytes / g * intra.beta) if g > 1 else 0.0
+        return inside + predict("ring", m, nbytes // g, inter)
+    raise ValueError(f"no two-level model for {topology!r}")
