@@ -179,7 +179,7 @@ def test_two_loopback_nodes_generate_what_one_node_does(tiny_demo):
     printed = [json.loads(o) for o, _ in outs if o.strip()]
     assert len(printed) == 1  # only the head prints
     assert printed[0]["token_ids"] == json.loads(one.stdout)["token_ids"]
-    assert printed[0]["parallel"] == {"tp": 2, "pp": 2}
+    assert printed[0]["parallel"] == {"tp": 2, "pp": 2, "allreduce": "native"}
 
 
 @pytest.mark.parametrize(
