@@ -107,10 +107,13 @@ def pick_device(env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def init(env: DistEnv | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[DistEnv, torch.device]:
-    """Initialise the default process group (when world > 1) and return the launch and device."""
+def init(
+    env: DistEnv | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, device: torch.device | None = None
+) -> tuple[DistEnv, torch.device]:
+    """Initialise the default process group (when world > 1) and return the launch and device
+    (``device`` if given, else one GPU per local rank when there are enough, else the CPU)."""
     env = env or env_from()
-    device = pick_device(env)
+    device = device or pick_device(env)
     if env.world_size > 1 and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", env.master_addr)
         os.environ.setdefault("MASTER_PORT", str(env.master_port))

@@ -180,9 +180,9 @@ def _run_rank(args, layout, model_dir, prompt, params) -> int:
 
     env: DistEnv = env_from()
     try:
-        env, device = init(env, timeout_s=args.timeout)
-        if args.device:
-            device = torch.device(args.device)
+        env, device = init(
+            env, timeout_s=args.timeout, device=torch.device(args.device) if args.device else None
+        )
         per_node = min(layout.tp, env.local_world_size)
         tp = make_groups(layout, env.rank, args.timeout, args.allreduce, per_node)
         t0 = time.perf_counter()
