@@ -56,8 +56,10 @@ def run_schedule(
     """All-reduce the contiguous tensor ``x`` in place by ``schedule``; ``rank`` is this process's
     index in the group and ``ranks`` the group's global ranks.
 
-    A step's receives are applied in the schedule's order, each as soon as it has arrived, so the
-    additions of one piece overlap the transfer of the next."""
+    A step's ``reduce`` receives land in scratch space and are added in the schedule's order, each
+    as soon as it has arrived, so the addition of one piece overlaps the transfer of the next;
+    ``copy`` receives land in place (the simulator checks that no send of the same step reads
+    what they overwrite)."""
     if not x.is_contiguous():
         raise ValueError("run_schedule needs a contiguous tensor")
     flat = x.view(-1)
@@ -66,7 +68,7 @@ def run_schedule(
         return x
     for step in schedule.steps[rank]:
         spans = [span(op.region, n) for op in step]
-        need = sum(b - a for op, (a, b) in zip(step, spans) if op.kind != "send")
+        need = sum(b - a for op, (a, b) in zip(step, spans) if op.kind == "reduce")
         scratch = _scratch_for(flat, need) if need else None
         ops, landed, at = [], [], 0
         for op, (a, b) in zip(step, spans):
@@ -74,23 +76,22 @@ def run_schedule(
                 continue
             if op.kind == "send":
                 ops.append(dist.P2POp(dist.isend, flat[a:b], ranks[op.peer], group))
+            elif op.kind == "copy":  # straight into place: no send of this step reads it
+                ops.append(dist.P2POp(dist.irecv, flat[a:b], ranks[op.peer], group))
             else:
                 buf = scratch[at : at + b - a]
                 at += b - a
-                landed.append((len(ops), op.kind, a, b, buf))
+                landed.append((len(ops), a, b, buf))
                 ops.append(dist.P2POp(dist.irecv, buf, ranks[op.peer], group))
         if not ops:
             continue
         works = dist.batch_isend_irecv(ops)
         waited = 0
-        for index, kind, a, b, buf in landed:
+        for index, a, b, buf in landed:
             while waited <= index:  # in posting order, which the backends progress in
                 works[waited].wait()
                 waited += 1
-            if kind == "reduce":
-                flat[a:b].add_(buf)
-            else:
-                flat[a:b].copy_(buf)
+            flat[a:b].add_(buf)
         for work in works[waited:]:
             work.wait()
     return x

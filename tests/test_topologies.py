@@ -74,6 +74,11 @@ def test_the_simulator_catches_broken_schedules():
     unread.add(0, Op("send", 1))
     with pytest.raises(ScheduleError, match="nobody receives"):
         simulate(unread, [[1], [2]])
+    clobber = Schedule("clobber", 2)
+    clobber.add(0, Op("send", 1, ((0, 2),)), Op("copy", 1, ((0, 2),)))
+    clobber.add(1, Op("send", 0, ((0, 2),)), Op("copy", 0, ((0, 2),)))
+    with pytest.raises(ScheduleError, match="overwrites"):
+        simulate(clobber, [[1, 2], [3, 4]])
     half = star(3)
     half.steps[2] = []  # rank 2 never takes part
     with pytest.raises(ScheduleError):

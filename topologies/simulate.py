@@ -3,6 +3,7 @@
 Sends are buffered (a snapshot of the region when the step starts); a step completes once every
 receive it lists has a message waiting, taken first-in first-out per (sender, receiver) pair, and
 the message must cover the same region. The simulation fails on a rank sending to itself, on a
+step that receives a copy over a region it is sending (executors receive copies in place), on a
 deadlock (no rank can move and some have steps left), and on messages nobody receives.
 """
 
@@ -45,6 +46,14 @@ def simulate(schedule: Schedule, inputs: list[list]) -> list[list]:
                         mail[(r, op.peer)].append((op.region, bufs[r][a:b]))
                 started[r], moved = True, True
             recvs = [op for op in step if op.kind != "send"]
+            sent = [span(op.region, size) for op in step if op.kind == "send"]
+            for op in recvs:
+                a, b = span(op.region, size)
+                if op.kind == "copy" and any(a < d and c < b for c, d in sent):
+                    raise ScheduleError(
+                        f"{schedule.name}: rank {r} overwrites region {op.region} while sending it "
+                        "in the same step"
+                    )
             need = collections.Counter(op.peer for op in recvs)
             if any(len(mail[(p, r)]) < k for p, k in need.items()):
                 continue
