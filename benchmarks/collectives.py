@@ -53,7 +53,7 @@ def _sweep(algorithms, n, rank, per_node, trials) -> list[dict]:
     rows = []
     for size in SIZES:
         x = torch.zeros(max(1, size // 4), dtype=torch.float32)  # zeros: repeated sums stay finite
-        ops = max(1, min(20, (4 << 20) // size))
+        ops = max(1, min(50, (8 << 20) // size))
         for algorithm in algorithms:
             _time(x, algorithm, rank, ranks, per_node, 1)  # warm-up
         times = {a: [] for a in algorithms}

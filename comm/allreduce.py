@@ -103,9 +103,9 @@ def all_reduce(
     """Sum ``x`` over the group in place with the named algorithm (``native``: the backend's own)."""
     n = len(ranks)
     if algorithm == "auto":
-        from comm.cost import choose
+        from comm.cost import auto_choice
 
-        algorithm = choose(x.numel() * x.element_size(), n, per_node)
+        algorithm = auto_choice(x.numel() * x.element_size(), n, per_node)
     if algorithm == "native":
         dist.all_reduce(x, group=group)
         return

@@ -21,6 +21,7 @@ time, the way NCCL's tuner picks an algorithm per size.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -68,18 +69,25 @@ SMALL_BYTES = 1 << 10  # messages this small measure the latency alone
 LARGE_BYTES = 1 << 20  # messages this large measure the bandwidth
 
 
+SMALL_BYTES = 1 << 10  # messages this small measure the latency alone
+FIT_FROM_BYTES = 64 << 10  # beta is fitted to the messages from this size up
+
+
 def fit(samples: list[tuple[float, float, float, int]]) -> Link:
-    """(alpha, beta) from samples (a, b * S, seconds, S) of one algorithm: alpha from the small
-    messages, where the bytes cost next to nothing, then beta from the large ones, once their
-    latency is taken off; both as medians, so that one noisy size does not swing the fit."""
+    """(alpha, beta) from samples (a, b * S, seconds, S) of one algorithm: alpha is the median
+    per-message latency of the small messages, where the bytes cost next to nothing; beta then
+    minimises the squared relative error of the messages from 64 KiB up."""
     small = [t / a for a, _, t, size in samples if size <= SMALL_BYTES and a > 0]
     if not small:
         raise ValueError(f"fitting alpha needs messages of at most {SMALL_BYTES} bytes")
     alpha = statistics.median(small)
-    large = [max(0.0, t - a * alpha) / bs for a, bs, t, size in samples if size >= LARGE_BYTES and bs > 0]
-    if not large:
-        raise ValueError(f"fitting beta needs messages of at least {LARGE_BYTES} bytes")
-    return Link(alpha, statistics.median(large))
+    big = [(a, bs, t) for a, bs, t, size in samples if size >= FIT_FROM_BYTES and bs > 0]
+    if not big:
+        raise ValueError(f"fitting beta needs messages of at least {FIT_FROM_BYTES} bytes")
+    # d/dbeta sum(((a alpha + bs beta - t) / t)^2) = 0
+    num = sum(bs * (t - a * alpha) / (t * t) for a, bs, t in big)
+    den = sum(bs * bs / (t * t) for a, bs, t in big)
+    return Link(alpha, max(0.0, num / den))
 
 
 @dataclass(frozen=True)
@@ -131,6 +139,13 @@ def use(fitted: Fitted | None) -> None:
     """Make ``auto`` go by ``fitted`` in this process (every rank of a group must agree)."""
     global _FITTED, _LOADED
     _FITTED, _LOADED = fitted, True
+    auto_choice.cache_clear()
+
+
+@functools.lru_cache(maxsize=1024)
+def auto_choice(nbytes: int, n: int, per_node: int) -> str:
+    """``choose`` by the process's fit, remembered per message shape (it is asked every call)."""
+    return choose(nbytes, n, per_node)
 
 
 def predict_two_level(
