@@ -94,8 +94,9 @@ def star(n: int, root: int = 0) -> Schedule:
 
 def tree(n: int, arity: int = 2, chunks: int = 1) -> Schedule:
     """Reduce up a k-ary tree rooted at rank 0 (children of i: k*i+1 .. k*i+k), then broadcast
-    down it. With ``chunks`` > 1 the buffer goes in that many pieces, one after another, so that
-    the levels of the tree work on different pieces at the same time (pipelining)."""
+    down it. With ``chunks`` > 1 the buffer goes in that many pieces, and a rank passes piece j on
+    in the same step as it takes in piece j + 1, so that the levels of the tree work on different
+    pieces at the same time (pipelining)."""
     s = Schedule("tree" if chunks == 1 else f"tree/{chunks}", n)
     if n == 1:
         return s
@@ -103,14 +104,15 @@ def tree(n: int, arity: int = 2, chunks: int = 1) -> Schedule:
     parent = {c: i for i, cs in children.items() for c in cs}
     parts = [((j, chunks),) if chunks > 1 else WHOLE for j in range(chunks)]
     for r in range(n):
-        for part in parts:  # reduce: children's sums in, ours up
-            s.add(r, *(Op("reduce", c, part) for c in children[r]))
-            if r in parent:
-                s.add(r, Op("send", parent[r], part))
-        for part in parts:  # broadcast: the total down
-            if r in parent:
-                s.add(r, Op("copy", parent[r], part))
-            s.add(r, *(Op("send", c, part) for c in children[r]))
+        up = [parent[r]] if r in parent else []
+        for j in range(chunks + 1):  # reduce: piece j - 1 goes up while piece j comes in
+            sends = [Op("send", p, parts[j - 1]) for p in up] if j > 0 else []
+            recvs = [Op("reduce", c, parts[j]) for c in children[r]] if j < chunks else []
+            s.add(r, *sends, *recvs)
+        for j in range(chunks + 1):  # broadcast: piece j - 1 goes down while piece j comes in
+            sends = [Op("send", c, parts[j - 1]) for c in children[r]] if j > 0 else []
+            recvs = [Op("copy", p, parts[j]) for p in up] if j < chunks else []
+            s.add(r, *sends, *recvs)
     return s
 
 
