@@ -5,7 +5,8 @@ topology's all-reduce of S bytes over n ranks is a number of such latencies and 
 critical path, ``t = a * alpha + b * S * beta``; ``coefficients`` gives (a, b):
 
 - star: 2(n - 1) messages of S, serialised at the root: a = b = 2(n - 1)
-- tree (binary, depth d = ceil(log2 n)), in k pipelined pieces: a = 2d + k, b = (2d + k) / k
+- tree (binary, depth d = ceil(log2 n)), in k pipelined pieces: a = 2d + k, b = (2d + k) / k;
+  where the pieces cannot overlap (fewer cores than ranks) b = 2d, and the fit says which holds
 - ring: a = 2(n - 1), b = 2(n - 1) / n
 - hier (g ranks per node, m nodes): a star inside each node and a ring across the leaders:
   a = 2(g - 1) + 2(m - 1), b = 2(g - 1) + 2(m - 1) / m
@@ -37,9 +38,13 @@ NATIVE_MARGIN = 0.15  # auto leaves native only for a predicted gain larger than
 class Link:
     alpha: float  # seconds per message
     beta: float  # seconds per byte
+    # whether the pieces of a chunked tree overlap on this machine (they need a core per rank)
+    pipelined: bool = True
 
 
-def coefficients(topology: str, n: int, per_node: int = 1, chunks: int = 1) -> tuple[float, float]:
+def coefficients(
+    topology: str, n: int, per_node: int = 1, chunks: int = 1, pipelined: bool = True
+) -> tuple[float, float]:
     if n <= 1:
         return 0.0, 0.0
     if topology == "native":
@@ -48,7 +53,7 @@ def coefficients(topology: str, n: int, per_node: int = 1, chunks: int = 1) -> t
         return 2.0 * (n - 1), 2.0 * (n - 1)
     if topology == "tree":
         d = math.ceil(math.log2(n))
-        return 2 * d + chunks, (2 * d + chunks) / chunks
+        return 2 * d + chunks, (2 * d + chunks) / chunks if pipelined else 2.0 * d
     if topology == "ring":
         return 2.0 * (n - 1), 2.0 * (n - 1) / n
     g = max(1, min(per_node, n))
@@ -61,7 +66,7 @@ def coefficients(topology: str, n: int, per_node: int = 1, chunks: int = 1) -> t
 
 
 def predict(topology: str, n: int, nbytes: int, link: Link, per_node: int = 1, chunks: int = 1) -> float:
-    a, b = coefficients(topology, n, per_node, chunks)
+    a, b = coefficients(topology, n, per_node, chunks, link.pipelined)
     return a * link.alpha + b * nbytes * link.beta
 
 
@@ -71,6 +76,13 @@ LARGE_BYTES = 1 << 20  # messages this large measure the bandwidth
 
 SMALL_BYTES = 1 << 10  # messages this small measure the latency alone
 FIT_FROM_BYTES = 64 << 10  # beta is fitted to the messages from this size up
+
+
+def relative_errors(link: Link, samples: list[tuple[float, float, float, int]]) -> list[float]:
+    """|predicted - measured| / measured of the samples from 64 KiB up."""
+    return [
+        abs(a * link.alpha + bs * link.beta - t) / t for a, bs, t, size in samples if size >= FIT_FROM_BYTES
+    ]
 
 
 def fit(samples: list[tuple[float, float, float, int]]) -> Link:
