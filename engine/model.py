@@ -38,6 +38,8 @@ class Step:
     ``start`` is the first position of every row when they all start at the same one, else None.
     ``masks`` maps a sliding window (None for full attention) to a boolean mask [B, 1, S, kv_len],
     or to None where every cached position up to kv_len is visible to every query.
+    A paged cache also gets ``block_tables`` [B, blocks] (the cache blocks of each row, in order)
+    and ``slots`` [B, S] (where each new token's key and value go).
     """
 
     tokens: torch.Tensor
@@ -48,6 +50,8 @@ class Step:
     kv_len: int
     logit_index: torch.Tensor | None
     masks: dict[int | None, torch.Tensor | None]
+    block_tables: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
 
 
 def attention_mask(positions: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
