@@ -44,8 +44,8 @@ def test_paged_logits_equal_contiguous_logits(gen, block_size):
     prompts = [[rng.randrange(cfg.vocab_size) for _ in range(n)] for n in lengths]
     B, width = len(prompts), max(lengths)
     blocks_per_row = -(-(width + steps) // block_size)
-    paged = PagedKVCache(model.layer_ids, 1 + B * blocks_per_row + 3, block_size, model.kv_heads, cfg.head_dim,
-                         torch.float32)  # fmt: skip
+    pool = 1 + B * blocks_per_row + 3
+    paged = PagedKVCache(model.layer_ids, pool, block_size, model.kv_heads, cfg.head_dim, torch.float32)
     # scatter the rows' blocks through the pool
     order = list(range(1, paged.num_blocks))
     rng.shuffle(order)
