@@ -87,8 +87,8 @@ def check_request(prompt: list[int], params: SamplingParams, vocab_size: int, ma
         )
 
 
-class _Sequence:
-    """Host-side state of one row of the batch."""
+class Sequence:
+    """Host-side state of one sequence: its tokens, text, and why it finished."""
 
     def __init__(self, row, prompt, params: SamplingParams, eos_ids, tokenizer):
         self.row, self.prompt, self.params = row, prompt, params
@@ -191,7 +191,7 @@ class Generator:
         if not prompts:
             return []
         seqs = [
-            _Sequence(i, list(p), sp, self.eos_ids, self.tokenizer)
+            Sequence(i, list(p), sp, self.eos_ids, self.tokenizer)
             for i, (p, sp) in enumerate(zip(prompts, params))
         ]
         self.executor.begin(len(seqs), max(len(s.prompt) + s.params.max_tokens for s in seqs))
@@ -223,7 +223,7 @@ class Generator:
         self.executor.shutdown()
 
     @staticmethod
-    def _plan(mb: int, seqs: list[_Sequence], prefill: bool, record: bool) -> Plan:
+    def _plan(mb: int, seqs: list[Sequence], prefill: bool, record: bool) -> Plan:
         if prefill:
             width = max(len(s.prompt) for s in seqs)
             tokens = [s.prompt + [0] * (width - len(s.prompt)) for s in seqs]
