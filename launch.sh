@@ -3,6 +3,7 @@
 #
 #   ./launch.sh                          generate with the demo checkpoint (built on first use)
 #   ./launch.sh generate [ARGS...]       the generation CLI: ./launch.sh generate --help
+#   ./launch.sh serve [ARGS...]          the OpenAI-compatible server (one process): serve --help
 #   ./launch.sh demo [PATH]              build the demo checkpoint, print its directory
 #   ./launch.sh info                     this host's CPUs, memory and GPUs (NVML) as JSON
 #
@@ -25,11 +26,14 @@ case "$cmd" in
     generate | demo | info)
         exec "$PY" -m engine.cli "$cmd" "$@"
         ;;
+    serve)
+        exec "$PY" -m server "$@"
+        ;;
     -h | --help | help)
-        sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
         ;;
     *)
-        echo "launch.sh: error: unknown command '$cmd' (expected: generate, demo, info)" >&2
+        echo "launch.sh: error: unknown command '$cmd' (expected: generate, serve, demo, info)" >&2
         exit 2
         ;;
 esac

@@ -1,0 +1,404 @@
+"""OpenAI-compatible HTTP front end over a continuous-batching engine (aiohttp).
+
+``create_app(engine, config)`` builds the application. One background task owns the engine: it
+hands new requests and cancellations to it between steps and runs each step in a worker thread,
+so the event loop never blocks on the model; every step's outputs go to the waiting handlers.
+A client that disconnects cancels its request, whose cache blocks are free before the next step.
+
+Routes: POST /v1/completions (streaming as server-sent events), GET /v1/models, GET /health,
+GET /ready, GET /metrics (Prometheus). Every error is one JSON shape:
+``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+
+from engine.errors import RequestError
+from engine.generate import SamplingParams, check_request
+from engine.scheduler import Engine, StepOutput
+
+
+@dataclass
+class ServerConfig:
+    model_name: str = "ringleader"
+    api_key: str | None = None
+    max_queue: int = 256  # requests waiting or running; more get 429
+    max_body_bytes: int = 1 << 20
+
+
+class ApiError(Exception):
+    def __init__(
+        self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def _error_body(status, message, type_, param=None, code=None):
+    return web.json_response(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}, status=status
+    )
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except ApiError as e:
+        headers = {"Retry-After": "1"} if e.status in (429, 503) else None
+        response = _error_body(e.status, e.message, e.type, e.param, e.code)
+        if headers:
+            response.headers.update(headers)
+        return response
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        kind = {404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}
+        return _error_body(e.status, e.reason or "error", kind.get(e.status, "invalid_request_error"))
+
+
+class EngineLoop:
+    """Owns the engine: the only code that calls it."""
+
+    def __init__(self, engine: Engine, metrics: dict):
+        self.engine, self.metrics = engine, metrics
+        self.incoming: list[tuple[str, list[int], SamplingParams, int]] = []
+        self.cancels: list[str] = []
+        self.queues: dict[str, asyncio.Queue] = {}
+        self.wake = asyncio.Event()
+        self.steps = 0
+        self.task: asyncio.Task | None = None
+
+    def submit(self, request_id, prompt, params, priority) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue()
+        self.queues[request_id] = queue
+        self.incoming.append((request_id, prompt, params, priority))
+        self.wake.set()
+        return queue
+
+    def cancel(self, request_id: str) -> None:
+        if request_id in self.queues:
+            self.cancels.append(request_id)
+            self.wake.set()
+
+    def outstanding(self) -> int:
+        return len(self.queues)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not (self.incoming or self.cancels or self.engine.has_work()):
+                self.wake.clear()
+                await self.wake.wait()
+            for request_id, prompt, params, priority in self.incoming:
+                try:
+                    self.engine.add_request(request_id, prompt, params, priority)
+                except RequestError as e:
+                    self._deliver(request_id, e)
+            self.incoming.clear()
+            for request_id in self.cancels:
+                self.engine.abort(request_id)
+            self.cancels.clear()
+            if not self.engine.has_work():
+                continue
+            try:
+                outputs = await loop.run_in_executor(None, self.engine.step)
+            except Exception as e:  # a failed step fails its requests, never the server
+                for request_id in list(self.queues):
+                    self.engine.abort(request_id)
+                    self._deliver(request_id, e)
+                continue
+            self.steps += 1
+            self.metrics["steps"].inc()
+            for out in outputs:
+                self._deliver(out.request_id, out)
+
+    def _deliver(self, request_id: str, item) -> None:
+        queue = self.queues.get(request_id)
+        if queue is None:
+            return
+        queue.put_nowait(item)
+        if not isinstance(item, StepOutput) or item.finish_reason is not None:
+            del self.queues[request_id]
+
+
+ENGINE_LOOP = web.AppKey("engine_loop", EngineLoop)
+CONFIG = web.AppKey("config", ServerConfig)
+ENGINE = web.AppKey("engine", Engine)
+METRICS = web.AppKey("metrics", dict)
+
+
+def _check_auth(request: web.Request) -> None:
+    key = request.app[CONFIG].api_key
+    if key and request.headers.get("Authorization") != f"Bearer {key}":
+        raise ApiError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+
+
+async def _json_body(request: web.Request) -> dict:
+    if request.content_length is not None and request.content_length > request.app[CONFIG].max_body_bytes:
+        raise ApiError(413, f"request body over {request.app[CONFIG].max_body_bytes} bytes")
+    try:
+        body = await request.json()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, f"request body over {request.app[CONFIG].max_body_bytes} bytes") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return body
+
+
+def _field(body: dict, name: str, kinds, default, check=None, why=""):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        raise ApiError(400, f"'{name}' must be {why or kinds}", param=name)
+    if not isinstance(value, kinds) or (check is not None and not check(value)):
+        raise ApiError(400, f"'{name}' must be {why}, got {value!r}", param=name)
+    return value
+
+
+def _prompts(body: dict, engine: Engine) -> list[list[int]]:
+    prompt = body.get("prompt")
+    tok = engine.tokenizer
+    if isinstance(prompt, str):
+        return [tok.encode(prompt)]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return [tok.encode(p) for p in prompt]
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    ):
+        return [list(prompt)]
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(
+            isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+            for p in prompt
+        )
+    ):
+        return [list(p) for p in prompt]
+    raise ApiError(
+        400,
+        "'prompt' must be a string, a list of strings, or token ids (a list or a list of lists)",
+        param="prompt",
+    )
+
+
+def _sampling(body: dict) -> tuple[SamplingParams, int]:
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+        raise ApiError(400, "'stop' must be a string or a list of non-empty strings", param="stop")
+    number = (int, float)
+    params = SamplingParams(
+        max_tokens=_field(body, "max_tokens", int, 16, lambda v: v >= 1, "an integer >= 1"),
+        temperature=float(
+            _field(body, "temperature", number, 1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]")
+        ),
+        top_p=float(_field(body, "top_p", number, 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")),
+        top_k=_field(body, "top_k", int, 0, lambda v: v >= -1, "an integer >= -1"),
+        seed=_field(body, "seed", int, None, None, "an integer"),
+        stop=stop or [],
+    )
+    n = _field(body, "n", int, 1, lambda v: 1 <= v <= 16, "an integer in [1, 16]")
+    return params, n
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    _check_auth(request)
+    app = request.app
+    engine, loop, config = app[ENGINE], app[ENGINE_LOOP], app[CONFIG]
+    body = await _json_body(request)
+    model = body.get("model")
+    if model is not None and model != config.model_name:
+        raise ApiError(
+            404,
+            f"model {model!r} does not exist (this server has {config.model_name!r})",
+            param="model",
+            code="model_not_found",
+        )
+    params, n = _sampling(body)
+    stream = _field(body, "stream", bool, False, None, "a boolean")
+    options = body.get("stream_options") or {}
+    include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+    priority = _field(body, "priority", int, 0, None, "an integer")
+    prompts = _prompts(body, engine)
+    for prompt in prompts:
+        try:
+            check_request(prompt, params, engine.model.config.vocab_size, engine.max_len)
+        except RequestError as e:
+            raise ApiError(400, str(e), param=e.param) from None
+    jobs = len(prompts) * n
+    if loop.outstanding() + jobs > config.max_queue:
+        raise ApiError(429, "the server's queue is full; retry later", "rate_limit_error")
+    completion_id = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    # choice i: prompt i // n, its (i % n)-th sample; seeded samples differ per choice
+    choices = []
+    for i, prompt in enumerate(itertools.chain.from_iterable([p] * n for p in prompts)):
+        seed = params.seed + i if params.seed is not None and n > 1 else params.seed
+        p = SamplingParams(**{**params.__dict__, "seed": seed})
+        rid = f"{completion_id}-{i}"
+        choices.append((rid, prompt, loop.submit(rid, prompt, p, priority)))
+    app[METRICS]["requests"].inc()
+    try:
+        if stream:
+            return await _stream(request, completion_id, created, config, choices, include_usage)
+        return await _collect(completion_id, created, config, choices)
+    finally:
+        for rid, _, _ in choices:
+            loop.cancel(rid)  # no-op for finished ones; a disconnected client's work stops here
+
+
+async def _next(queue: asyncio.Queue) -> StepOutput:
+    item = await queue.get()
+    if isinstance(item, RequestError):
+        raise ApiError(400, str(item), param=item.param)
+    if isinstance(item, Exception):
+        raise ApiError(500, f"generation failed: {item}", "server_error")
+    return item
+
+
+async def _collect(completion_id, created, config, choices) -> web.Response:
+    out, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
+    for index, (_, prompt, queue) in enumerate(choices):
+        text, count, reason = [], 0, None
+        while reason is None:
+            item = await _next(queue)
+            text.append(item.text)
+            count += len(item.token_ids)
+            reason = item.finish_reason
+        usage["prompt_tokens"] += len(prompt)
+        usage["completion_tokens"] += count
+        out.append({"index": index, "text": "".join(text), "logprobs": None, "finish_reason": reason})
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    return web.json_response(
+        {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": config.model_name,
+            "choices": out,
+            "usage": usage,
+        }
+    )
+
+
+async def _stream(request, completion_id, created, config, choices, include_usage) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+
+    async def send(payload) -> None:
+        await response.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
+
+    def chunk(index, text, reason):
+        return {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": config.model_name,
+            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}],
+        }
+
+    pending = {i: asyncio.ensure_future(_next(q)) for i, (_, _, q) in enumerate(choices)}
+    counts = [0] * len(choices)
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED)
+            for index in [i for i, f in pending.items() if f in done]:
+                item = pending.pop(index).result()
+                counts[index] += len(item.token_ids)
+                if item.text or item.finish_reason:
+                    await send(chunk(index, item.text, item.finish_reason))
+                if item.finish_reason is None:
+                    pending[index] = asyncio.ensure_future(_next(choices[index][2]))
+        if include_usage:
+            prompt_tokens = sum(len(p) for _, p, _ in choices)
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),
+                     "total_tokens": prompt_tokens + sum(counts)}  # fmt: skip
+            await send({**chunk(0, "", None), "choices": [], "usage": usage})
+        await response.write(b"data: [DONE]\n\n")
+    finally:
+        for f in pending.values():
+            f.cancel()
+    return response
+
+
+async def models(request: web.Request) -> web.Response:
+    _check_auth(request)
+    name = request.app[CONFIG].model_name
+    return web.json_response(
+        {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "ringleader"}]}
+    )
+
+
+async def health(request: web.Request) -> web.Response:
+    task = request.app[ENGINE_LOOP].task
+    alive = task is not None and not task.done()
+    return web.json_response(
+        {"status": "ok" if alive else "engine loop stopped"}, status=200 if alive else 503
+    )
+
+
+async def ready(request: web.Request) -> web.Response:
+    task = request.app[ENGINE_LOOP].task
+    if task is None or task.done():
+        raise ApiError(503, "not ready: the engine loop is not running", "server_error")
+    return web.json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    m = request.app[METRICS]
+    engine = request.app[ENGINE]
+    m["running"].set(len(engine.running))
+    m["waiting"].set(len(engine.waiting))
+    m["free_blocks"].set(engine.cache.allocator.num_free)
+    return web.Response(body=generate_latest(m["registry"]), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def create_app(engine: Engine, config: ServerConfig | None = None) -> web.Application:
+    config = config or ServerConfig()
+    app = web.Application(middlewares=[errors_middleware], client_max_size=config.max_body_bytes)
+    registry = CollectorRegistry()
+    app[METRICS] = {
+        "registry": registry,
+        "requests": Counter("ringleader_requests", "completion requests accepted", registry=registry),
+        "steps": Counter("ringleader_engine_steps", "engine steps run", registry=registry),
+        "running": Gauge("ringleader_running_sequences", "sequences in the running batch", registry=registry),
+        "waiting": Gauge("ringleader_waiting_sequences", "sequences waiting to start", registry=registry),
+        "free_blocks": Gauge("ringleader_free_kv_blocks", "free KV cache blocks", registry=registry),
+    }
+    app[CONFIG], app[ENGINE] = config, engine
+    app[ENGINE_LOOP] = EngineLoop(engine, app[METRICS])
+
+    async def engine_task(app: web.Application):
+        loop = app[ENGINE_LOOP]
+        loop.task = asyncio.create_task(loop.run())
+        yield
+        loop.task.cancel()
+        try:
+            await loop.task
+        except asyncio.CancelledError:
+            pass
+
+    app.cleanup_ctx.append(engine_task)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics)
+    return app

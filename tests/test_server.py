@@ -1,0 +1,260 @@
+"""The HTTP front end on a real socket, driven by the official openai client and raw HTTP."""
+
+import asyncio
+import json
+import socket
+import threading
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+import torch
+from aiohttp import web
+
+from engine.generate import Generator, SamplingParams
+from engine.kv_cache import PagedKVCache
+from engine.scheduler import Engine
+from server.app import ServerConfig, create_app
+
+KEY = "test-key"
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_demo):
+    return Generator.from_pretrained(tiny_demo)
+
+
+@pytest.fixture(scope="module")
+def server(gen):
+    cfg, model = gen.config, gen.model
+    cache = PagedKVCache(model.layer_ids, 128, 8, model.kv_heads, cfg.head_dim, torch.float32)
+    engine = Engine(model, cache, gen.tokenizer, max_batched_tokens=64)
+    app = create_app(engine, ServerConfig(model_name="tiny", api_key=KEY, max_queue=8, max_body_bytes=4096))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+
+    def serve():
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(base + "/health", timeout=1)
+            break
+        except (urllib.error.URLError, ConnectionError):
+            import time
+
+            time.sleep(0.05)
+    yield base, engine
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=10)
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0)
+
+
+def _raw(base, path, body=None, key=KEY, method=None, data=None):
+    if data is None and body is not None:
+        data = json.dumps(body).encode()
+    req = urllib.request.Request(
+        base + path, data=data, method=method or ("POST" if data is not None else "GET")
+    )
+    req.add_header("Content-Type", "application/json")
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read().decode(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(), dict(e.headers)
+
+
+def test_completion_matches_the_engine_alone(client, gen):
+    prompt = "The leader sends"
+    got = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, seed=1)
+    ref = gen.generate([gen.tokenizer.encode(prompt)], SamplingParams(max_tokens=12, temperature=0))[0]
+    assert got.choices[0].text == ref.text
+    assert got.choices[0].finish_reason == ref.finish_reason
+    assert got.usage.completion_tokens == len(ref.token_ids)
+    assert got.usage.prompt_tokens == len(ref.prompt_ids)
+    assert got.object == "text_completion" and got.model == "tiny"
+
+
+def test_streaming_gives_the_same_text_and_a_usage_chunk(client):
+    kwargs = dict(model="tiny", prompt="Stream me", max_tokens=16, temperature=0.8, seed=3)
+    whole = client.completions.create(**kwargs)
+    chunks = list(client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+
+
+def test_several_prompts_and_n(client):
+    got = client.completions.create(
+        model="tiny", prompt=["a b", "c d e"], max_tokens=5, n=2, temperature=1.0, seed=9
+    )
+    assert [c.index for c in got.choices] == [0, 1, 2, 3]
+    assert got.choices[0].text != got.choices[1].text or got.choices[0].text == ""
+    ids = client.completions.create(model="tiny", prompt=[[1, 5, 9], [1, 7]], max_tokens=3, temperature=0)
+    assert len(ids.choices) == 2
+
+
+def test_models_health_ready_metrics(server, client):
+    base, _ = server
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert _raw(base, "/health", key=None)[0] == 200
+    assert _raw(base, "/ready", key=None)[0] == 200
+    status, text, headers = _raw(base, "/metrics", key=None)
+    assert status == 200 and "ringleader_requests_total" in text and "ringleader_free_kv_blocks" in text
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ({"prompt": "x", "temperature": -1}, 400, "temperature"),
+        ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+        ({"prompt": 5}, 400, "prompt"),
+        ({"prompt": "x", "stop": [""]}, 400, "stop"),
+        ({"prompt": [[1, 99999]]}, 400, "prompt"),
+        ({"prompt": "x", "max_tokens": 100000}, 400, "max_tokens"),
+        ({"prompt": "x", "model": "other"}, 404, "model"),
+    ],
+)
+def test_bad_requests_get_one_json_error_shape_and_the_server_keeps_serving(
+    server, client, body, status, param
+):
+    base, _ = server
+    code, text, _ = _raw(base, "/v1/completions", body)
+    assert code == status
+    error = json.loads(text)["error"]
+    assert error["param"] == param and error["message"] and error["type"]
+    assert client.completions.create(model="tiny", prompt="still here", max_tokens=2).choices
+
+
+def test_transport_errors(server):
+    base, _ = server
+    assert _raw(base, "/v1/completions", data=b"{not json")[0] == 400
+    assert _raw(base, "/v1/completions", {"prompt": "x"}, key="wrong")[0] == 401
+    assert _raw(base, "/v1/completions", {"prompt": "x"}, key=None)[0] == 401
+    assert _raw(base, "/nowhere")[0] == 404
+    assert _raw(base, "/v1/completions", method="GET")[0] == 405
+    code, text, _ = _raw(base, "/v1/completions", {"prompt": "x" * 10000})
+    assert code == 413 and json.loads(text)["error"]["message"]
+
+
+def test_a_full_queue_answers_429_with_retry_after(server):
+    base, engine = server
+    bodies = [{"prompt": [[1, 2, 3]] * 8, "max_tokens": 200, "temperature": 0}]
+    results = []
+
+    def long_request():
+        results.append(_raw(base, "/v1/completions", bodies[0]))
+
+    first = threading.Thread(target=long_request)
+    first.start()
+    for _ in range(200):  # until the eight are queued
+        if engine.running or engine.waiting:
+            break
+        threading.Event().wait(0.01)
+    code, text, headers = _raw(base, "/v1/completions", {"prompt": "one more", "max_tokens": 2})
+    first.join(timeout=60)
+    assert (
+        code == 429 and headers.get("Retry-After") and json.loads(text)["error"]["type"] == "rate_limit_error"
+    )
+    assert results and results[0][0] == 200
+
+
+def test_a_client_that_disconnects_frees_its_blocks(server):
+    base, engine = server
+    import http.client
+    from urllib.parse import urlparse
+
+    url = urlparse(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    body = json.dumps({"prompt": "go on", "max_tokens": 400, "stream": True, "temperature": 0})
+    conn.request(
+        "POST",
+        "/v1/completions",
+        body,
+        {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
+    )
+    response = conn.getresponse()
+    assert response.status == 200
+    response.fp.readline()  # the first event
+    assert engine.running
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    for _ in range(300):
+        if not engine.running and not engine.waiting:
+            break
+        threading.Event().wait(0.01)
+    assert not engine.running and not engine.waiting
+    assert engine.cache.allocator.num_free == engine.cache.num_blocks - 1
+
+
+def test_launch_serve_answers_the_openai_client(tiny_demo):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RINGLEADER_PYTHON": sys.executable, "RINGLEADER_API_KEY": "k"}
+    cmd = [
+        str(ROOT / "launch.sh"),
+        "serve",
+        "--model",
+        str(tiny_demo),
+        "--port",
+        str(port),
+        "--kv-cache-mib",
+        "8",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                models = client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None, proc.stderr.read()
+                time.sleep(0.2)
+        assert [m.id for m in models.data] == ["tiny"]
+        assert client.completions.create(model="tiny", prompt="hello", max_tokens=4, temperature=0).choices
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "KV cache" in err and "blocks of 16 tokens" in err
+
+
+def test_launch_serve_rejects_bad_flags(tiny_demo):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "RINGLEADER_PYTHON": sys.executable}
+    run = subprocess.run([str(ROOT / "launch.sh"), "serve", "--model", str(tiny_demo), "--block-size", "0"],
+                         capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    assert run.returncode == 2 and "--block-size must be >= 1" in run.stderr and "Traceback" not in run.stderr
