@@ -15,7 +15,19 @@ import torch
 from engine.model import Step, attention_mask
 
 
-class ContiguousKVCache:
+class _LayerTensors:
+    """Keys and values of every layer, zero-filled: attention reads whole rows or blocks, and
+    masked garbage must still be finite."""
+
+    def __init__(self, layer_ids: list[int], shape: tuple[int, ...], dtype: torch.dtype, device):
+        self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
+        self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k.values(), *self.v.values()))
+
+
+class ContiguousKVCache(_LayerTensors):
     def __init__(
         self,
         layer_ids: list[int],
@@ -26,9 +38,7 @@ class ContiguousKVCache:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ):
-        shape = (rows, num_kv_heads, max_len, head_dim)
-        self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
-        self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
+        super().__init__(layer_ids, (rows, num_kv_heads, max_len, head_dim), dtype, device)
         self.rows, self.max_len = rows, max_len
 
     def update(self, layer_id: int, k: torch.Tensor, v: torch.Tensor, step: Step):
@@ -45,9 +55,6 @@ class ContiguousKVCache:
         if step.rows_slice is not None:
             return kc[step.rows_slice, :, : step.kv_len], vc[step.rows_slice, :, : step.kv_len]
         return kc[step.rows, :, : step.kv_len], vc[step.rows, :, : step.kv_len]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k.values(), *self.v.values()))
 
 
 class BlockAllocator:
@@ -76,7 +83,7 @@ class BlockAllocator:
         self._free.extend(reversed(blocks))
 
 
-class PagedKVCache:
+class PagedKVCache(_LayerTensors):
     """k[layer]: [num_blocks, block_size, KV, D]: slot s of the pool is block s // block_size,
     offset s % block_size."""
 
@@ -90,10 +97,7 @@ class PagedKVCache:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ):
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        # zeros: attention reads whole blocks, and masked garbage must still be finite
-        self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
-        self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
+        super().__init__(layer_ids, (num_blocks, block_size, num_kv_heads, head_dim), dtype, device)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.allocator = BlockAllocator(num_blocks)
 
@@ -120,9 +124,6 @@ class PagedKVCache:
         keys = kc[step.block_tables].flatten(1, 2).transpose(1, 2)[:, :, : step.kv_len]
         values = vc[step.block_tables].flatten(1, 2).transpose(1, 2)[:, :, : step.kv_len]
         return keys, values
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k.values(), *self.v.values()))
 
 
 def make_step(
