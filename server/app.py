@@ -5,7 +5,8 @@ hands new requests and cancellations to it between steps and runs each step in a
 so the event loop never blocks on the model; every step's outputs go to the waiting handlers.
 A client that disconnects cancels its request, whose cache blocks are free before the next step.
 
-Routes: POST /v1/completions (streaming as server-sent events), GET /v1/models, GET /health,
+Routes: POST /v1/completions and /v1/chat/completions (streaming as server-sent events),
+GET /v1/models, GET /health,
 GET /ready, GET /metrics (Prometheus). Every error is one JSON shape:
 ``{"error": {"message", "type", "param", "code"}}``.
 """
@@ -25,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from engine.errors import RequestError
 from engine.generate import SamplingParams, check_request
 from engine.scheduler import Engine, StepOutput
+from server.chat import ChatError, ChatFormatter
 
 
 @dataclass
@@ -135,6 +137,7 @@ ENGINE_LOOP = web.AppKey("engine_loop", EngineLoop)
 CONFIG = web.AppKey("config", ServerConfig)
 ENGINE = web.AppKey("engine", Engine)
 METRICS = web.AppKey("metrics", dict)
+CHAT_FORMATTER = web.AppKey("chat_formatter", ChatFormatter)
 
 
 def _check_auth(request: web.Request) -> None:
@@ -218,34 +221,82 @@ def _sampling(body: dict) -> tuple[SamplingParams, int]:
     return params, n
 
 
+@dataclass(frozen=True)
+class Shape:
+    """How one API shapes its responses: text completions or chat completions."""
+
+    prefix: str
+    object: str
+    chunk_object: str
+
+    def choice(self, index: int, text: str, reason: str | None) -> dict:
+        if self.object == "chat.completion":
+            return {
+                "index": index,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": reason,
+            }
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+
+    def delta(self, index: int, text: str, reason: str | None, first: bool) -> dict:
+        if self.object == "chat.completion":
+            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            return {"index": index, "delta": delta, "finish_reason": reason}
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+
+
+TEXT = Shape("cmpl", "text_completion", "text_completion")
+CHAT = Shape("chatcmpl", "chat.completion", "chat.completion.chunk")
+
+
 async def completions(request: web.Request) -> web.StreamResponse:
     _check_auth(request)
-    app = request.app
-    engine, loop, config = app[ENGINE], app[ENGINE_LOOP], app[CONFIG]
     body = await _json_body(request)
+    _check_model(request, body)
+    return await _complete(request, body, _prompts(body, request.app[ENGINE]), TEXT)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    _check_auth(request)
+    body = await _json_body(request)
+    _check_model(request, body)
+    try:
+        prompt = request.app[CHAT_FORMATTER].prompt_ids(body.get("messages"))
+    except ChatError as e:
+        raise ApiError(400, str(e), param=e.param) from None
+    return await _complete(request, body, [prompt], CHAT)
+
+
+def _check_model(request: web.Request, body: dict) -> None:
+    name = request.app[CONFIG].model_name
     model = body.get("model")
-    if model is not None and model != config.model_name:
+    if model is not None and model != name:
         raise ApiError(
             404,
-            f"model {model!r} does not exist (this server has {config.model_name!r})",
+            f"model {model!r} does not exist (this server has {name!r})",
             param="model",
             code="model_not_found",
         )
+
+
+async def _complete(
+    request: web.Request, body: dict, prompts: list[list[int]], shape: Shape
+) -> web.StreamResponse:
+    app = request.app
+    engine, loop, config = app[ENGINE], app[ENGINE_LOOP], app[CONFIG]
     params, n = _sampling(body)
     stream = _field(body, "stream", bool, False, None, "a boolean")
     options = body.get("stream_options") or {}
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
     priority = _field(body, "priority", int, 0, None, "an integer")
-    prompts = _prompts(body, engine)
     for prompt in prompts:
         try:
             check_request(prompt, params, engine.model.config.vocab_size, engine.max_len)
         except RequestError as e:
             raise ApiError(400, str(e), param=e.param) from None
-    jobs = len(prompts) * n
-    if loop.outstanding() + jobs > config.max_queue:
+    if loop.outstanding() + len(prompts) * n > config.max_queue:
         raise ApiError(429, "the server's queue is full; retry later", "rate_limit_error")
-    completion_id = f"cmpl-{uuid.uuid4().hex}"
+    completion_id = f"{shape.prefix}-{uuid.uuid4().hex}"
     created = int(time.time())
     # choice i: prompt i // n, its (i % n)-th sample; seeded samples differ per choice
     choices = []
@@ -255,10 +306,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
         rid = f"{completion_id}-{i}"
         choices.append((rid, prompt, loop.submit(rid, prompt, p, priority)))
     app[METRICS]["requests"].inc()
+    head = {"id": completion_id, "created": created, "model": config.model_name}
     try:
         if stream:
-            return await _stream(request, completion_id, created, config, choices, include_usage)
-        return await _collect(completion_id, created, config, choices)
+            return await _stream(request, head, shape, choices, include_usage)
+        return await _collect(head, shape, choices)
     finally:
         for rid, _, _ in choices:
             loop.cancel(rid)  # no-op for finished ones; a disconnected client's work stops here
@@ -273,64 +325,55 @@ async def _next(queue: asyncio.Queue) -> StepOutput:
     return item
 
 
-async def _collect(completion_id, created, config, choices) -> web.Response:
-    out, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
-    for index, (_, prompt, queue) in enumerate(choices):
+def _usage(choices, counts) -> dict:
+    prompt_tokens = sum(len(p) for _, p, _ in choices)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": sum(counts),
+        "total_tokens": prompt_tokens + sum(counts),
+    }
+
+
+async def _collect(head, shape: Shape, choices) -> web.Response:
+    out, counts = [], []
+    for index, (_, _, queue) in enumerate(choices):
         text, count, reason = [], 0, None
         while reason is None:
             item = await _next(queue)
             text.append(item.text)
             count += len(item.token_ids)
             reason = item.finish_reason
-        usage["prompt_tokens"] += len(prompt)
-        usage["completion_tokens"] += count
-        out.append({"index": index, "text": "".join(text), "logprobs": None, "finish_reason": reason})
-    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        counts.append(count)
+        out.append(shape.choice(index, "".join(text), reason))
     return web.json_response(
-        {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": config.model_name,
-            "choices": out,
-            "usage": usage,
-        }
+        {**head, "object": shape.object, "choices": out, "usage": _usage(choices, counts)}
     )
 
 
-async def _stream(request, completion_id, created, config, choices, include_usage) -> web.StreamResponse:
+async def _stream(request, head, shape: Shape, choices, include_usage) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
 
-    async def send(payload) -> None:
+    async def send(choice_list, **extra) -> None:
+        payload = {**head, "object": shape.chunk_object, "choices": choice_list, **extra}
         await response.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
-
-    def chunk(index, text, reason):
-        return {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": config.model_name,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}],
-        }
 
     pending = {i: asyncio.ensure_future(_next(q)) for i, (_, _, q) in enumerate(choices)}
     counts = [0] * len(choices)
+    started = [False] * len(choices)
     try:
         while pending:
             done, _ = await asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED)
             for index in [i for i, f in pending.items() if f in done]:
                 item = pending.pop(index).result()
                 counts[index] += len(item.token_ids)
-                if item.text or item.finish_reason:
-                    await send(chunk(index, item.text, item.finish_reason))
+                if item.text or item.finish_reason or not started[index]:
+                    await send([shape.delta(index, item.text, item.finish_reason, not started[index])])
+                    started[index] = True
                 if item.finish_reason is None:
                     pending[index] = asyncio.ensure_future(_next(choices[index][2]))
         if include_usage:
-            prompt_tokens = sum(len(p) for _, p, _ in choices)
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),
-                     "total_tokens": prompt_tokens + sum(counts)}  # fmt: skip
-            await send({**chunk(0, "", None), "choices": [], "usage": usage})
+            await send([], usage=_usage(choices, counts))
         await response.write(b"data: [DONE]\n\n")
     finally:
         for f in pending.values():
@@ -396,7 +439,9 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> web.Applic
             pass
 
     app.cleanup_ctx.append(engine_task)
+    app[CHAT_FORMATTER] = ChatFormatter(engine.tokenizer)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)

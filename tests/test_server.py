@@ -258,3 +258,61 @@ def test_launch_serve_rejects_bad_flags(tiny_demo):
     run = subprocess.run([str(ROOT / "launch.sh"), "serve", "--model", str(tiny_demo), "--block-size", "0"],
                          capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
     assert run.returncode == 2 and "--block-size must be >= 1" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_chat_completion_uses_the_default_template(client, gen):
+    from server.chat import ChatFormatter
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    got = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    prompt = ChatFormatter(gen.tokenizer).prompt_ids(messages)
+    assert gen.tokenizer.decode(prompt) == "<|system|>\nBe brief.\n<|user|>\nHi there\n<|assistant|>\n"
+    ref = gen.generate([prompt], SamplingParams(max_tokens=10, temperature=0))[0]
+    assert got.object == "chat.completion"
+    assert got.choices[0].message.role == "assistant" and got.choices[0].message.content == ref.text
+    assert got.usage.prompt_tokens == len(prompt) and got.usage.completion_tokens == len(ref.token_ids)
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref.text
+    assert chunks[-1].usage.completion_tokens == len(ref.token_ids)
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        None,
+        [],
+        "hello",
+        [{"role": "robot", "content": "x"}],
+        [{"role": "user"}],
+        [{"role": "user", "content": 5}],
+    ],
+)
+def test_bad_chat_messages_are_400(server, messages):
+    base, _ = server
+    code, text, _ = _raw(base, "/v1/chat/completions", {"messages": messages})
+    assert code == 400 and json.loads(text)["error"]["param"] == "messages"
+
+
+def test_a_checkpoint_chat_template_is_rendered(gen, tmp_path):
+    from server.chat import ChatFormatter
+
+    class WithTemplate:
+        sp, bos_id, eos_id = gen.tokenizer.sp, gen.tokenizer.bos_id, gen.tokenizer.eos_id
+        chat_template = (
+            "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}>"
+        )
+        encode = gen.tokenizer.encode
+
+    formatter = ChatFormatter(WithTemplate())
+    ids = formatter.prompt_ids([{"role": "user", "content": "hey"}])
+    assert ids[0] == gen.tokenizer.bos_id and ids.count(gen.tokenizer.bos_id) == 1
+    assert gen.tokenizer.decode(ids) == "[user] hey>"
