@@ -174,6 +174,8 @@ def _field(body: dict, name: str, kinds, default, check=None, why=""):
 def _prompts(body: dict, engine: Engine) -> list[list[int]]:
     prompt = body.get("prompt")
     tok = engine.tokenizer
+    if prompt == "" or prompt == [] or prompt == [""]:
+        raise ApiError(400, "'prompt' is empty", param="prompt")
     if isinstance(prompt, str):
         return [tok.encode(prompt)]
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
@@ -198,6 +200,39 @@ def _prompts(body: dict, engine: Engine) -> list[list[int]]:
         "'prompt' must be a string, a list of strings, or token ids (a list or a list of lists)",
         param="prompt",
     )
+
+
+COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream",
+                 "stream_options", "priority", "user", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty", "logprobs", "logit_bias"}  # fmt: skip
+FIELDS = {
+    "text_completion": COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"},
+    "chat.completion": COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"},
+}
+# accepted only at the value that changes nothing, until they are implemented
+NEUTRAL = {
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "repetition_penalty": (1, 1.0),
+    "logprobs": (False, 0),
+    "top_logprobs": (0,),
+    "echo": (False,),
+    "suffix": ("",),
+    "logit_bias": ({},),
+}
+
+
+def _check_fields(body: dict, shape_object: str) -> None:
+    for name in body:
+        if name not in FIELDS[shape_object]:
+            raise ApiError(400, f"unknown field {name!r}", param=name)
+    for name, neutral in NEUTRAL.items():
+        if body.get(name) is not None and body[name] not in neutral:
+            raise ApiError(400, f"{name!r} is not supported by this server yet", param=name)
+    if body.get("best_of") is not None and body.get("best_of") != body.get("n", 1):
+        raise ApiError(400, "'best_of' other than n is not supported", param="best_of")
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise ApiError(400, "'user' must be a string", param="user")
 
 
 def _sampling(body: dict) -> tuple[SamplingParams, int]:
@@ -284,6 +319,9 @@ async def _complete(
 ) -> web.StreamResponse:
     app = request.app
     engine, loop, config = app[ENGINE], app[ENGINE_LOOP], app[CONFIG]
+    _check_fields(body, shape.object)
+    if shape is CHAT and body.get("max_completion_tokens") is not None:
+        body = {**body, "max_tokens": body["max_completion_tokens"]}
     params, n = _sampling(body)
     stream = _field(body, "stream", bool, False, None, "a boolean")
     options = body.get("stream_options") or {}

@@ -30,7 +30,7 @@ def server(gen):
     cfg, model = gen.config, gen.model
     cache = PagedKVCache(model.layer_ids, 128, 8, model.kv_heads, cfg.head_dim, torch.float32)
     engine = Engine(model, cache, gen.tokenizer, max_batched_tokens=64)
-    app = create_app(engine, ServerConfig(model_name="tiny", api_key=KEY, max_queue=8, max_body_bytes=4096))
+    app = create_app(engine, ServerConfig(model_name="tiny", api_key=KEY, max_queue=64, max_body_bytes=4096))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -121,19 +121,45 @@ def test_models_health_ready_metrics(server, client):
     assert status == 200 and "ringleader_requests_total" in text and "ringleader_free_kv_blocks" in text
 
 
-@pytest.mark.parametrize(
-    "body, status, param",
-    [
-        ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
-        ({"prompt": "x", "temperature": -1}, 400, "temperature"),
-        ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
-        ({"prompt": 5}, 400, "prompt"),
-        ({"prompt": "x", "stop": [""]}, 400, "stop"),
-        ({"prompt": [[1, 99999]]}, 400, "prompt"),
-        ({"prompt": "x", "max_tokens": 100000}, 400, "max_tokens"),
-        ({"prompt": "x", "model": "other"}, 404, "model"),
-    ],
-)
+BAD_BODIES = [
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": -5}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": "10"}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 1.5}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": True}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 10**9}, 400, "max_tokens"),
+    ({"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "x", "temperature": 3}, 400, "temperature"),
+    ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    ({"prompt": "x", "top_k": -2}, 400, "top_k"),
+    ({"prompt": "x", "n": 0}, 400, "n"),
+    ({"prompt": "x", "n": 17}, 400, "n"),
+    ({"prompt": "x", "n": "2"}, 400, "n"),
+    ({"prompt": "x", "seed": "x"}, 400, "seed"),
+    ({"prompt": "x", "stop": 5}, 400, "stop"),
+    ({"prompt": "x", "stop": [""]}, 400, "stop"),
+    ({"prompt": "x", "stop": [1]}, 400, "stop"),
+    ({"prompt": "x", "stream": "yes"}, 400, "stream"),
+    ({"prompt": "x", "priority": "high"}, 400, "priority"),
+    ({"prompt": 5}, 400, "prompt"),
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": [[]]}, 400, "prompt"),
+    ({"prompt": [1.5, 2]}, 400, "prompt"),
+    ({"prompt": [[1, 99999]]}, 400, "prompt"),
+    ({"prompt": [-1]}, 400, "prompt"),
+    ({"prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
+    ({"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({"prompt": "x", "echo": True}, 400, "echo"),
+    ({"prompt": "x", "user": 7}, 400, "user"),
+    ({"prompt": "x", "model": "other"}, 404, "model"),
+    ({"model": "tiny"}, 400, "prompt"),
+]
+
+
+@pytest.mark.parametrize("body, status, param", BAD_BODIES)
 def test_bad_requests_get_one_json_error_shape_and_the_server_keeps_serving(
     server, client, body, status, param
 ):
@@ -148,6 +174,8 @@ def test_bad_requests_get_one_json_error_shape_and_the_server_keeps_serving(
 def test_transport_errors(server):
     base, _ = server
     assert _raw(base, "/v1/completions", data=b"{not json")[0] == 400
+    assert _raw(base, "/v1/completions", data=b'{"prompt": "\xff\xfe"}')[0] == 400  # invalid UTF-8
+    assert _raw(base, "/v1/completions", data=b"[1, 2]")[0] == 400
     assert _raw(base, "/v1/completions", {"prompt": "x"}, key="wrong")[0] == 401
     assert _raw(base, "/v1/completions", {"prompt": "x"}, key=None)[0] == 401
     assert _raw(base, "/nowhere")[0] == 404
@@ -158,7 +186,7 @@ def test_transport_errors(server):
 
 def test_a_full_queue_answers_429_with_retry_after(server):
     base, engine = server
-    bodies = [{"prompt": [[1, 2, 3]] * 8, "max_tokens": 200, "temperature": 0}]
+    bodies = [{"prompt": [[1, 2, 3]] * 64, "max_tokens": 60, "temperature": 0}]  # fills the queue of 64
     results = []
 
     def long_request():
@@ -166,7 +194,7 @@ def test_a_full_queue_answers_429_with_retry_after(server):
 
     first = threading.Thread(target=long_request)
     first.start()
-    for _ in range(200):  # until the eight are queued
+    for _ in range(500):  # until they are queued
         if engine.running or engine.waiting:
             break
         threading.Event().wait(0.01)
@@ -316,3 +344,23 @@ def test_a_checkpoint_chat_template_is_rendered(gen, tmp_path):
     ids = formatter.prompt_ids([{"role": "user", "content": "hey"}])
     assert ids[0] == gen.tokenizer.bos_id and ids.count(gen.tokenizer.bos_id) == 1
     assert gen.tokenizer.decode(ids) == "[user] hey>"
+
+
+def test_64_concurrent_requests_each_equal_the_request_alone(server, gen):
+    from concurrent.futures import ThreadPoolExecutor
+
+    base, _ = server
+    client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    prompts = [f"Request number {i} of the crowd" for i in range(64)]
+
+    def ask(prompt):
+        return client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
+
+    with ThreadPoolExecutor(64) as pool:
+        answers = list(pool.map(ask, prompts))
+    alone = gen.generate(
+        [gen.tokenizer.encode(p) for p in prompts], SamplingParams(max_tokens=8, temperature=0)
+    )
+    for answer, ref in zip(answers, alone):
+        assert answer.choices[0].text == ref.text
+        assert answer.usage.completion_tokens == len(ref.token_ids)
