@@ -28,12 +28,17 @@ def gpus() -> tuple[list[dict], str | None]:
             handle = pynvml.nvmlDeviceGetHandleByIndex(i)
             mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
             name = pynvml.nvmlDeviceGetName(handle)
+            try:
+                utilization = int(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+            except pynvml.NVMLError:
+                utilization = None
             out.append(
                 {
                     "index": i,
                     "name": name.decode() if isinstance(name, bytes) else name,
                     "memory_total_bytes": int(mem.total),
                     "memory_used_bytes": int(mem.used),
+                    "utilization_percent": utilization,
                 }
             )
         return out, None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import time
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +95,7 @@ class Engine:
         self.running: list[_Seq] = []
         self.aborted: list[_Seq] = []
         self.preemptions = 0
+        self.admitted: dict[str, float] = {}  # first admission time per request, for queue-time metrics
         self._arrivals = itertools.count()
 
     def add_request(
@@ -204,6 +206,7 @@ class Engine:
             if new:
                 self.waiting.remove(seq)
                 self.running.append(seq)
+                self.admitted.setdefault(seq.request_id, time.monotonic())
             chunks.append((seq, seq.cached, n))
             budget -= n
         return chunks

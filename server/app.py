@@ -20,11 +20,20 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import psutil
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from engine.errors import RequestError
 from engine.generate import SamplingParams, check_request
+from engine.hardware import gpus
 from engine.scheduler import Engine, StepOutput
 from server.chat import ChatError, ChatFormatter
 
@@ -79,10 +88,13 @@ class EngineLoop:
         self.wake = asyncio.Event()
         self.steps = 0
         self.task: asyncio.Task | None = None
+        self.timing: dict[str, list] = {}
 
     def submit(self, request_id, prompt, params, priority) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue()
         self.queues[request_id] = queue
+        self.timing[request_id] = [time.monotonic(), None]  # submitted, last token
+        self.metrics["prompt_tokens"].inc(len(prompt))
         self.incoming.append((request_id, prompt, params, priority))
         self.wake.set()
         return queue
@@ -129,8 +141,33 @@ class EngineLoop:
         if queue is None:
             return
         queue.put_nowait(item)
+        if isinstance(item, StepOutput):
+            self._observe(request_id, item)
         if not isinstance(item, StepOutput) or item.finish_reason is not None:
             del self.queues[request_id]
+            self.timing.pop(request_id, None)
+            self.engine.admitted.pop(request_id, None)
+
+    def _observe(self, request_id: str, out: StepOutput) -> None:
+        """Latency metrics with vLLM's meanings: time to first token, between tokens, end to end,
+        and time spent waiting for admission."""
+        m, now, timing = self.metrics, time.monotonic(), self.timing.get(request_id)
+        if timing is None:
+            return
+        submitted, last = timing
+        if out.token_ids:
+            m["generation_tokens"].inc(len(out.token_ids))
+            if last is None:
+                m["ttft"].observe(now - submitted)
+                admitted = self.engine.admitted.get(request_id)
+                if admitted is not None:
+                    m["queue_time"].observe(max(0.0, admitted - submitted))
+            else:
+                m["itl"].observe(now - last)
+            timing[1] = now
+        if out.finish_reason is not None:
+            m["e2e"].observe(now - submitted)
+            m["finished"].labels(finished_reason=out.finish_reason).inc()
 
 
 ENGINE_LOOP = web.AppKey("engine_loop", EngineLoop)
@@ -447,7 +484,16 @@ async def metrics(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     m["running"].set(len(engine.running))
     m["waiting"].set(len(engine.waiting))
-    m["free_blocks"].set(engine.cache.allocator.num_free)
+    free, usable = engine.cache.allocator.num_free, engine.cache.num_blocks - 1
+    m["free_blocks"].set(free)
+    m["kv_usage"].set(1 - free / usable)
+    process = psutil.Process()
+    m["cpu"].set(process.cpu_percent(interval=None))
+    m["rss"].set(process.memory_info().rss)
+    for gpu in gpus()[0]:
+        m["gpu_memory"].labels(gpu=str(gpu["index"])).set(gpu["memory_used_bytes"])
+        if gpu.get("utilization_percent") is not None:
+            m["gpu_util"].labels(gpu=str(gpu["index"])).set(gpu["utilization_percent"])
     return web.Response(body=generate_latest(m["registry"]), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -455,13 +501,50 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> web.Applic
     config = config or ServerConfig()
     app = web.Application(middlewares=[errors_middleware], client_max_size=config.max_body_bytes)
     registry = CollectorRegistry()
+    latency_buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+    r = registry
     app[METRICS] = {
         "registry": registry,
-        "requests": Counter("ringleader_requests", "completion requests accepted", registry=registry),
-        "steps": Counter("ringleader_engine_steps", "engine steps run", registry=registry),
-        "running": Gauge("ringleader_running_sequences", "sequences in the running batch", registry=registry),
-        "waiting": Gauge("ringleader_waiting_sequences", "sequences waiting to start", registry=registry),
-        "free_blocks": Gauge("ringleader_free_kv_blocks", "free KV cache blocks", registry=registry),
+        "requests": Counter("ringleader_requests", "completion requests accepted", registry=r),
+        "steps": Counter("ringleader_engine_steps", "engine steps run", registry=r),
+        "running": Gauge("ringleader_num_requests_running", "sequences in the running batch", registry=r),
+        "waiting": Gauge("ringleader_num_requests_waiting", "sequences waiting to start", registry=r),
+        "free_blocks": Gauge("ringleader_free_kv_blocks", "free KV cache blocks", registry=r),
+        "kv_usage": Gauge("ringleader_kv_cache_usage_perc", "fraction of KV cache blocks in use", registry=r),
+        "prompt_tokens": Counter("ringleader_prompt_tokens", "prompt tokens received", registry=r),
+        "generation_tokens": Counter("ringleader_generation_tokens", "tokens generated", registry=r),
+        "finished": Counter(
+            "ringleader_request_success", "finished requests", ["finished_reason"], registry=r
+        ),
+        "ttft": Histogram(
+            "ringleader_time_to_first_token_seconds",
+            "time to first token",
+            buckets=latency_buckets,
+            registry=r,
+        ),  # fmt: skip
+        "itl": Histogram(
+            "ringleader_inter_token_latency_seconds",
+            "time between tokens",
+            buckets=latency_buckets,
+            registry=r,
+        ),  # fmt: skip
+        "e2e": Histogram(
+            "ringleader_e2e_request_latency_seconds", "request latency", buckets=latency_buckets, registry=r
+        ),  # fmt: skip
+        "queue_time": Histogram(
+            "ringleader_request_queue_time_seconds",
+            "time before admission",
+            buckets=latency_buckets,
+            registry=r,
+        ),  # fmt: skip
+        "cpu": Gauge("ringleader_process_cpu_percent", "CPU use of the server process", registry=r),
+        "rss": Gauge("ringleader_process_resident_memory_bytes", "resident memory of the server", registry=r),
+        "gpu_memory": Gauge(
+            "ringleader_gpu_memory_used_bytes", "GPU memory in use (NVML)", ["gpu"], registry=r
+        ),
+        "gpu_util": Gauge(
+            "ringleader_gpu_utilization_percent", "GPU utilisation (NVML)", ["gpu"], registry=r
+        ),
     }
     app[CONFIG], app[ENGINE] = config, engine
     app[ENGINE_LOOP] = EngineLoop(engine, app[METRICS])

@@ -121,6 +121,38 @@ def test_models_health_ready_metrics(server, client):
     assert status == 200 and "ringleader_requests_total" in text and "ringleader_free_kv_blocks" in text
 
 
+def test_metrics_count_tokens_and_latencies(server, client):
+    base, _ = server
+
+    def value(text, name):
+        line = next(x for x in text.splitlines() if x.startswith(name + " ") or x.startswith(name + "{"))
+        return float(line.rsplit(" ", 1)[1])
+
+    before = _raw(base, "/metrics", key=None)[1]
+    got = client.completions.create(model="tiny", prompt=[[1, 2, 3, 4]], max_tokens=6, temperature=0)
+    after = _raw(base, "/metrics", key=None)[1]
+    tokens = got.usage.completion_tokens
+    assert (
+        value(after, "ringleader_generation_tokens_total")
+        - value(before, "ringleader_generation_tokens_total")
+        == tokens
+    )
+    assert (
+        value(after, "ringleader_prompt_tokens_total") - value(before, "ringleader_prompt_tokens_total") == 4
+    )
+    for hist in ("time_to_first_token", "e2e_request_latency", "request_queue_time"):
+        name = f"ringleader_{hist}_seconds_count"
+        assert value(after, name) == value(before, name) + 1
+    assert (
+        value(after, "ringleader_inter_token_latency_seconds_count")
+        - value(before, "ringleader_inter_token_latency_seconds_count")
+        == tokens - 1
+    )
+    assert 'ringleader_request_success_total{finished_reason="length"}' in after
+    assert value(after, "ringleader_process_resident_memory_bytes") > 0
+    assert 0 <= value(after, "ringleader_kv_cache_usage_perc") <= 1
+
+
 BAD_BODIES = [
     ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ({"prompt": "x", "max_tokens": -5}, 400, "max_tokens"),
