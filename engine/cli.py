@@ -136,7 +136,7 @@ def _generate(args) -> int:
         return _exec_torchrun(args, layout)
     if distributed:
         return _run_rank(args, layout, model_dir, prompt, params)
-    return _run_single(args, model_dir, prompt, params)
+    return _run_single(args, model_dir, config, tokenizer, prompt, params)
 
 
 def _exec_torchrun(args, layout) -> int:
@@ -213,21 +213,18 @@ def _run_rank(args, layout, model_dir, prompt, params) -> int:
     return 0
 
 
-def _run_single(args, model_dir, prompt, params) -> int:
+def _run_single(args, model_dir, config, tokenizer, prompt, params) -> int:
     import torch
 
     from engine.config import DTYPES
-    from engine.generate import Generator
+    from engine.generate import Generator, build_model
+    from engine.loader import Checkpoint
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t0 = time.perf_counter()
-    gen = Generator.from_pretrained(
-        model_dir,
-        device=device,
-        dtype=DTYPES[args.dtype] if args.dtype else None,
-        progress=not args.json,
-        with_tokenizer=(Path(model_dir) / "tokenizer.model").is_file(),
-    )
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    model = build_model(config, Checkpoint(model_dir), device, dtype, progress=not args.json)
+    gen = Generator(model, tokenizer, device)
     load_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     (out,) = gen.generate([prompt], params)

@@ -26,7 +26,7 @@ from engine.sampling import SamplingBatch, sample
 
 ALLOC, STEP, SHUTDOWN = 1, 2, 3
 TAG_PLAN, TAG_HIDDEN, TAG_IDS = 11, 12, 13
-_HEADER = 8
+_HEADER = 7
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Plan:
     def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
         B = len(self.tokens)
         S = len(self.tokens[0]) if B else 0
-        head = [self.kind, self.mb, B, S, int(self.record_logits), self.cache_rows, self.cache_len, 0]
+        head = [self.kind, self.mb, B, S, int(self.record_logits), self.cache_rows, self.cache_len]
         ints = head + [t for row in self.tokens for t in row]
         ints += self.starts + self.rows + self.logit_index + self.top_k + self.seeds + self.counters
         return torch.tensor(ints, dtype=torch.int64), torch.tensor(
@@ -64,7 +64,7 @@ class Plan:
     @classmethod
     def decode(cls, ints: torch.Tensor, floats: torch.Tensor) -> Plan:
         v = ints.tolist()
-        kind, mb, B, S, record, cache_rows, cache_len, _ = v[:_HEADER]
+        kind, mb, B, S, record, cache_rows, cache_len = v[:_HEADER]
         at = _HEADER + B * S
         tokens = [v[_HEADER + b * S : _HEADER + (b + 1) * S] for b in range(B)]
         cols = [v[at + i * B : at + (i + 1) * B] for i in range(6)]

@@ -101,6 +101,11 @@ class Sequence:
         self.finish: str | None = None
         self.logits: list[torch.Tensor] = []
 
+    def sampling_row(self) -> tuple[float, int, float, int, int]:
+        """(temperature, top_k, top_p, seed, counter) of this sequence's next sample."""
+        p = self.params
+        return float(p.temperature), max(p.top_k, 0), float(p.top_p), self.seed, len(self.out)
+
     def append(self, token: int, context_limit: int) -> None:
         self.out.append(token)
         if self.detok is not None:
@@ -233,17 +238,18 @@ class Generator:
             tokens = [[s.out[-1]] for s in seqs]
             starts = [len(s.prompt) + len(s.out) - 1 for s in seqs]
             index = [0] * len(seqs)
+        temperature, top_k, top_p, seeds, counters = (list(c) for c in zip(*(s.sampling_row() for s in seqs)))
         return Plan(
             mb=mb,
             tokens=tokens,
             starts=starts,
             rows=[s.row for s in seqs],
             logit_index=index,
-            temperature=[float(s.params.temperature) for s in seqs],
-            top_k=[max(s.params.top_k, 0) for s in seqs],
-            top_p=[float(s.params.top_p) for s in seqs],
-            seeds=[s.seed for s in seqs],
-            counters=[len(s.out) for s in seqs],
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seeds=seeds,
+            counters=counters,
             record_logits=record,
         )
 

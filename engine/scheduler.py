@@ -239,14 +239,8 @@ class Engine:
             return {}
         rows = [i for i, _ in done]
         seqs = [s for _, s in done]
-        params = SamplingBatch.build(
-            [float(s.params.temperature) for s in seqs],
-            [max(s.params.top_k, 0) for s in seqs],
-            [float(s.params.top_p) for s in seqs],
-            [s.seed for s in seqs],
-            [len(s.out) for s in seqs],
-            self.device,
-        )
+        rows_of = (list(c) for c in zip(*(s.sampling_row() for s in seqs)))
+        params = SamplingBatch.build(*rows_of, self.device)
         ids = sample(logits[rows], params).tolist()
         return {id(s): t for s, t in zip(seqs, ids)}
 

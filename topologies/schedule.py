@@ -159,7 +159,7 @@ def hierarchical(n: int, per_node: int, variant: str = "reduce") -> Schedule:
     s = Schedule(f"hier-{variant}", n)
     if variant == "reduce":
         for node in nodes:
-            s.extend(_reduce_to_first(len(node)), node)
+            s.extend(star(len(node)), node)
         s.extend(ring(len(nodes)), [node[0] for node in nodes])
         for node in nodes:
             s.extend(_broadcast_from_first(len(node)), node)
@@ -177,10 +177,6 @@ def hierarchical(n: int, per_node: int, variant: str = "reduce") -> Schedule:
     else:
         raise ValueError(f"unknown hierarchical variant {variant!r}")
     return s
-
-
-def _reduce_to_first(n: int) -> Schedule:
-    return star(n, 0) if n > 1 else Schedule("star", n)
 
 
 def _broadcast_from_first(n: int) -> Schedule:
