@@ -56,7 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     gen.add_argument("--threads", type=int, default=None, help="intra-op CPU threads")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
-    par = gen.add_argument_group("parallelism (started through torchrun when tp x pp > 1)")
+    add_parallel_flags(gen)
+
+    sub.add_parser("info", help="print this host's CPUs, memory and GPUs as JSON")
+
+    demo = sub.add_parser("demo", help="build the demo checkpoint and print its path")
+    demo.add_argument("path", nargs="?")
+    demo.add_argument("--force", action="store_true")
+    return parser
+
+
+def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that place a replica on ranks, shared by ``generate`` and ``serve``."""
+    par = parser.add_argument_group("parallelism (started through torchrun when tp x pp > 1)")
     par.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage")
     par.add_argument("--pp", type=int, default=1, help="pipeline stages")
     par.add_argument("--stage-layers", type=_ids, default=None, help="layers per stage, e.g. 10,14")
@@ -73,21 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the rendezvous (multi-node)")
     par.add_argument("--rdzv-id", default="ringleader", help="job id shared by all nodes")
 
-    sub.add_parser("info", help="print this host's CPUs, memory and GPUs as JSON")
 
-    demo = sub.add_parser("demo", help="build the demo checkpoint and print its path")
-    demo.add_argument("path", nargs="?")
-    demo.add_argument("--force", action="store_true")
-    return parser
-
-
-def _launched_as_rank(layout, args) -> bool:
+def launched_as_rank(layout, nnodes: int) -> bool:
     """True in a process that is already one rank: started by torchrun, or by srun with one task
     per rank (srun with one task per node runs launch.sh, which starts torchrun)."""
     if "RANK" in os.environ:
         return True
     ntasks = int(os.environ.get("SLURM_NTASKS", "0") or 0)
-    return "SLURM_PROCID" in os.environ and args.nnodes == 1 and ntasks == layout.world_size > 1
+    return "SLURM_PROCID" in os.environ and nnodes == 1 and ntasks == layout.world_size > 1
 
 
 def _generate(args) -> int:
@@ -107,7 +112,7 @@ def _generate(args) -> int:
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise RingleaderError(f"--device {args.device}: CUDA is not available on this machine")
     layout = ParallelLayout(tp=args.tp, pp=args.pp, stage_layers=tuple(args.stage_layers or ()))
-    as_rank = _launched_as_rank(layout, args)
+    as_rank = launched_as_rank(layout, args.nnodes)
     distributed = layout.world_size > 1 or args.nnodes > 1 or as_rank
     model_dir = args.model or str(ensure_demo())
     # everything that can be wrong with the request is checked before any weight is read or any
@@ -133,14 +138,15 @@ def _generate(args) -> int:
     )
     check_request(prompt, params, config.vocab_size, config.max_position_embeddings)
     if distributed and not as_rank:
-        return _exec_torchrun(args, layout)
+        return exec_torchrun(args, layout, "engine.cli")
     if distributed:
         return _run_rank(args, layout, model_dir, prompt, params)
     return _run_single(args, model_dir, config, tokenizer, prompt, params)
 
 
-def _exec_torchrun(args, layout) -> int:
-    """Replace this process by torchrun starting this very command on every local rank."""
+def exec_torchrun(args, layout, module: str, argv: list[str] | None = None) -> int:
+    """Replace this process by torchrun starting ``python -m module`` with this command's
+    arguments (or ``argv``) on every local rank."""
     if args.nnodes < 1 or layout.world_size % args.nnodes:
         raise RingleaderError(
             f"--nnodes {args.nnodes} does not divide the {layout.world_size} ranks of the layout"
@@ -151,7 +157,7 @@ def _exec_torchrun(args, layout) -> int:
             f"--nnodes {args.nnodes} x --nproc-per-node {nproc} is not the layout's "
             f"tp x pp = {layout.world_size} ranks"
         )
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(args.nnodes)]
+    cmd = [sys.executable, "-m", "comm.launcher", "--nnodes", str(args.nnodes)]
     # a rank that loses a peer notices within milliseconds (a reset connection) and exits with its
     # own message; torchrun checks on its workers every 2 s and then stops whoever is left
     cmd += ["--nproc-per-node", str(nproc), "--max-restarts", "0", "--monitor-interval", "2"]
@@ -163,7 +169,7 @@ def _exec_torchrun(args, layout) -> int:
         raise RingleaderError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
     else:
         cmd += ["--standalone"]
-    cmd += ["-m", "engine.cli", *sys.argv[1:]]
+    cmd += ["-m", module, *(sys.argv[1:] if argv is None else argv)]
     sys.stdout.flush()
     os.execv(sys.executable, cmd)
     return 1  # not reached

@@ -20,103 +20,210 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from engine.kv_cache import ContiguousKVCache, make_step
+from engine.kv_cache import ContiguousKVCache, PagedKVCache, make_step
 from engine.model import CausalLM
-from engine.sampling import SamplingBatch, sample
+from engine.sampling import Penalties, Sampled, SamplingBatch, sample_full
 
-ALLOC, STEP, SHUTDOWN = 1, 2, 3
+ALLOC, STEP, SHUTDOWN, ALLOC_PAGED, KEEPALIVE = 1, 2, 3, 4, 5
 TAG_PLAN, TAG_HIDDEN, TAG_IDS = 11, 12, 13
-_HEADER = 7
+
+# per-row columns of a plan, in wire order
+_INT_ROWS = ("starts", "rows", "logit_index", "lengths", "top_k", "seeds", "counters", "prompt_lens")
+_FLOAT_ROWS = ("temperature", "top_p", "presence", "frequency", "repetition")
+_DEFAULTS = {"top_k": 0, "seeds": 0, "counters": 0, "prompt_lens": 0, "temperature": 0.0, "top_p": 1.0,
+             "presence": 0.0, "frequency": 0.0, "repetition": 1.0}  # fmt: skip
+_HEADER = ("kind", "mb", "B", "S", "W", "record_logits", "cache_rows", "cache_len", "logprobs")
 
 
 @dataclass
 class Plan:
+    """One forward pass of one micro-batch, and how to sample from it. Per-row columns left empty
+    take their neutral value on the wire (cache rows 0..B-1, every token real, no penalties)."""
+
     kind: int = STEP
     mb: int = 0
     tokens: list[list[int]] = field(default_factory=list)  # [B][S], right-padded with 0
     starts: list[int] = field(default_factory=list)
-    rows: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)  # contiguous cache rows
     logit_index: list[int] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)  # real tokens per row (paged)
+    block_tables: list[list[int]] = field(default_factory=list)  # paged cache blocks per row
     temperature: list[float] = field(default_factory=list)
     top_k: list[int] = field(default_factory=list)
     top_p: list[float] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     counters: list[int] = field(default_factory=list)
+    presence: list[float] = field(default_factory=list)
+    frequency: list[float] = field(default_factory=list)
+    repetition: list[float] = field(default_factory=list)
+    prompt_lens: list[int] = field(default_factory=list)
+    histories: list[list[int]] = field(default_factory=list)  # prompt + output of penalised rows
+    logprobs: int = -1  # top log-probabilities per row; -1: none
     record_logits: bool = False
-    cache_rows: int = 0  # ALLOC
-    cache_len: int = 0  # ALLOC
+    cache_rows: int = 0  # ALLOC: rows; ALLOC_PAGED: blocks
+    cache_len: int = 0  # ALLOC: positions per row; ALLOC_PAGED: block size
 
     def sampling(self, device) -> SamplingBatch:
+        penalties = None
+        if any(self.histories) or not all(
+            Penalties.neutral(*r) for r in zip(self.presence, self.frequency, self.repetition)
+        ):
+            B = len(self.tokens)
+            penalties = Penalties(
+                list(self.presence or [0.0] * B),
+                list(self.frequency or [0.0] * B),
+                list(self.repetition or [1.0] * B),
+                list(self.prompt_lens or [0] * B),
+                [list(h) for h in (self.histories or [[]] * B)],
+            )
         return SamplingBatch.build(
-            self.temperature, self.top_k, self.top_p, self.seeds, self.counters, device
+            self.temperature,
+            self.top_k,
+            self.top_p,
+            self.seeds,
+            self.counters,
+            device,
+            penalties,
+            self.logprobs,
         )
+
+    def _column(self, name: str, B: int, S: int) -> list:
+        values = getattr(self, name)
+        if values:
+            if len(values) != B:
+                raise ValueError(f"plan column {name!r} has {len(values)} rows, expected {B}")
+            return list(values)
+        default = {"rows": None, "lengths": S}.get(name, _DEFAULTS.get(name))
+        return list(range(B)) if default is None else [default] * B
 
     def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
         B = len(self.tokens)
         S = len(self.tokens[0]) if B else 0
-        head = [self.kind, self.mb, B, S, int(self.record_logits), self.cache_rows, self.cache_len]
-        ints = head + [t for row in self.tokens for t in row]
-        ints += self.starts + self.rows + self.logit_index + self.top_k + self.seeds + self.counters
-        return torch.tensor(ints, dtype=torch.int64), torch.tensor(
-            self.temperature + self.top_p, dtype=torch.float32
-        )
+        W = max((len(t) for t in self.block_tables), default=0)
+        histories = self.histories or [[]] * B
+        head = {"kind": self.kind, "mb": self.mb, "B": B, "S": S, "W": W,
+                "record_logits": int(self.record_logits), "logprobs": self.logprobs,
+                "cache_rows": self.cache_rows, "cache_len": self.cache_len}  # fmt: skip
+        ints = [head[k] for k in _HEADER] + [t for row in self.tokens for t in row]
+        ints += [b for t in self.block_tables for b in t + [0] * (W - len(t))]
+        for name in _INT_ROWS:
+            ints += self._column(name, B, S)
+        ints += [len(h) for h in histories] if B else []
+        ints += [t for h in histories for t in h]
+        floats = [x for name in _FLOAT_ROWS for x in self._column(name, B, S)]
+        return torch.tensor(ints, dtype=torch.int64), torch.tensor(floats, dtype=torch.float32)
 
     @classmethod
     def decode(cls, ints: torch.Tensor, floats: torch.Tensor) -> Plan:
         v = ints.tolist()
-        kind, mb, B, S, record, cache_rows, cache_len = v[:_HEADER]
-        at = _HEADER + B * S
-        tokens = [v[_HEADER + b * S : _HEADER + (b + 1) * S] for b in range(B)]
-        cols = [v[at + i * B : at + (i + 1) * B] for i in range(6)]
+        h = dict(zip(_HEADER, v[: len(_HEADER)]))
+        B, S, W = h["B"], h["S"], h["W"]
+        at = len(_HEADER)
+
+        def take(n: int) -> list[int]:
+            nonlocal at
+            at += n
+            return v[at - n : at]
+
+        tokens = [take(S) for _ in range(B)]
+        tables = [take(W) for _ in range(B)] if W else []
+        cols = {name: take(B) for name in _INT_ROWS}
+        lens = take(B)
+        histories = [take(n) for n in lens]
         f = floats.tolist()
+        fcols = {name: f[i * B : (i + 1) * B] for i, name in enumerate(_FLOAT_ROWS)}
         return cls(
-            kind,
-            mb,
-            tokens,
-            *cols[:3],
-            f[:B],
-            cols[3],
-            f[B:],
-            cols[4],
-            cols[5],
-            bool(record),
-            cache_rows,
-            cache_len,
+            kind=h["kind"],
+            mb=h["mb"],
+            tokens=tokens,
+            block_tables=tables,
+            histories=histories if any(histories) else [],
+            logprobs=h["logprobs"],
+            record_logits=bool(h["record_logits"]),
+            cache_rows=h["cache_rows"],
+            cache_len=h["cache_len"],
+            **cols,
+            **fcols,
         )
 
 
 class LocalExecutor:
     """The whole model in this process."""
 
+    distributed = False
+    keepalive_s = None  # nobody waits on this executor's plans
+
     def __init__(self, model: CausalLM, device: torch.device):
         self.model, self.device = model, device
         self.windows = set(model.config.sliding_windows)
         self.dtype = next(model.parameters()).dtype
         self.cache = None
-        self.results: dict[int, tuple[list[int], torch.Tensor | None]] = {}
+        self.results: dict[int, Sampled] = {}
 
     def begin(self, rows: int, length: int) -> None:
+        """A contiguous cache: ``rows`` sequences of up to ``length`` positions."""
         cfg = self.model.config
         self.cache = ContiguousKVCache(
             self.model.layer_ids, rows, length, self.model.kv_heads, cfg.head_dim, self.dtype, self.device
         )
 
+    def begin_paged(self, num_blocks: int, block_size: int) -> None:
+        """A paged cache of ``num_blocks`` blocks (the caller allocates them)."""
+        cfg = self.model.config
+        self.cache = PagedKVCache(
+            self.model.layer_ids,
+            num_blocks,
+            block_size,
+            self.model.kv_heads,
+            cfg.head_dim,
+            self.dtype,
+            self.device,
+        )
+
+    def keepalive(self) -> None:
+        pass
+
+    def run(self, plan: Plan) -> None:
+        """Apply a control plan (ALLOC, ALLOC_PAGED, KEEPALIVE) here."""
+        if plan.kind == ALLOC:
+            self.begin(plan.cache_rows, plan.cache_len)
+        elif plan.kind == ALLOC_PAGED:
+            self.begin_paged(plan.cache_rows, plan.cache_len)
+
     def submit(self, plan: Plan) -> None:
         logits = self.model.gather_logits(forward(self.model, plan, self.cache, self.windows, self.device))
-        ids = sample(logits, plan.sampling(self.device)).tolist()
-        self.results[plan.mb] = (ids, logits if plan.record_logits else None)
+        self.results[plan.mb] = sample_plan(logits, plan, self.device)
 
-    def result(self, mb: int) -> tuple[list[int], torch.Tensor | None]:
+    def result(self, mb: int) -> Sampled:
         return self.results.pop(mb)
 
     def shutdown(self) -> None:
         self.cache = None
 
 
+def sample_plan(logits: torch.Tensor, plan: Plan, device) -> Sampled:
+    ids, logprobs, top_ids = sample_full(logits, plan.sampling(device))
+    return Sampled(ids.tolist(), logprobs, top_ids, logits if plan.record_logits else None)
+
+
 def forward(model: CausalLM, plan: Plan, cache, windows, device, x: torch.Tensor | None = None):
     tokens = torch.tensor(plan.tokens, dtype=torch.long, device=device)
     index = torch.tensor(plan.logit_index, dtype=torch.long, device=device)
-    step = make_step(tokens, plan.starts, plan.rows, windows, index)
+    B = len(plan.tokens)
+    rows = plan.rows or list(range(B))
+    if plan.block_tables:
+        step = make_step(
+            tokens,
+            plan.starts,
+            rows,
+            windows,
+            index,
+            plan.block_tables,
+            cache.block_size,
+            plan.lengths or None,
+        )
+    else:
+        step = make_step(tokens, plan.starts, rows, windows, index)
     return model(tokens if x is None else x, step, cache)
 
 
@@ -156,13 +263,26 @@ class Outbox:
 
 
 class DistributedExecutor:
-    """The head's side of a replica spread over ranks; the others run ``follow``."""
+    """The head's side of a replica spread over ranks; the others run ``follow``.
 
-    def __init__(self, model: CausalLM, ranks: ReplicaRanks, device: torch.device, check: bool = False):
+    The other ranks wait for plans under the process group's timeout, so a head with nothing to
+    run sends a keepalive plan at least every ``keepalive_s`` (a quarter of ``timeout_s``)."""
+
+    distributed = True
+
+    def __init__(
+        self,
+        model: CausalLM,
+        ranks: ReplicaRanks,
+        device: torch.device,
+        check: bool = False,
+        timeout_s: float = 60.0,
+    ):
         self.model, self.ranks, self.device, self.check = model, ranks, device, check
+        self.keepalive_s = timeout_s / 4
         self.local = LocalExecutor(model, device)
         self.outbox = Outbox()
-        self.results: dict[int, tuple[list[int], torch.Tensor | None]] = {}
+        self.results: dict[int, Sampled] = {}
 
     def _broadcast(self, plan: Plan) -> None:
         dev = comm_device(self.device)
@@ -177,6 +297,10 @@ class DistributedExecutor:
         self._broadcast(Plan(kind=ALLOC, cache_rows=rows, cache_len=length))
         self.local.begin(rows, length)
 
+    def begin_paged(self, num_blocks: int, block_size: int) -> None:
+        self._broadcast(Plan(kind=ALLOC_PAGED, cache_rows=num_blocks, cache_len=block_size))
+        self.local.begin_paged(num_blocks, block_size)
+
     def submit(self, plan: Plan) -> None:
         self._broadcast(plan)
         cache, windows = self.local.cache, self.local.windows
@@ -184,11 +308,14 @@ class DistributedExecutor:
         if out is not None:
             self.results[plan.mb] = out
 
-    def result(self, mb: int) -> tuple[list[int], torch.Tensor | None]:
+    def result(self, mb: int) -> Sampled:
         if mb in self.results:
             return self.results.pop(mb)
         # the last stage answers micro-batches in the order they were submitted
-        return recv_ids(self.ranks.sampler, self.model.config.vocab_size, self.device)
+        return recv_sampled(self.ranks.sampler, self.model.config.vocab_size, self.device)
+
+    def keepalive(self) -> None:
+        self._broadcast(Plan(kind=KEEPALIVE))
 
     def shutdown(self) -> None:
         self._broadcast(Plan(kind=SHUTDOWN))
@@ -211,20 +338,25 @@ def run_stage(model: CausalLM, plan: Plan, cache, windows, ranks: ReplicaRanks, 
     logits = model.gather_logits(out, everywhere=check)
     if logits is None:  # a tp rank other than the sampler
         return None
-    ids = sample(logits, plan.sampling(device))
+    ids, logprobs, top_ids = sample_full(logits, plan.sampling(device))
     if check:
         _check_identical(model, logits, ids)
     if not ranks.is_sampler:
         return None
     kept = logits if plan.record_logits else None
     if ranks.sampler == ranks.head:
-        return ids.tolist(), kept
+        return Sampled(ids.tolist(), logprobs, top_ids, kept)
     # without waiting: the head may still be busy with its own stage of another micro-batch
     dev = comm_device(device)
-    outbox.send(torch.tensor([ids.numel(), int(kept is not None)], device=dev), ranks.head, TAG_IDS)
+    k = -1 if logprobs is None else top_ids.shape[1]
+    outbox.send(torch.tensor([ids.numel(), int(kept is not None), k], device=dev), ranks.head, TAG_IDS)
     outbox.send(ids.to(dev).contiguous(), ranks.head, TAG_IDS)
     if kept is not None:
         outbox.send(kept.to(dev).contiguous(), ranks.head, TAG_IDS)
+    if logprobs is not None:
+        outbox.send(logprobs.to(dev).contiguous(), ranks.head, TAG_IDS)
+        if k > 0:
+            outbox.send(top_ids.to(dev).contiguous(), ranks.head, TAG_IDS)
     return None
 
 
@@ -241,18 +373,22 @@ def _check_identical(model: CausalLM, logits: torch.Tensor, ids: torch.Tensor) -
         raise RuntimeError(f"tensor-parallel ranks {list(tp.ranks)} disagree on logits or sampled ids")
 
 
-def recv_ids(src: int, vocab: int, device) -> tuple[list[int], torch.Tensor | None]:
+def recv_sampled(src: int, vocab: int, device) -> Sampled:
     dev = comm_device(device)
-    header = torch.empty(2, dtype=torch.int64, device=dev)
-    dist.recv(header, src, tag=TAG_IDS)
-    n, with_logits = header.tolist()
-    ids = torch.empty(n, dtype=torch.int64, device=dev)
-    dist.recv(ids, src, tag=TAG_IDS)
-    logits = None
-    if with_logits:
-        logits = torch.empty(n, vocab, dtype=torch.float32, device=dev)
-        dist.recv(logits, src, tag=TAG_IDS)
-    return ids.tolist(), logits
+
+    def recv(*shape, dtype=torch.int64):
+        t = torch.empty(*shape, dtype=dtype, device=dev)
+        dist.recv(t, src, tag=TAG_IDS)
+        return t
+
+    n, with_logits, k = recv(3).tolist()
+    ids = recv(n)
+    logits = recv(n, vocab, dtype=torch.float32) if with_logits else None
+    logprobs = top_ids = None
+    if k >= 0:
+        logprobs = recv(n, k + 1, dtype=torch.float32)
+        top_ids = recv(n, k) if k > 0 else torch.empty(n, 0, dtype=torch.int64, device=dev)
+    return Sampled(ids.tolist(), logprobs, top_ids, logits)
 
 
 def recv_plan(src: int, device) -> Plan:
@@ -275,8 +411,8 @@ def follow(model: CausalLM, ranks: ReplicaRanks, device: torch.device, check: bo
         plan = recv_plan(ranks.head, device)
         if plan.kind == SHUTDOWN:
             break
-        if plan.kind == ALLOC:
-            local.begin(plan.cache_rows, plan.cache_len)
+        if plan.kind in (ALLOC, ALLOC_PAGED, KEEPALIVE):
+            local.run(plan)
             continue
         run_stage(model, plan, local.cache, local.windows, ranks, device, outbox, check)
     outbox.flush()

@@ -22,6 +22,8 @@ from engine.loader import Checkpoint, load_weights
 from engine.model import CausalLM
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
+MAX_LOGPROBS = 20
+
 
 @dataclass
 class SamplingParams:
@@ -33,6 +35,14 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # in [-2, 2]: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # in [-2, 2]: subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # > 0: divides the logits of tokens in the prompt or output
+    logprobs: int | None = None  # top log-probabilities per generated token (0..20); None: none
+
+    @property
+    def penalised(self) -> bool:
+        return (self.presence_penalty, self.frequency_penalty, self.repetition_penalty) != (0, 0, 1)
 
     def validate(self, vocab_size: int) -> None:
         def bad(param, why):
@@ -55,6 +65,18 @@ class SamplingParams:
         for i in self.stop_token_ids:
             if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
                 bad("stop_token_ids", f"must be token ids in [0, {vocab_size}), got {i!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -2 <= v <= 2:
+                bad(name, f"must be a number in [-2, 2], got {v!r}")
+        r = self.repetition_penalty
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (math.isfinite(r) and r > 0):
+            bad("repetition_penalty", f"must be a finite number > 0, got {r!r}")
+        lp = self.logprobs
+        if lp is not None and (
+            isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS
+        ):
+            bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {lp!r}")
 
 
 @dataclass
@@ -65,6 +87,7 @@ class Completion:
     finish_reason: str  # "stop" | "length"
     seed: int
     logits: list[torch.Tensor] | None = None  # per generated token, when recorded
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None  # per generated token
 
 
 def check_request(prompt: list[int], params: SamplingParams, vocab_size: int, max_len: int) -> None:
@@ -100,6 +123,7 @@ class Sequence:
         self.text = ""
         self.finish: str | None = None
         self.logits: list[torch.Tensor] = []
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []  # per generated token
 
     def sampling_row(self) -> tuple[float, int, float, int, int]:
         """(temperature, top_k, top_p, seed, counter) of this sequence's next sample."""
@@ -128,6 +152,29 @@ class Sequence:
             return False
         self.text = self.text[: min(hits)]
         return True
+
+
+def sampling_fields(seqs: list[Sequence]) -> dict:
+    """The sampling columns of a plan whose rows are ``seqs`` (``Plan(**fields, ...)``): the
+    penalties and token histories only where some row has penalties, the log-probabilities to
+    return as the most any row asks for."""
+    temperature, top_k, top_p, seeds, counters = (list(c) for c in zip(*(s.sampling_row() for s in seqs)))
+    fields = {
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "seeds": seeds,
+        "counters": counters,
+    }
+    asked = [s.params.logprobs for s in seqs if s.params.logprobs is not None]
+    fields["logprobs"] = max(asked) if asked else -1
+    if any(s.params.penalised for s in seqs):
+        fields["presence"] = [float(s.params.presence_penalty) for s in seqs]
+        fields["frequency"] = [float(s.params.frequency_penalty) for s in seqs]
+        fields["repetition"] = [float(s.params.repetition_penalty) for s in seqs]
+        fields["prompt_lens"] = [len(s.prompt) for s in seqs]
+        fields["histories"] = [s.prompt + s.out if s.params.penalised else [] for s in seqs]
+    return fields
 
 
 class Generator:
@@ -209,17 +256,27 @@ class Generator:
             inflight.append((mb, group))
         while inflight:
             mb, group = inflight.popleft()
-            ids, logits = self.executor.result(mb)
-            for i, (s, t) in enumerate(zip(group, ids)):
+            sampled = self.executor.result(mb)
+            for i, (s, t) in enumerate(zip(group, sampled.ids)):
+                if sampled.logits is not None:
+                    s.logits.append(sampled.logits[i].cpu())
+                if sampled.logprobs is not None and s.params.logprobs is not None:
+                    s.logprobs.append(sampled.row_logprobs(i, s.params.logprobs))
                 s.append(t, self.max_len)
-                if logits is not None:
-                    s.logits.append(logits[i].cpu())
             group = [s for s in group if s.finish is None]
             if group:
                 self.executor.submit(self._plan(mb, group, prefill=False, record=record_logits))
                 inflight.append((mb, group))
         return [
-            Completion(s.prompt, s.out, s.text if s.detok else None, s.finish, s.seed, s.logits or None)
+            Completion(
+                s.prompt,
+                s.out,
+                s.text if s.detok else None,
+                s.finish,
+                s.seed,
+                s.logits or None,
+                s.logprobs or None,
+            )
             for s in seqs
         ]
 
@@ -238,19 +295,14 @@ class Generator:
             tokens = [[s.out[-1]] for s in seqs]
             starts = [len(s.prompt) + len(s.out) - 1 for s in seqs]
             index = [0] * len(seqs)
-        temperature, top_k, top_p, seeds, counters = (list(c) for c in zip(*(s.sampling_row() for s in seqs)))
         return Plan(
             mb=mb,
             tokens=tokens,
             starts=starts,
             rows=[s.row for s in seqs],
             logit_index=index,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seeds=seeds,
-            counters=counters,
             record_logits=record,
+            **sampling_fields(seqs),
         )
 
 

@@ -6,6 +6,13 @@ therefore depend only on its own seed and logits, not on which other sequences s
 which rank samples, or whether the request was moved to another replica halfway through.
 Sampling draws argmax(logits / T + Gumbel noise) over the tokens that top-k and top-p keep, which
 is an exact draw from the filtered softmax distribution.
+
+Before any of that, a row may have penalties applied to its logits, as vLLM and the OpenAI API
+define them: ``repetition_penalty`` r divides positive logits (multiplies negative ones) of every
+token seen in the prompt or the output so far; ``frequency_penalty`` f and ``presence_penalty`` p
+subtract ``f * count + p * (count > 0)`` where count is how often the token appears in the output.
+Log-probabilities are those of the raw model output (before penalties and temperature), like
+vLLM's default: the sampled token's, plus the top k of the distribution.
 """
 
 from __future__ import annotations
@@ -52,9 +59,13 @@ class SamplingBatch:
     any_random: bool
     any_top_k: bool
     any_top_p: bool
+    penalties: Penalties | None = None
+    logprobs: int = -1  # top log-probabilities to return per row; -1: none
 
     @classmethod
-    def build(cls, temperature, top_k, top_p, seeds, counters, device) -> SamplingBatch:
+    def build(
+        cls, temperature, top_k, top_p, seeds, counters, device, penalties=None, logprobs: int = -1
+    ) -> SamplingBatch:
         return cls(
             temperature=torch.tensor(temperature, dtype=torch.float32, device=device),
             top_k=torch.tensor(top_k, dtype=torch.long, device=device),
@@ -64,11 +75,86 @@ class SamplingBatch:
             any_random=any(t > 0 for t in temperature),
             any_top_k=any(t > 0 and k > 0 for t, k in zip(temperature, top_k)),
             any_top_p=any(t > 0 and p < 1 for t, p in zip(temperature, top_p)),
+            penalties=penalties,
+            logprobs=logprobs,
         )
+
+
+@dataclass
+class Penalties:
+    """Repetition, frequency and presence penalties of a batch, with the token history they need:
+    row b's history is ``prompt + output``, the first ``prompt_lens[b]`` of it the prompt. Rows
+    without penalties have neutral values and may have an empty history."""
+
+    presence: list[float]
+    frequency: list[float]
+    repetition: list[float]
+    prompt_lens: list[int]
+    histories: list[list[int]]
+
+    @staticmethod
+    def neutral(presence: float, frequency: float, repetition: float) -> bool:
+        return presence == 0 and frequency == 0 and repetition == 1
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` [B, V] with the penalties applied (a new tensor)."""
+        B, V = logits.shape
+        device = logits.device
+        rows = [b for b, h in enumerate(self.histories) for _ in h]
+        ids = [t for h in self.histories for t in h]
+        is_out = [i >= n for h, n in zip(self.histories, self.prompt_lens) for i in range(len(h))]
+        counts = torch.zeros(B, V, dtype=torch.float32, device=device)
+        seen = torch.zeros(B, V, dtype=torch.bool, device=device)
+        if ids:
+            row_t = torch.tensor(rows, dtype=torch.long, device=device)
+            id_t = torch.tensor(ids, dtype=torch.long, device=device).clamp_(0, V - 1)
+            out_t = torch.tensor(is_out, dtype=torch.bool, device=device)
+            counts.index_put_((row_t, id_t), out_t.float(), accumulate=True)
+            seen[row_t, id_t] = True
+        rep = torch.tensor(self.repetition, dtype=torch.float32, device=device)[:, None]
+        penalised = torch.where(logits > 0, logits / rep, logits * rep)
+        x = torch.where(seen, penalised, logits)
+        frequency = torch.tensor(self.frequency, dtype=torch.float32, device=device)[:, None]
+        presence = torch.tensor(self.presence, dtype=torch.float32, device=device)[:, None]
+        return x - frequency * counts - presence * (counts > 0).float()
+
+
+@dataclass
+class Sampled:
+    """What a sampling pass returns: the ids, and when asked for, log-probabilities: column 0 of
+    ``logprobs`` is the sampled token's, columns 1..k the top k's, whose ids are ``top_ids``."""
+
+    ids: list[int]
+    logprobs: torch.Tensor | None = None  # [B, 1 + k] float32
+    top_ids: torch.Tensor | None = None  # [B, k] int64
+    logits: torch.Tensor | None = None  # [B, V], when recorded
+
+    def row_logprobs(self, b: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+        """Row b's sampled-token log-probability and its top ``k`` (id, log-probability) pairs."""
+        lp = self.logprobs[b].tolist()
+        return lp[0], list(zip(self.top_ids[b, :k].tolist(), lp[1 : k + 1]))
+
+
+def sample_full(
+    logits: torch.Tensor, params: SamplingBatch
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``sample``, plus (when ``params.logprobs`` >= 0) the raw log-probabilities of the sampled
+    tokens and of each row's top ``params.logprobs`` tokens: (ids, logprobs [B, 1 + k], top_ids)."""
+    ids = sample(logits, params)
+    if params.logprobs < 0:
+        return ids, None, None
+    logp = logits.float().log_softmax(dim=-1)
+    chosen = logp.gather(1, ids[:, None])
+    if params.logprobs == 0:
+        return ids, chosen, torch.empty(len(ids), 0, dtype=torch.long, device=logits.device)
+    top_lp, top_ids = logp.topk(params.logprobs, dim=-1)
+    return ids, torch.cat((chosen, top_lp), dim=1), top_ids
 
 
 def sample(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
     """Choose one token id per row of ``logits`` [B, V] (float32); returns int64 [B]."""
+    if params.penalties is not None:
+        logits = params.penalties.apply(logits)
     greedy = logits.argmax(dim=-1)
     if not params.any_random:
         return greedy

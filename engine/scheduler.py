@@ -11,8 +11,13 @@ Each ``Engine.step``:
    prefilled in chunks of what the step's token budget leaves after the decodes, so that it never
    stalls the running sequences for more than one step's budget.
 
-Decode rows and prefill chunks run as two forward passes of one step. Sampling is counter-based
-(``engine.sampling``), so a recomputed sequence draws exactly the tokens it would have drawn.
+Decode rows (in up to ``micro_batches`` groups) and prefill chunks run as separate forward passes
+of one step, all handed to the executor before any result is read, so that on a pipeline they are
+in flight together. The executor runs them in this process or on every rank of a tp x pp replica
+(``engine.executor``); the scheduler itself only deals in token ids, block ids and plans. Requests
+that run out of time (``timeout_s``) finish with reason "timeout" before the next step. Sampling is
+counter-based (``engine.sampling``), so a recomputed sequence draws exactly the tokens it would
+have drawn.
 """
 
 from __future__ import annotations
@@ -21,15 +26,34 @@ import collections
 import itertools
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from engine.errors import RequestError
-from engine.generate import SamplingParams, Sequence, check_request
-from engine.kv_cache import PagedKVCache, make_step
+from engine.config import ModelConfig
+from engine.errors import RequestError, RingleaderError
+from engine.executor import LocalExecutor, Plan
+from engine.generate import SamplingParams, Sequence, build_model, check_request, sampling_fields
+from engine.kv_cache import BlockAllocator, PagedKVCache
+from engine.loader import Checkpoint
 from engine.model import CausalLM
-from engine.sampling import SamplingBatch, sample
 from engine.tokenizer import Tokenizer
+
+BATCHING = ("continuous", "static")
+
+
+def cache_blocks(
+    kv_cache_mib: int, layers: int, block_size: int, kv_heads: int, config: ModelConfig, dtype: torch.dtype
+) -> int:
+    """How many cache blocks ``kv_cache_mib`` holds for ``layers`` layers; at least 2, or an error."""
+    blocks = PagedKVCache.blocks_for_budget(
+        kv_cache_mib << 20, layers, block_size, kv_heads, config.head_dim, dtype
+    )
+    if blocks < 2:
+        raise RingleaderError(
+            f"--kv-cache-mib {kv_cache_mib} holds fewer than 2 blocks of {block_size} tokens"
+        )
+    return blocks
 
 
 @dataclass
@@ -37,19 +61,24 @@ class StepOutput:
     request_id: str
     token_ids: list[int]  # generated this step (zero or one)
     text: str  # text delta
-    finish_reason: str | None  # "stop" | "length" | "abort" once finished
+    finish_reason: str | None  # "stop" | "length" | "abort" | "timeout" once finished
+    # per token of token_ids, when the request asked: (log-probability, [(id, log-probability)])
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 class _Seq(Sequence):
     """A sequence under the scheduler: its priority, arrival order, cache blocks and how many of
     its tokens are in them."""
 
-    def __init__(self, request_id, prompt, params, priority, arrival, eos_ids, tokenizer):
+    def __init__(self, request_id, prompt, params, priority, arrival, eos_ids, tokenizer, deadline):
         super().__init__(0, prompt, params, eos_ids, tokenizer)
         self.request_id, self.priority, self.arrival = request_id, priority, arrival
+        self.arrived = time.monotonic()
+        self.deadline = deadline  # monotonic time after which it is cut off, or None
         self.blocks: list[int] = []
         self.cached = 0  # tokens whose keys and values are in the cache
         self.emitted = 0  # characters of text already handed out
+        self.admitted = False
 
     @property
     def tokens(self) -> list[int]:
@@ -72,80 +101,194 @@ class _Seq(Sequence):
 
 
 class Engine:
+    """The scheduler of one model replica. ``executor`` runs its plans: a ``LocalExecutor`` for a
+    model in this process, or a ``DistributedExecutor`` for a replica spread over tp x pp ranks.
+
+    Knobs: ``max_running`` sequences in the batch; ``max_batched_tokens`` per step (decodes plus
+    prefill chunks); ``batching``: "continuous" (requests join and leave every step) or "static"
+    (a batch is formed when none is running and runs until its last sequence finishes: the
+    baseline continuous batching is measured against); ``max_wait_s``: newly arrived requests
+    wait up to this long for others to arrive, unless they already fill the free running slots,
+    so that their prefills share steps (0: start at once); ``micro_batches``: decode groups kept
+    in flight at once (a pipeline's stage count).
+    """
+
     def __init__(
         self,
-        model: CausalLM,
-        cache: PagedKVCache,
+        executor,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
         tokenizer: Tokenizer | None = None,
-        device: str | torch.device = "cpu",
+        max_len: int | None = None,
         max_running: int = 64,
         max_batched_tokens: int = 512,
+        batching: str = "continuous",
+        max_wait_s: float = 0.0,
+        micro_batches: int = 1,
+        min_micro_batch_rows: int = 32,
     ):
         if max_batched_tokens < 1 or max_running < 1:
             raise ValueError("max_running and max_batched_tokens must be >= 1")
-        self.model, self.cache, self.tokenizer = model, cache, tokenizer
-        self.device = torch.device(device)
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
+        if max_wait_s < 0:
+            raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+        self.executor, self.config, self.tokenizer = executor, config, tokenizer
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.allocator = BlockAllocator(num_blocks)
         self.max_running, self.max_batched_tokens = max_running, max_batched_tokens
-        self.max_len = model.rotary.max_len
-        self.windows = set(model.config.sliding_windows)
-        self.eos_ids = set(model.config.eos_token_ids)
+        self.batching, self.max_wait_s = batching, max_wait_s
+        self.micro_batches, self.min_micro_batch_rows = micro_batches, min_micro_batch_rows
+        self.max_len = max_len or config.max_position_embeddings
+        self.eos_ids = set(config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_id is not None:
             self.eos_ids.add(tokenizer.eos_id)
         self.waiting: list[_Seq] = []
         self.running: list[_Seq] = []
-        self.aborted: list[_Seq] = []
+        self.finished_early: list[tuple[_Seq, str]] = []  # aborted or timed out, to report
         self.preemptions = 0
         self.admitted: dict[str, float] = {}  # first admission time per request, for queue-time metrics
         self._arrivals = itertools.count()
+        executor.begin_paged(num_blocks, block_size)
+
+    @classmethod
+    def for_model(cls, model: CausalLM, num_blocks: int, block_size: int, tokenizer=None, **kw) -> Engine:
+        """An engine over ``model`` in this process."""
+        device = next(model.parameters()).device
+        return cls(
+            LocalExecutor(model, device),
+            model.config,
+            num_blocks,
+            block_size,
+            tokenizer,
+            model.rotary.max_len,
+            **kw,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        max_len: int | None = None,
+        kv_cache_mib: int = 512,
+        block_size: int = 16,
+        progress: bool = False,
+        **kw,
+    ) -> Engine:
+        """Load ``model_dir`` in this process and give it a paged cache of ``kv_cache_mib``."""
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        config = ModelConfig.from_hf(model_dir)
+        model = build_model(config, Checkpoint(model_dir), device, dtype, max_len, progress=progress)
+        tokenizer = Tokenizer(model_dir) if (Path(model_dir) / "tokenizer.model").is_file() else None
+        blocks = cache_blocks(
+            kv_cache_mib,
+            len(model.layer_ids),
+            block_size,
+            model.kv_heads,
+            config,
+            next(model.parameters()).dtype,
+        )
+        return cls.for_model(model, blocks, block_size, tokenizer, **kw)
 
     def add_request(
-        self, request_id: str, prompt: list[int], params: SamplingParams, priority: int = 0
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        timeout_s: float | None = None,
     ) -> None:
-        check_request(prompt, params, self.model.config.vocab_size, self.max_len)
-        needed = -(-(len(prompt) + params.max_tokens) // self.cache.block_size)
-        if needed > self.cache.num_blocks - 1:
+        """Queue a request; ``timeout_s``: it finishes with reason "timeout" if still running then."""
+        check_request(prompt, params, self.config.vocab_size, self.max_len)
+        needed = -(-(len(prompt) + params.max_tokens) // self.block_size)
+        if needed > self.num_blocks - 1:
             raise RequestError(
-                f"prompt plus max_tokens need {needed} cache blocks; "
-                f"the cache has {self.cache.num_blocks - 1}",
+                f"prompt plus max_tokens need {needed} cache blocks; the cache has {self.num_blocks - 1}",
                 param="max_tokens",
             )
+        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         seq = _Seq(
-            request_id, list(prompt), params, priority, next(self._arrivals), self.eos_ids, self.tokenizer
+            request_id,
+            list(prompt),
+            params,
+            priority,
+            next(self._arrivals),
+            self.eos_ids,
+            self.tokenizer,
+            deadline,
         )
         self.waiting.append(seq)
 
-    def abort(self, request_id: str) -> bool:
+    def abort(self, request_id: str, reason: str = "abort") -> bool:
         """Cancel a request; its blocks are free before the next step runs."""
         for queue in (self.waiting, self.running):
             for seq in queue:
                 if seq.request_id == request_id:
-                    queue.remove(seq)
-                    self._free(seq)
-                    seq.finish = "abort"
-                    self.aborted.append(seq)
+                    self._drop(seq, reason)
                     return True
         return False
 
+    def _drop(self, seq: _Seq, reason: str) -> None:
+        (self.running if seq in self.running else self.waiting).remove(seq)
+        self._free(seq)
+        seq.finish = reason
+        self.finished_early.append((seq, reason))
+
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.aborted)
+        return bool(self.waiting or self.running or self.finished_early)
+
+    def idle_for(self) -> float:
+        """Seconds until the next step can do anything, when all there is to do is wait for held
+        requests (``max_wait_s``); 0 when a step would do work now."""
+        if self.running or self.finished_early or not self.waiting:
+            return 0.0
+        held = self._held_until()
+        return max(0.0, held - time.monotonic()) if held is not None else 0.0
+
+    def _held_until(self) -> float | None:
+        """While new arrivals are held back to batch them, the time their wait ends."""
+        if self.max_wait_s <= 0:
+            return None
+        new = [s for s in self.waiting if not s.admitted]
+        if not new or len(new) >= self.max_running - len(self.running):
+            return None
+        until = min(s.arrived for s in new) + self.max_wait_s
+        return until if until > time.monotonic() else None
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        outputs = [StepOutput(s.request_id, [], "", "abort") for s in self.aborted]
-        self.aborted.clear()
+        now = time.monotonic()
+        for seq in [s for s in self.waiting + self.running if s.deadline is not None and now >= s.deadline]:
+            self._drop(seq, "timeout")
+        outputs = [StepOutput(s.request_id, [], "", reason) for s, reason in self.finished_early]
+        self.finished_early.clear()
         decodes = self._schedule_decodes()
         chunks = self._schedule_prefills(self.max_batched_tokens - len(decodes))
-        sampled: dict[int, int] = {}
-        if decodes:
-            sampled.update(self._run([(s, len(s.tokens) - 1, 1) for s in decodes]))
-        if chunks:
-            sampled.update(self._run(chunks))
+        n = len(decodes)
+        m = max(1, min(self.micro_batches, n // max(1, self.min_micro_batch_rows)))
+        work = [[(s, len(s.tokens) - 1, 1) for s in decodes[i * n // m : (i + 1) * n // m]] for i in range(m)]
+        work = [w for w in work + [chunks] if w]
+        plans = [self._submit(mb, w) for mb, w in enumerate(work)]  # all in flight, then collected
+        sampled: dict[int, tuple[int, tuple | None]] = {}
+        for mb, (w, done) in enumerate(zip(work, plans)):
+            result = self.executor.result(mb)
+            for i, seq in done:
+                lp = None
+                if result.logprobs is not None and seq.params.logprobs is not None:
+                    lp = result.row_logprobs(i, seq.params.logprobs)
+                sampled[id(seq)] = (result.ids[i], lp)
+            for seq, start, n in w:
+                seq.cached = start + n
         for seq in list(self.running):
             if id(seq) not in sampled:
                 continue
-            token = sampled[id(seq)]
+            token, lp = sampled[id(seq)]
             seq.append(token, self.max_len)
-            outputs.append(StepOutput(seq.request_id, [token], seq.text_delta(), seq.finish))
+            out = StepOutput(seq.request_id, [token], seq.text_delta(), seq.finish, [lp] if lp else None)
+            outputs.append(out)
             if seq.finish:
                 self.running.remove(seq)
                 self._free(seq)
@@ -154,20 +297,20 @@ class Engine:
     # scheduling
 
     def _blocks_needed(self, seq: _Seq, upto: int) -> int:
-        return max(0, -(-upto // self.cache.block_size) - len(seq.blocks))
+        return max(0, -(-upto // self.block_size) - len(seq.blocks))
 
     def _grow(self, seq: _Seq, upto: int) -> bool:
         need = self._blocks_needed(seq, upto)
         if need == 0:
             return True
-        blocks = self.cache.allocator.allocate(need)
+        blocks = self.allocator.allocate(need)
         if blocks is None:
             return False
         seq.blocks += blocks
         return True
 
     def _free(self, seq: _Seq) -> None:
-        self.cache.allocator.release(seq.blocks)
+        self.allocator.release(seq.blocks)
         seq.blocks, seq.cached = [], 0
 
     def _victim_order(self):
@@ -188,61 +331,60 @@ class Engine:
         self.waiting.append(seq)
         self.preemptions += 1
 
+    def _admit(self, seq: _Seq) -> None:
+        self.waiting.remove(seq)
+        self.running.append(seq)
+        seq.admitted = True
+        self.admitted.setdefault(seq.request_id, time.monotonic())
+
     def _schedule_prefills(self, budget: int) -> list[tuple[_Seq, int, int]]:
-        chunks = []
-        # partly prefilled running sequences first, then waiting ones by priority and arrival
-        partial = [s for s in self.running if not s.prefilled]
         self.waiting.sort(key=lambda s: (-s.priority, s.arrival))
-        for seq in partial + list(self.waiting):
+        if self.batching == "static":
+            # a new batch only when the last one has finished; then as many as may run
+            if not self.running:
+                for seq in self.waiting[: self.max_running]:
+                    self._admit(seq)
+            candidates = [s for s in self.running if not s.prefilled]
+        else:
+            # partly prefilled running sequences first, then waiting ones by priority and arrival
+            held = self._held_until() is not None
+            waiting = [s for s in self.waiting if s.admitted or not held]
+            candidates = [s for s in self.running if not s.prefilled] + waiting
+        chunks = []
+        for seq in candidates:
             if budget <= 0:
                 break
             new = seq not in self.running
             if new and len(self.running) >= self.max_running:
                 break
-            target = len(seq.tokens)
-            n = min(budget, target - seq.cached)
+            n = min(budget, len(seq.tokens) - seq.cached)
             if not self._grow(seq, seq.cached + n):
                 break
             if new:
-                self.waiting.remove(seq)
-                self.running.append(seq)
-                self.admitted.setdefault(seq.request_id, time.monotonic())
+                self._admit(seq)
             chunks.append((seq, seq.cached, n))
             budget -= n
         return chunks
 
     # execution
 
-    def _run(self, work: list[tuple[_Seq, int, int]]) -> dict[int, int]:
-        """One forward pass over (sequence, first position, token count) rows; returns the sampled
-        token of every row that reached the end of its known tokens."""
+    def _submit(self, mb: int, work: list[tuple[_Seq, int, int]]) -> list[tuple[int, _Seq]]:
+        """Send one forward pass over (sequence, first position, token count) rows to the executor;
+        returns (row, sequence) for the rows that reach the end of their known tokens: the ones
+        whose sampled token counts."""
         width = max(n for _, _, n in work)
-        tokens = torch.tensor(
-            [s.tokens[start : start + n] + [0] * (width - n) for s, start, n in work], device=self.device
+        # a row that only prefills part of its prompt is sampled too, and its token dropped
+        plan = Plan(
+            mb=mb,
+            tokens=[s.tokens[start : start + n] + [0] * (width - n) for s, start, n in work],
+            starts=[start for _, start, _ in work],
+            logit_index=[n - 1 for _, _, n in work],
+            lengths=[n for _, _, n in work],
+            block_tables=[s.blocks for s, _, _ in work],
+            **sampling_fields([s for s, _, _ in work]),
         )
-        last = torch.tensor([n - 1 for _, _, n in work], device=self.device)
-        step = make_step(
-            tokens,
-            [start for _, start, _ in work],
-            list(range(len(work))),
-            self.windows,
-            last,
-            [s.blocks for s, _, _ in work],
-            self.cache.block_size,
-            [n for _, _, n in work],
-        )
-        logits = self.model.gather_logits(self.model(tokens, step, self.cache))
-        for seq, start, n in work:
-            seq.cached = start + n
-        done = [(i, s) for i, (s, start, n) in enumerate(work) if start + n == len(s.tokens)]
-        if not done:
-            return {}
-        rows = [i for i, _ in done]
-        seqs = [s for _, s in done]
-        rows_of = (list(c) for c in zip(*(s.sampling_row() for s in seqs)))
-        params = SamplingBatch.build(*rows_of, self.device)
-        ids = sample(logits[rows], params).tolist()
-        return {id(s): t for s, t in zip(seqs, ids)}
+        self.executor.submit(plan)
+        return [(i, s) for i, (s, start, n) in enumerate(work) if start + n == len(s.tokens)]
 
 
 def drain(engine: Engine) -> dict[str, list[StepOutput]]:

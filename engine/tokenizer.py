@@ -49,6 +49,14 @@ class Tokenizer:
         control tokens (bos, eos) contribute nothing."""
         return self.sp.decode([i for i in ids if 0 <= i < self.vocab_size])
 
+    def piece(self, token_id: int) -> str:
+        """One token as it reads inside a text (for log-probabilities): the word-boundary mark is a
+        space; byte-fallback pieces stay as written (``<0xE4>``); ids past the tokenizer's
+        vocabulary read as empty."""
+        if not 0 <= token_id < self.vocab_size:
+            return ""
+        return self.sp.id_to_piece(token_id).replace("\u2581", " ")
+
 
 class IncrementalDetokenizer:
     """Turns a stream of token ids into text deltas that never split a character.

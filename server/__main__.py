@@ -1,102 +1,268 @@
-"""``python -m server`` (``./launch.sh serve``): the OpenAI-compatible server on one process.
+"""``python -m server`` (``./launch.sh serve``): the OpenAI-compatible server.
 
     ./launch.sh serve [--model DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
-                      [--kv-cache-mib 512] [--block-size 16] [--max-running 64]
-                      [--max-batched-tokens 512] [--max-queue 256]
+                      [--tp T] [--pp P] [--kv-cache-mib 512] [--block-size 16]
+                      [--max-running 64] [--max-batched-tokens 512] [--max-wait-ms 0]
+                      [--max-queue 256] [--request-timeout S] [--batching continuous|static]
 
 Without ``--model`` it serves the demo checkpoint. The API key may also come from
-RINGLEADER_API_KEY. Bad flags or checkpoints end with one line on stderr and exit status 2.
+RINGLEADER_API_KEY. With tp x pp > 1 the command starts itself again under torchrun, one process
+per rank: the replica's head (rank 0) runs the HTTP front end and the scheduler, and every other
+rank runs the plans the head sends it. SIGTERM (or SIGINT) drains: the server stops taking
+requests (503), gives the running ones ``--drain-timeout`` seconds, fails what is left with a
+clear error, tells the other ranks to exit, and exits. Bad flags or checkpoints end with one line
+on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
+from comm.layout import LayoutError
+from engine.cli import add_parallel_flags, exec_torchrun, launched_as_rank
+from engine.errors import RingleaderError
 
-def main(argv: list[str] | None = None) -> int:
+DEFAULT_PORT = 8000
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ringleader serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="checkpoint directory (default: the demo checkpoint)")
     parser.add_argument("--served-model-name", default=None, help="the model id clients use")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--api-key", default=os.environ.get("RINGLEADER_API_KEY"))
-    parser.add_argument("--kv-cache-mib", type=int, default=512, help="memory for the paged KV cache")
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--max-running", type=int, default=64)
-    parser.add_argument("--max-batched-tokens", type=int, default=512)
-    parser.add_argument("--max-queue", type=int, default=256)
+    parser.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache memory per rank")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    parser.add_argument("--max-running", type=int, default=64, help="sequences in the running batch")
+    parser.add_argument("--max-batched-tokens", type=int, default=512, help="tokens per engine step")
+    parser.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=0.0,
+        help="how long new requests may wait for others to start with them (dynamic batching)",
+    )
+    parser.add_argument(
+        "--max-queue", type=int, default=256, help="requests waiting or running; more get 429"
+    )
+    parser.add_argument("--request-timeout", type=float, default=None, help="seconds before a request fails")
+    parser.add_argument(
+        "--drain-timeout", type=float, default=20.0, help="seconds to finish requests on SIGTERM"
+    )
+    parser.add_argument(
+        "--batching",
+        choices=["continuous", "static"],
+        default="continuous",
+        help="continuous (requests join every step) or static (a batch runs until all finish)",
+    )
     parser.add_argument("--max-len", type=int, default=None, help="context length (default: the model's)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
+    parser.add_argument("--threads", type=int, default=None, help="intra-op CPU threads per rank")
+    add_parallel_flags(parser)
+    return parser
 
-    from engine.errors import RingleaderError
 
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
     try:
-        return _serve(args)
-    except RingleaderError as e:
+        return _serve(args, argv)
+    except (RingleaderError, LayoutError) as e:
         print(f"ringleader: error: {e}", file=sys.stderr)
         return 2
 
 
-def _serve(args) -> int:
-    import torch
-    from aiohttp import web
-
-    from engine.config import DTYPES
-    from engine.demo import ensure_demo
-    from engine.errors import RingleaderError
-    from engine.generate import Generator
-    from engine.kv_cache import PagedKVCache
-    from engine.scheduler import Engine
-    from server.app import ServerConfig, create_app
-
+def _check_flags(args) -> None:
     for flag in ("port", "kv_cache_mib", "block_size", "max_running", "max_batched_tokens", "max_queue"):
         if getattr(args, flag) < 1:
             raise RingleaderError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("request_timeout", "drain_timeout", "max_wait_ms", "timeout"):
+        value = getattr(args, flag)
+        if value is not None and not value >= 0:
+            raise RingleaderError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
+    if args.threads is not None and args.threads < 1:
+        raise RingleaderError(f"--threads must be >= 1, got {args.threads}")
+
+
+def _serve(args, argv: list[str]) -> int:
+    import torch
+
+    from comm.layout import ParallelLayout
+    from engine.config import ModelConfig
+    from engine.demo import ensure_demo
+    from engine.replica import check_layout
+
+    _check_flags(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RingleaderError(f"--device {args.device}: CUDA is not available on this machine")
     model_dir = args.model or str(ensure_demo())
-    dtype = DTYPES[args.dtype] if args.dtype else None
-    gen = Generator.from_pretrained(
-        model_dir, device=device, dtype=dtype, max_len=args.max_len, progress=True
-    )
-    if gen.tokenizer is None:
+    config = ModelConfig.from_hf(model_dir)
+    if not (Path(model_dir) / "tokenizer.model").is_file():
         raise RingleaderError(f"{model_dir}: serving needs a tokenizer.model")
-    model, cfg = gen.model, gen.config
-    param_dtype = next(model.parameters()).dtype
-    blocks = PagedKVCache.blocks_for_budget(
-        args.kv_cache_mib << 20,
-        len(model.layer_ids),
-        args.block_size,
-        model.kv_heads,
-        cfg.head_dim,
-        param_dtype,
+    layout = ParallelLayout(tp=args.tp, pp=args.pp, stage_layers=tuple(args.stage_layers or ()))
+    check_layout(layout, config)
+    as_rank = launched_as_rank(layout, args.nnodes)
+    if (layout.world_size > 1 or args.nnodes > 1) and not as_rank:
+        return exec_torchrun(args, layout, "server", argv)
+    if as_rank:
+        return _serve_rank(args, layout, model_dir)
+    return _serve_local(args, model_dir)
+
+
+def _serve_local(args, model_dir: str) -> int:
+    from engine.config import DTYPES
+    from engine.scheduler import Engine
+
+    engine = Engine.from_pretrained(
+        model_dir,
+        device=args.device,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        max_len=args.max_len,
+        kv_cache_mib=args.kv_cache_mib,
+        block_size=args.block_size,
+        progress=True,
+        **_engine_knobs(args),
     )
-    if blocks < 2:
-        raise RingleaderError(
-            f"--kv-cache-mib {args.kv_cache_mib} holds fewer than 2 blocks of {args.block_size} tokens"
+    _run_server(args, engine, model_dir, engine.executor.model)
+    return 0
+
+
+def _engine_knobs(args) -> dict:
+    return {
+        "max_running": args.max_running,
+        "max_batched_tokens": args.max_batched_tokens,
+        "batching": args.batching,
+        "max_wait_s": args.max_wait_ms / 1000,
+    }
+
+
+def _serve_rank(args, layout, model_dir: str) -> int:
+    """One rank of a tp x pp replica: the head serves, the others follow its plans."""
+    import torch
+    import torch.distributed as dist
+
+    from comm.dist import env_from, init
+    from engine.config import DTYPES
+    from engine.executor import DistributedExecutor
+    from engine.replica import load_stage, make_groups
+    from engine.scheduler import Engine, cache_blocks
+
+    env = env_from()
+    if env.rank != 0:
+        # torchrun hands SIGTERM to every rank at once; the head drains first, then tells the others
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        env, device = init(
+            env, timeout_s=args.timeout, device=torch.device(args.device) if args.device else None
         )
-    cache = PagedKVCache(
-        model.layer_ids, blocks, args.block_size, model.kv_heads, cfg.head_dim, param_dtype, device
-    )
-    engine = Engine(model, cache, gen.tokenizer, device, args.max_running, args.max_batched_tokens)
+        per_node = min(layout.tp, env.local_world_size)
+        tp = make_groups(layout, env.rank, args.timeout, args.allreduce, per_node)
+        dtype = DTYPES[args.dtype] if args.dtype else None
+        replica = load_stage(model_dir, layout, env, tp, device, dtype, args.max_len, progress=True)
+        if not replica.is_head:
+            replica.follow()
+        else:
+            model, config = replica.model, replica.model.config
+            # every stage gets the same number of blocks: as many as the largest stage's budget holds
+            layers = max(len(layout.layers_of_stage(s, config.num_layers)) for s in range(layout.pp))
+            blocks = cache_blocks(
+                args.kv_cache_mib,
+                layers,
+                args.block_size,
+                model.kv_heads,
+                config,
+                next(model.parameters()).dtype,
+            )
+            executor = DistributedExecutor(model, replica.ranks, device, timeout_s=args.timeout)
+            engine = Engine(
+                executor,
+                config,
+                blocks,
+                args.block_size,
+                replica.tokenizer,
+                model.rotary.max_len,
+                micro_batches=layout.pp,
+                **_engine_knobs(args),
+            )
+            _run_server(args, engine, model_dir, model, layout)
+        dist.destroy_process_group()
+    except RuntimeError as e:  # torch.distributed's errors: a peer died, hung past the timeout, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"ringleader: error: rank {env.rank}: lost the replica ({first}); exiting", file=sys.stderr)
+        os._exit(1)  # no clean-up that could wait on the dead peer
+    return 0
+
+
+def _run_server(args, engine, model_dir: str, model, layout=None) -> None:
+    from server.app import ENGINE_LOOP, ServerConfig, create_app
+
     name = args.served_model_name or Path(model_dir).name
+    cfg = engine.config
+    per_block = 2 * len(model.layer_ids) * args.block_size * model.kv_heads * cfg.head_dim
+    mib = engine.num_blocks * per_block * next(model.parameters()).element_size() / 2**20
+    placement = f" on tp={layout.tp} x pp={layout.pp} ranks" if layout else ""
     print(
-        f"ringleader: serving {name!r} on http://{args.host}:{args.port}; KV cache {blocks - 1} blocks "
-        f"of {args.block_size} tokens ({(blocks - 1) * args.block_size} tokens, "
-        f"{cache.nbytes() / 2**20:.0f} MiB)",
+        f"ringleader: serving {name!r}{placement} at http://{args.host}:{args.port}; KV cache "
+        f"{engine.num_blocks - 1} blocks of {args.block_size} tokens "
+        f"({(engine.num_blocks - 1) * args.block_size} tokens, {mib:.0f} MiB"
+        f"{' on the head rank' if layout else ''}); {args.batching} batching",
         file=sys.stderr,
         flush=True,
     )
-    config = ServerConfig(model_name=name, api_key=args.api_key, max_queue=args.max_queue)
-    web.run_app(create_app(engine, config), host=args.host, port=args.port, print=None)
-    return 0
+    config = ServerConfig(
+        model_name=name,
+        api_key=args.api_key,
+        max_queue=args.max_queue,
+        request_timeout_s=args.request_timeout,
+        drain_timeout_s=args.drain_timeout,
+    )
+    app = create_app(engine, config)
+    asyncio.run(_serve_until_signalled(app, args.host, args.port, config.drain_timeout_s))
+    fatal = app[ENGINE_LOOP].fatal
+    if fatal is not None:
+        raise RuntimeError(str(fatal))  # the replica is lost: exit without waiting on its ranks
+    engine.executor.shutdown()  # on a multi-rank replica: every other rank exits its loop
+
+
+async def _serve_until_signalled(app, host: str, port: int, drain_timeout_s: float) -> None:
+    from aiohttp import web
+
+    from server.app import ENGINE_LOOP
+
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except OSError as e:
+            raise RingleaderError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        app[ENGINE_LOOP].on_fatal = lambda error: stop.set()
+        await stop.wait()
+        t0 = time.monotonic()
+        print("ringleader: shutting down: draining in-flight requests", file=sys.stderr, flush=True)
+        failed = await app[ENGINE_LOOP].drain(drain_timeout_s)
+        print(
+            f"ringleader: drained in {time.monotonic() - t0:.1f} s; {failed} unfinished requests failed",
+            file=sys.stderr,
+            flush=True,
+        )
+    finally:
+        await runner.cleanup()
 
 
 if __name__ == "__main__":

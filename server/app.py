@@ -32,7 +32,7 @@ from prometheus_client import (
 )
 
 from engine.errors import RequestError
-from engine.generate import SamplingParams, check_request
+from engine.generate import MAX_LOGPROBS, SamplingParams, check_request
 from engine.hardware import gpus
 from engine.scheduler import Engine, StepOutput
 from server.chat import ChatError, ChatFormatter
@@ -44,6 +44,12 @@ class ServerConfig:
     api_key: str | None = None
     max_queue: int = 256  # requests waiting or running; more get 429
     max_body_bytes: int = 1 << 20
+    request_timeout_s: float | None = None  # a request still running after this fails with 504
+    drain_timeout_s: float = 20.0  # on shutdown, how long in-flight requests may take to finish
+
+
+class ServerShutdown(Exception):
+    """Delivered to requests still running when the server's drain time is over."""
 
 
 class ApiError(Exception):
@@ -89,15 +95,41 @@ class EngineLoop:
         self.steps = 0
         self.task: asyncio.Task | None = None
         self.timing: dict[str, list] = {}
+        self.draining = False
+        self.stopping = False
+        self.idle = asyncio.Event()  # set whenever no request is outstanding
+        self.fatal: BaseException | None = None  # why the replica can no longer run steps
+        self.on_fatal = None  # called with that error
 
-    def submit(self, request_id, prompt, params, priority) -> asyncio.Queue:
+    def submit(self, request_id, prompt, params, priority, timeout_s=None) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue()
         self.queues[request_id] = queue
+        self.idle.clear()
         self.timing[request_id] = [time.monotonic(), None]  # submitted, last token
         self.metrics["prompt_tokens"].inc(len(prompt))
-        self.incoming.append((request_id, prompt, params, priority))
+        self.incoming.append((request_id, prompt, params, priority, timeout_s))
         self.wake.set()
         return queue
+
+    async def drain(self, timeout_s: float) -> int:
+        """Stop taking requests, give the running ones ``timeout_s`` to finish, then fail the rest
+        with ``ServerShutdown``. Returns how many were failed."""
+        self.draining = True
+        if self.queues:
+            try:
+                await asyncio.wait_for(self.idle.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        left = list(self.queues)
+        for request_id in left:
+            self.cancel(request_id)
+            self._deliver(
+                request_id,
+                ServerShutdown(
+                    f"the server shut down before the request finished (drain time {timeout_s:g} s)"
+                ),
+            )
+        return len(left)
 
     def cancel(self, request_id: str) -> None:
         if request_id in self.queues:
@@ -107,15 +139,40 @@ class EngineLoop:
     def outstanding(self) -> int:
         return len(self.queues)
 
+    def stop(self) -> None:
+        """End the loop after the step in progress (a step is never cut off halfway: on a
+        multi-rank replica the other ranks are in the middle of it too)."""
+        self.stopping = True
+        self.wake.set()
+
+    async def _sleep(self, seconds: float | None) -> bool:
+        """Wait for news (True) or ``seconds`` (False)."""
+        self.wake.clear()
+        try:
+            await asyncio.wait_for(self.wake.wait(), seconds)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            if not (self.incoming or self.cancels or self.engine.has_work()):
-                self.wake.clear()
-                await self.wake.wait()
-            for request_id, prompt, params, priority in self.incoming:
+        executor = self.engine.executor
+        keepalive = executor.keepalive_s
+        while not self.stopping:
+            idle = not (self.incoming or self.cancels or self.engine.has_work())
+            held = 0.0 if idle or self.incoming or self.cancels else self.engine.idle_for()
+            if idle or held > 0:
+                # nothing to do, or new requests held back to batch them (max wait); a replica on
+                # other ranks hears from the head at least every keepalive interval
+                delay = held or None
+                if keepalive is not None:
+                    delay = keepalive if delay is None else min(delay, keepalive)
+                if not await self._sleep(delay) and idle and keepalive is not None:
+                    await loop.run_in_executor(None, executor.keepalive)
+                continue
+            for request_id, prompt, params, priority, timeout_s in self.incoming:
                 try:
-                    self.engine.add_request(request_id, prompt, params, priority)
+                    self.engine.add_request(request_id, prompt, params, priority, timeout_s)
                 except RequestError as e:
                     self._deliver(request_id, e)
             self.incoming.clear()
@@ -126,10 +183,17 @@ class EngineLoop:
                 continue
             try:
                 outputs = await loop.run_in_executor(None, self.engine.step)
-            except Exception as e:  # a failed step fails its requests, never the server
+            except Exception as e:
+                # a failed step fails its requests, never the server; a replica that lost a rank
+                # cannot run another step, so the server stops serving (and says so on /ready)
                 for request_id in list(self.queues):
                     self.engine.abort(request_id)
                     self._deliver(request_id, e)
+                if executor.distributed:
+                    self.fatal = e
+                    if self.on_fatal is not None:
+                        self.on_fatal(e)
+                    return
                 continue
             self.steps += 1
             self.metrics["steps"].inc()
@@ -147,6 +211,8 @@ class EngineLoop:
             del self.queues[request_id]
             self.timing.pop(request_id, None)
             self.engine.admitted.pop(request_id, None)
+            if not self.queues:
+                self.idle.set()
 
     def _observe(self, request_id: str, out: StepOutput) -> None:
         """Latency metrics with vLLM's meanings: time to first token, between tokens, end to end,
@@ -239,24 +305,15 @@ def _prompts(body: dict, engine: Engine) -> list[list[int]]:
     )
 
 
-COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream",
-                 "stream_options", "priority", "user", "presence_penalty", "frequency_penalty",
-                 "repetition_penalty", "logprobs", "logit_bias"}  # fmt: skip
+COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "stop_token_ids",
+                 "seed", "stream", "stream_options", "priority", "user", "presence_penalty", "ignore_eos",
+                 "frequency_penalty", "repetition_penalty", "logprobs", "logit_bias"}  # fmt: skip
 FIELDS = {
     "text_completion": COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"},
     "chat.completion": COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"},
 }
-# accepted only at the value that changes nothing, until they are implemented
-NEUTRAL = {
-    "presence_penalty": (0, 0.0),
-    "frequency_penalty": (0, 0.0),
-    "repetition_penalty": (1, 1.0),
-    "logprobs": (False, 0),
-    "top_logprobs": (0,),
-    "echo": (False,),
-    "suffix": ("",),
-    "logit_bias": ({},),
-}
+# accepted only at the value that changes nothing
+NEUTRAL = {"suffix": ("",), "logit_bias": ({},)}
 
 
 def _check_fields(body: dict, shape_object: str) -> None:
@@ -272,13 +329,41 @@ def _check_fields(body: dict, shape_object: str) -> None:
         raise ApiError(400, "'user' must be a string", param="user")
 
 
-def _sampling(body: dict) -> tuple[SamplingParams, int]:
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """How many top log-probabilities each generated token comes with (None: no log-probabilities).
+    Completions: ``logprobs`` is that number; chat: ``logprobs`` is a flag and ``top_logprobs`` the
+    number."""
+    if chat:
+        wanted = _field(body, "logprobs", bool, False, None, "a boolean")
+        top = _field(
+            body,
+            "top_logprobs",
+            int,
+            None,
+            lambda v: 0 <= v <= MAX_LOGPROBS,
+            f"an integer in [0, {MAX_LOGPROBS}]",
+        )
+        if top is not None and not wanted:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        return (top or 0) if wanted else None
+    return _field(
+        body, "logprobs", int, None, lambda v: 0 <= v <= MAX_LOGPROBS, f"an integer in [0, {MAX_LOGPROBS}]"
+    )
+
+
+def _sampling(body: dict, chat: bool) -> tuple[SamplingParams, int]:
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
     if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
         raise ApiError(400, "'stop' must be a string or a list of non-empty strings", param="stop")
+    stop_ids = body.get("stop_token_ids")
+    if stop_ids is not None and not (
+        isinstance(stop_ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids)
+    ):
+        raise ApiError(400, "'stop_token_ids' must be a list of token ids", param="stop_token_ids")
     number = (int, float)
+    penalty = (number, 0.0, lambda v: -2 <= v <= 2, "a number in [-2, 2]")
     params = SamplingParams(
         max_tokens=_field(body, "max_tokens", int, 16, lambda v: v >= 1, "an integer >= 1"),
         temperature=float(
@@ -288,9 +373,69 @@ def _sampling(body: dict) -> tuple[SamplingParams, int]:
         top_k=_field(body, "top_k", int, 0, lambda v: v >= -1, "an integer >= -1"),
         seed=_field(body, "seed", int, None, None, "an integer"),
         stop=stop or [],
+        stop_token_ids=stop_ids or [],
+        ignore_eos=_field(body, "ignore_eos", bool, False, None, "a boolean"),
+        presence_penalty=float(_field(body, "presence_penalty", *penalty)),
+        frequency_penalty=float(_field(body, "frequency_penalty", *penalty)),
+        repetition_penalty=float(
+            _field(body, "repetition_penalty", number, 1.0, lambda v: 0 < v <= 2, "a number in (0, 2]")
+        ),
+        logprobs=_logprobs(body, chat),
     )
     n = _field(body, "n", int, 1, lambda v: 1 <= v <= 16, "an integer in [1, 16]")
     return params, n
+
+
+class Logprobs:
+    """Log-probabilities of one choice in the API's shape: the legacy completions layout (tokens,
+    token_logprobs, top_logprobs, text_offset) or chat's (a content list of token entries)."""
+
+    def __init__(self, tokenizer, chat: bool, offset: int):
+        self.tok, self.chat, self.offset = tokenizer, chat, offset
+
+    def piece(self, token_id: int) -> str:
+        return self.tok.piece(token_id)
+
+    def render(self, out: StepOutput) -> dict | None:
+        if out.logprobs is None:
+            return None
+        if self.chat:
+            content = []
+            for token, (lp, top) in zip(out.token_ids, out.logprobs):
+                text = self.piece(token)
+                content.append(
+                    {
+                        "token": text,
+                        "logprob": lp,
+                        "bytes": list(text.encode()),
+                        "top_logprobs": [
+                            {"token": self.piece(t), "logprob": v, "bytes": list(self.piece(t).encode())}
+                            for t, v in top
+                        ],
+                    }
+                )
+            return {"content": content}
+        tokens, offsets = [], []
+        for token in out.token_ids:
+            tokens.append(self.piece(token))
+            offsets.append(self.offset)
+            self.offset += len(tokens[-1])
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp for lp, _ in out.logprobs],
+            "top_logprobs": [{self.piece(t): v for t, v in top} for _, top in out.logprobs],
+            "text_offset": offsets,
+        }
+
+    @staticmethod
+    def merge(parts: list[dict | None], chat: bool) -> dict:
+        parts = [p for p in parts if p is not None]
+        if chat:
+            return {"content": [c for p in parts for c in p["content"]]}
+        return {
+            k: [v for p in parts for v in p[k]]
+            for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+        }
 
 
 @dataclass(frozen=True)
@@ -301,20 +446,25 @@ class Shape:
     object: str
     chunk_object: str
 
-    def choice(self, index: int, text: str, reason: str | None) -> dict:
-        if self.object == "chat.completion":
+    @property
+    def chat(self) -> bool:
+        return self.object == "chat.completion"
+
+    def choice(self, index: int, text: str, reason: str | None, logprobs: dict | None) -> dict:
+        if self.chat:
             return {
                 "index": index,
                 "message": {"role": "assistant", "content": text},
+                "logprobs": logprobs,
                 "finish_reason": reason,
             }
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
-    def delta(self, index: int, text: str, reason: str | None, first: bool) -> dict:
-        if self.object == "chat.completion":
+    def delta(self, index: int, text: str, reason: str | None, first: bool, logprobs: dict | None) -> dict:
+        if self.chat:
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-            return {"index": index, "delta": delta, "finish_reason": reason}
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
 
 TEXT = Shape("cmpl", "text_completion", "text_completion")
@@ -351,22 +501,38 @@ def _check_model(request: web.Request, body: dict) -> None:
         )
 
 
+@dataclass
+class Choice:
+    request_id: str
+    prompt: list[int]
+    queue: asyncio.Queue
+    echo: str  # text put before the completion (the prompt, with echo)
+    logprobs: Logprobs | None
+
+
 async def _complete(
     request: web.Request, body: dict, prompts: list[list[int]], shape: Shape
 ) -> web.StreamResponse:
     app = request.app
     engine, loop, config = app[ENGINE], app[ENGINE_LOOP], app[CONFIG]
     _check_fields(body, shape.object)
+    if loop.draining:
+        raise ApiError(503, "the server is shutting down", "server_error", code="shutting_down")
     if shape is CHAT and body.get("max_completion_tokens") is not None:
         body = {**body, "max_tokens": body["max_completion_tokens"]}
-    params, n = _sampling(body)
+    params, n = _sampling(body, shape.chat)
     stream = _field(body, "stream", bool, False, None, "a boolean")
+    echo = _field(body, "echo", bool, False, None, "a boolean")
+    if echo and params.logprobs is not None:
+        raise ApiError(
+            400, "'echo' with 'logprobs' (prompt log-probabilities) is not supported", param="echo"
+        )
     options = body.get("stream_options") or {}
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
     priority = _field(body, "priority", int, 0, None, "an integer")
     for prompt in prompts:
         try:
-            check_request(prompt, params, engine.model.config.vocab_size, engine.max_len)
+            check_request(prompt, params, engine.config.vocab_size, engine.max_len)
         except RequestError as e:
             raise ApiError(400, str(e), param=e.param) from None
     if loop.outstanding() + len(prompts) * n > config.max_queue:
@@ -379,29 +545,46 @@ async def _complete(
         seed = params.seed + i if params.seed is not None and n > 1 else params.seed
         p = SamplingParams(**{**params.__dict__, "seed": seed})
         rid = f"{completion_id}-{i}"
-        choices.append((rid, prompt, loop.submit(rid, prompt, p, priority)))
+        queue = loop.submit(rid, prompt, p, priority, config.request_timeout_s)
+        prefix = engine.tokenizer.decode(prompt) if echo else ""
+        lp = Logprobs(engine.tokenizer, shape.chat, len(prefix)) if params.logprobs is not None else None
+        choices.append(Choice(rid, prompt, queue, prefix, lp))
     app[METRICS]["requests"].inc()
     head = {"id": completion_id, "created": created, "model": config.model_name}
     try:
         if stream:
             return await _stream(request, head, shape, choices, include_usage)
-        return await _collect(head, shape, choices)
+        return await _collect(head, shape, choices, config.request_timeout_s)
     finally:
-        for rid, _, _ in choices:
-            loop.cancel(rid)  # no-op for finished ones; a disconnected client's work stops here
+        for c in choices:
+            loop.cancel(c.request_id)  # no-op for finished ones; a disconnected client's work stops here
 
 
-async def _next(queue: asyncio.Queue) -> StepOutput:
-    item = await queue.get()
+def _failure(item, timeout_s) -> ApiError | None:
+    """The API error a queue item stands for, if it is not a normal output."""
     if isinstance(item, RequestError):
-        raise ApiError(400, str(item), param=item.param)
+        return ApiError(400, str(item), param=item.param)
+    if isinstance(item, ServerShutdown):
+        return ApiError(503, str(item), "server_error", code="shutting_down")
     if isinstance(item, Exception):
-        raise ApiError(500, f"generation failed: {item}", "server_error")
+        return ApiError(500, f"generation failed: {item}", "server_error")
+    if item.finish_reason == "timeout":
+        return ApiError(
+            504, f"the request did not finish within {timeout_s:g} s", "timeout_error", code="timeout"
+        )
+    return None
+
+
+async def _next(queue: asyncio.Queue, timeout_s) -> StepOutput:
+    item = await queue.get()
+    error = _failure(item, timeout_s)
+    if error is not None:
+        raise error
     return item
 
 
-def _usage(choices, counts) -> dict:
-    prompt_tokens = sum(len(p) for _, p, _ in choices)
+def _usage(choices: list[Choice], counts) -> dict:
+    prompt_tokens = sum(len(c.prompt) for c in choices)
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": sum(counts),
@@ -409,31 +592,37 @@ def _usage(choices, counts) -> dict:
     }
 
 
-async def _collect(head, shape: Shape, choices) -> web.Response:
+async def _collect(head, shape: Shape, choices: list[Choice], timeout: float | None) -> web.Response:
     out, counts = [], []
-    for index, (_, _, queue) in enumerate(choices):
-        text, count, reason = [], 0, None
+    for index, c in enumerate(choices):
+        text, count, reason, logprobs = [c.echo], 0, None, []
         while reason is None:
-            item = await _next(queue)
+            item = await _next(c.queue, timeout)
             text.append(item.text)
             count += len(item.token_ids)
             reason = item.finish_reason
+            if c.logprobs is not None:
+                logprobs.append(c.logprobs.render(item))
         counts.append(count)
-        out.append(shape.choice(index, "".join(text), reason))
+        merged = Logprobs.merge(logprobs, shape.chat) if c.logprobs is not None else None
+        out.append(shape.choice(index, "".join(text), reason, merged))
     return web.json_response(
         {**head, "object": shape.object, "choices": out, "usage": _usage(choices, counts)}
     )
 
 
-async def _stream(request, head, shape: Shape, choices, include_usage) -> web.StreamResponse:
+async def _stream(request, head, shape: Shape, choices: list[Choice], include_usage) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
 
-    async def send(choice_list, **extra) -> None:
-        payload = {**head, "object": shape.chunk_object, "choices": choice_list, **extra}
+    async def send(payload) -> None:
         await response.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
 
-    pending = {i: asyncio.ensure_future(_next(q)) for i, (_, _, q) in enumerate(choices)}
+    async def chunk(choice_list, **extra) -> None:
+        await send({**head, "object": shape.chunk_object, "choices": choice_list, **extra})
+
+    timeout = request.app[CONFIG].request_timeout_s
+    pending = {i: asyncio.ensure_future(choices[i].queue.get()) for i in range(len(choices))}
     counts = [0] * len(choices)
     started = [False] * len(choices)
     try:
@@ -441,14 +630,29 @@ async def _stream(request, head, shape: Shape, choices, include_usage) -> web.St
             done, _ = await asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED)
             for index in [i for i, f in pending.items() if f in done]:
                 item = pending.pop(index).result()
+                error = _failure(item, timeout)
+                if error is not None:
+                    # the status line has gone out: the error is the stream's last event
+                    body = {
+                        "message": error.message,
+                        "type": error.type,
+                        "param": error.param,
+                        "code": error.code,
+                    }
+                    await send({"error": body})
+                    await response.write(b"data: [DONE]\n\n")
+                    return response
+                c = choices[index]
                 counts[index] += len(item.token_ids)
-                if item.text or item.finish_reason or not started[index]:
-                    await send([shape.delta(index, item.text, item.finish_reason, not started[index])])
+                logprobs = c.logprobs.render(item) if c.logprobs is not None else None
+                text = (c.echo + item.text) if not started[index] else item.text
+                if text or item.finish_reason or not started[index] or logprobs:
+                    await chunk([shape.delta(index, text, item.finish_reason, not started[index], logprobs)])
                     started[index] = True
                 if item.finish_reason is None:
-                    pending[index] = asyncio.ensure_future(_next(choices[index][2]))
+                    pending[index] = asyncio.ensure_future(c.queue.get())
         if include_usage:
-            await send([], usage=_usage(choices, counts))
+            await chunk([], usage=_usage(choices, counts))
         await response.write(b"data: [DONE]\n\n")
     finally:
         for f in pending.values():
@@ -473,8 +677,12 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    task = request.app[ENGINE_LOOP].task
-    if task is None or task.done():
+    loop = request.app[ENGINE_LOOP]
+    if loop.fatal is not None:
+        raise ApiError(503, f"not ready: the replica failed ({loop.fatal})", "server_error")
+    if loop.draining:
+        raise ApiError(503, "not ready: the server is shutting down", "server_error")
+    if loop.task is None or loop.task.done():
         raise ApiError(503, "not ready: the engine loop is not running", "server_error")
     return web.json_response({"status": "ready"})
 
@@ -484,7 +692,7 @@ async def metrics(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     m["running"].set(len(engine.running))
     m["waiting"].set(len(engine.waiting))
-    free, usable = engine.cache.allocator.num_free, engine.cache.num_blocks - 1
+    free, usable = engine.allocator.num_free, engine.num_blocks - 1
     m["free_blocks"].set(free)
     m["kv_usage"].set(1 - free / usable)
     process = psutil.Process()
@@ -553,11 +761,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> web.Applic
         loop = app[ENGINE_LOOP]
         loop.task = asyncio.create_task(loop.run())
         yield
-        loop.task.cancel()
-        try:
-            await loop.task
-        except asyncio.CancelledError:
-            pass
+        loop.stop()
+        await loop.task
 
     app.cleanup_ctx.append(engine_task)
     app[CHAT_FORMATTER] = ChatFormatter(engine.tokenizer)

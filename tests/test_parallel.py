@@ -227,15 +227,12 @@ def test_a_dead_rank_makes_the_others_exit_promptly(tiny_demo):
     assert sum("lost the replica" in line for line in lines) >= 1
 
 
-def _rank_pids(root_pid: int) -> list[int]:
+def _rank_pids(root_pid: int, module: str = "engine.cli") -> list[int]:
+    """The rank processes under a launcher: those running ``module`` that are not the launcher."""
     import psutil
 
     try:
         procs = psutil.Process(root_pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    return sorted(
-        p.pid
-        for p in procs
-        if "engine.cli" in " ".join(p.cmdline()) and "torch.distributed.run" not in " ".join(p.cmdline())
-    )
+    return sorted(p.pid for p in procs if p.cmdline()[1:3] == ["-m", module])

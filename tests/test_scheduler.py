@@ -2,11 +2,8 @@
 tokens and text it gets alone."""
 
 import pytest
-import torch
-
 from engine.errors import RequestError
 from engine.generate import Generator, SamplingParams
-from engine.kv_cache import PagedKVCache
 from engine.scheduler import Engine, drain
 
 
@@ -16,9 +13,7 @@ def gen(tiny_demo):
 
 
 def _engine(gen, blocks=64, block_size=4, **kw):
-    cfg, model = gen.config, gen.model
-    cache = PagedKVCache(model.layer_ids, blocks, block_size, model.kv_heads, cfg.head_dim, torch.float32)
-    return Engine(model, cache, gen.tokenizer, **kw)
+    return Engine.for_model(gen.model, blocks, block_size, gen.tokenizer, **kw)
 
 
 REQUESTS = [
@@ -48,7 +43,7 @@ def test_batched_and_chunked_outputs_equal_generation_alone(gen, max_batched_tok
     for rid, text, params in REQUESTS:
         engine.add_request(rid, gen.tokenizer.encode(text), params)
     _check(drain(engine), _alone(gen))
-    assert engine.cache.allocator.num_free == engine.cache.num_blocks - 1
+    assert engine.allocator.num_free == engine.num_blocks - 1
 
 
 def test_requests_join_a_running_batch_and_preemption_loses_nothing(gen):
@@ -65,7 +60,7 @@ def test_requests_join_a_running_batch_and_preemption_loses_nothing(gen):
         steps += 1
     assert engine.preemptions > 0
     _check(results, _alone(gen))
-    assert engine.cache.allocator.num_free == engine.cache.num_blocks - 1
+    assert engine.allocator.num_free == engine.num_blocks - 1
 
 
 def test_stop_strings_are_never_streamed_past(gen):
@@ -93,7 +88,7 @@ def test_priority_runs_first_and_abort_frees_blocks(gen):
     results = drain(engine)
     assert results["gone"][-1].finish_reason == "abort" and results["gone"][-1].token_ids == []
     assert len([t for o in results["low"] for t in o.token_ids]) == 5
-    assert engine.cache.allocator.num_free == engine.cache.num_blocks - 1
+    assert engine.allocator.num_free == engine.num_blocks - 1
 
 
 def test_a_request_that_can_never_fit_is_refused(gen):

@@ -9,11 +9,9 @@ import urllib.request
 
 import openai
 import pytest
-import torch
 from aiohttp import web
 
 from engine.generate import Generator, SamplingParams
-from engine.kv_cache import PagedKVCache
 from engine.scheduler import Engine
 from server.app import ServerConfig, create_app
 
@@ -27,9 +25,7 @@ def gen(tiny_demo):
 
 @pytest.fixture(scope="module")
 def server(gen):
-    cfg, model = gen.config, gen.model
-    cache = PagedKVCache(model.layer_ids, 128, 8, model.kv_heads, cfg.head_dim, torch.float32)
-    engine = Engine(model, cache, gen.tokenizer, max_batched_tokens=64)
+    engine = Engine.for_model(gen.model, 128, 8, gen.tokenizer, max_batched_tokens=64)
     app = create_app(engine, ServerConfig(model_name="tiny", api_key=KEY, max_queue=64, max_body_bytes=4096))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -183,8 +179,16 @@ BAD_BODIES = [
     ({"prompt": [[1, 99999]]}, 400, "prompt"),
     ({"prompt": [-1]}, 400, "prompt"),
     ({"prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
-    ({"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
-    ({"prompt": "x", "echo": True}, 400, "echo"),
+    ({"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ({"prompt": "x", "frequency_penalty": "much"}, 400, "frequency_penalty"),
+    ({"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "x", "logprobs": True}, 400, "logprobs"),
+    ({"prompt": "x", "echo": True, "logprobs": 1}, 400, "echo"),
+    ({"prompt": "x", "echo": "yes"}, 400, "echo"),
+    ({"prompt": "x", "ignore_eos": 1}, 400, "ignore_eos"),
+    ({"prompt": "x", "stop_token_ids": [99999]}, 400, "stop_token_ids"),
+    ({"prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias"),
     ({"prompt": "x", "user": 7}, 400, "user"),
     ({"prompt": "x", "model": "other"}, 404, "model"),
     ({"model": "tiny"}, 400, "prompt"),
@@ -263,7 +267,7 @@ def test_a_client_that_disconnects_frees_its_blocks(server):
             break
         threading.Event().wait(0.01)
     assert not engine.running and not engine.waiting
-    assert engine.cache.allocator.num_free == engine.cache.num_blocks - 1
+    assert engine.allocator.num_free == engine.num_blocks - 1
 
 
 def test_launch_serve_answers_the_openai_client(tiny_demo):

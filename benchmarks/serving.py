@@ -1,0 +1,683 @@
+"""Serving benchmark: latency and throughput of an OpenAI-compatible server under load, over HTTP.
+
+A seeded workload of random token-id prompts goes out as streaming ``POST /v1/completions``
+requests (greedy, EOS ignored, a set number of new tokens each). Per request the client measures
+the time to the first streamed chunk with tokens (TTFT), every gap between such chunks (ITL), the
+time per output token after the first (TPOT = (e2e - TTFT) / (output tokens - 1)) and the
+end-to-end latency; it reports their mean, median and p99 with the request, output-token and
+total-token throughput of the run. Output-token counts come from the stream's final usage chunk.
+
+Requests arrive all at once (``--request-rate inf``, the default) or as a Poisson process at
+``--request-rate`` per second (gamma-distributed gaps with ``--burstiness`` other than 1), and
+``--max-concurrency`` caps how many are in flight. Prompt and output lengths are drawn uniformly
+within ``--range-ratio`` of ``--input-len`` and ``--output-len``; prompt ids avoid 0-3 (special).
+
+The script starts the server itself (``python -m server`` on a free local port, stopped with
+SIGTERM at the end) unless ``--base-url`` names a running one. ``--compare`` runs one workload at
+one concurrency three ways in one invocation: a server with continuous batching, a server with
+static batching, and the engine's own step loop in a separate process with no HTTP (all requests
+added at once, at most the concurrency running); it prints them side by side with the
+continuous/static throughput ratio and the server's overhead against the bare engine.
+
+    python benchmarks/serving.py --compare --num-prompts 128 --max-concurrency 32 \\
+        --input-len 64 --output-len 128 --range-ratio 0.9
+    python benchmarks/serving.py --max-concurrency 8 --num-prompts 64 --result-json serving.json
+    python benchmarks/serving.py --base-url http://127.0.0.1:8000 --request-rate 4 --burstiness 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+FIRST_ID = 4  # prompt ids are drawn from [FIRST_ID, vocab): 0-3 are the special ids
+WARMUP_TOKENS = 16
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    output_len: int
+
+
+@dataclass
+class Result:
+    prompt_len: int
+    output_len: int  # asked for
+    ok: bool = False
+    output_tokens: int = 0  # generated, as the usage chunk counts them
+    ttft: float = 0.0  # seconds
+    itl: list[float] = field(default_factory=list)
+    e2e: float = 0.0
+    start: float = 0.0  # when it was sent, seconds after the run began
+    error: str = ""
+
+
+# workload
+
+
+def sample_workload(
+    num: int, input_len: int, output_len: int, range_ratio: float, vocab_size: int, seed: int
+) -> list[Request]:
+    """``num`` prompts of random token ids; each length uniform in [len * (1 - r), len * (1 + r)]."""
+    if not 0 <= range_ratio < 1:
+        raise SystemExit(f"--range-ratio must be in [0, 1), got {range_ratio}")
+    if vocab_size <= FIRST_ID:
+        raise SystemExit(f"vocabulary of {vocab_size} ids has none past the special ids 0-{FIRST_ID - 1}")
+    rng = random.Random(seed)
+
+    def length(mean: int) -> int:
+        low = max(1, math.floor(mean * (1 - range_ratio)))
+        return rng.randint(low, max(low, math.ceil(mean * (1 + range_ratio))))
+
+    requests = []
+    for _ in range(num):
+        prompt_len, new = length(input_len), length(output_len)
+        requests.append(Request([rng.randrange(FIRST_ID, vocab_size) for _ in range(prompt_len)], new))
+    return requests
+
+
+def arrival_times(num: int, rate: float, burstiness: float, seed: int) -> list[float]:
+    """Send times in seconds after the start: the first at 0, then gamma-distributed gaps with mean
+    1 / rate (shape ``burstiness``; 1 is a Poisson process, smaller is burstier)."""
+    if math.isinf(rate):
+        return [0.0] * num
+    rng = random.Random(f"arrivals {seed}")
+    times, t = [], 0.0
+    for _ in range(num):
+        times.append(t)
+        t += rng.gammavariate(burstiness, 1 / (rate * burstiness))
+    return times
+
+
+def vocab_size_of(model_dir: str) -> int:
+    raw = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(raw.get("vocab_size") or raw["text_config"]["vocab_size"])
+
+
+# the HTTP client
+
+
+async def send(session, url: str, headers: dict, model: str, req: Request, ignore_eos: bool) -> Result:
+    """One streaming completion; a chunk with choices in it is one that carries tokens."""
+    import aiohttp
+
+    body = {
+        "model": model,
+        "prompt": req.prompt,
+        "max_tokens": req.output_len,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if ignore_eos:
+        body["ignore_eos"] = True
+    res = Result(prompt_len=len(req.prompt), output_len=req.output_len)
+    usage, last = None, None
+    sent = time.perf_counter()
+    try:
+        async with session.post(url, json=body, headers=headers) as response:
+            if response.status != 200:
+                res.error = f"HTTP {response.status}: {(await response.text())[:500]}"
+                return res
+            async for line in response.content:
+                line = line.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                now = time.perf_counter()
+                chunk = json.loads(data)
+                if chunk.get("error"):
+                    res.error = f"error in the stream: {chunk['error']}"
+                    return res
+                if chunk.get("choices"):
+                    if last is None:
+                        res.ttft = now - sent
+                    else:
+                        res.itl.append(now - last)
+                    last = now
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+        res.e2e = time.perf_counter() - sent
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+        res.error = f"{type(e).__name__}: {e}"
+        return res
+    if last is None:
+        res.error = "the stream carried no tokens"
+    elif usage is None or not isinstance(usage.get("completion_tokens"), int):
+        res.error = "the stream ended without a usage chunk"
+    else:
+        res.output_tokens, res.ok = usage["completion_tokens"], True
+    return res
+
+
+def served_model(base_url: str, headers: dict) -> str:
+    request = urllib.request.Request(base_url.rstrip("/") + "/v1/models", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)["data"][0]["id"]
+    except (urllib.error.URLError, OSError, ValueError, LookupError) as e:
+        raise SystemExit(f"GET {request.full_url} failed: {e}") from None
+
+
+async def run_load(
+    base_url: str, requests: list[Request], args, concurrency: int | None
+) -> tuple[list[Result], float]:
+    """Send the workload; (one result per request, in order; seconds from the first send to the
+    last response's end). One short request goes first, untimed, to warm the server up and to
+    check that it takes requests of this shape."""
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    model = served_model(base_url, headers)
+    url = base_url.rstrip("/") + "/v1/completions"
+    gate = asyncio.Semaphore(concurrency) if concurrency else contextlib.nullcontext()
+    times = arrival_times(len(requests), args.request_rate, args.burstiness, args.seed)
+    connector = aiohttp.TCPConnector(limit=concurrency or 0)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=None)
+    ) as session:
+        first = requests[0]
+        warm = Request(first.prompt, min(WARMUP_TOKENS, first.output_len))
+        check = await send(session, url, headers, model, warm, args.ignore_eos)
+        if not check.ok:
+            raise SystemExit(f"the warm-up request to {url} failed: {check.error}")
+        start = time.perf_counter()
+
+        async def one(req: Request, at: float) -> Result:
+            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+            async with gate:
+                sent = time.perf_counter() - start
+                res = await send(session, url, headers, model, req, args.ignore_eos)
+            res.start = sent
+            return res
+
+        results = await asyncio.gather(*(one(r, t) for r, t in zip(requests, times)))
+        duration = time.perf_counter() - start
+    return list(results), duration
+
+
+# the server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env() -> dict:
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
+@contextlib.contextmanager
+def server(model_dir: str, args, batching: str | None, max_running: int | None):
+    """Start ``python -m server`` on a free local port, yield its URL once /ready answers 200, then
+    stop it with SIGTERM and wait for it to exit."""
+    port = args.port or free_port()
+    cmd = [sys.executable, "-m", "server", "--model", model_dir, "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--threads", str(args.threads), "--kv-cache-mib", str(args.kv_cache_mib)]
+    cmd += ["--block-size", str(args.block_size), "--max-batched-tokens", str(args.max_batched_tokens)]
+    cmd += ["--max-queue", str(args.max_queue or max(256, args.num_prompts))]
+    if max_running:
+        cmd += ["--max-running", str(max_running)]
+    if batching:
+        cmd += ["--batching", batching]
+    cmd += shlex.split(args.server_args)
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
+
+        def log_tail() -> str:
+            log.seek(0)
+            return log.read().decode(errors="replace")[-3000:]
+
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + args.server_timeout
+            while True:
+                if proc.poll() is not None:
+                    raise SystemExit(f"the server exited with status {proc.returncode}:\n{log_tail()}")
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"the server was not ready after {args.server_timeout} s:\n{log_tail()}")
+                try:
+                    with urllib.request.urlopen(url + "/ready", timeout=5) as response:
+                        if response.status == 200:
+                            break
+                except (urllib.error.URLError, OSError):
+                    pass
+                time.sleep(0.25)
+            print(f"  server ready: {shlex.join(cmd[1:])}", flush=True)
+            yield url
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+# the bare engine, in its own process
+
+
+def run_engine(model_dir: str, requests: list[Request], args, max_running: int) -> tuple[list[Result], float]:
+    """The workload through ``Engine.step`` in a fresh process (this script with ``--role engine``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        workload = Path(tmp) / "workload.json"
+        workload.write_text(json.dumps([asdict(r) for r in requests]))
+        cmd = [
+            sys.executable,
+            __file__,
+            "--role",
+            "engine",
+            "--workload",
+            str(workload),
+            "--model",
+            model_dir,
+        ]
+        cmd += ["--threads", str(args.threads), "--max-running", str(max_running)]
+        cmd += ["--kv-cache-mib", str(args.kv_cache_mib), "--block-size", str(args.block_size)]
+        cmd += ["--max-batched-tokens", str(args.max_batched_tokens)]
+        out = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode or not lines:
+        raise SystemExit(f"the engine run failed (status {out.returncode}):\n{out.stderr[-3000:]}")
+    record = json.loads(lines[-1])
+    return [Result(**r) for r in record["results"]], record["duration"]
+
+
+def engine_worker(args) -> None:
+    """Add every request at once, step until done, print one JSON line. Times count from each
+    request's admission to the running batch (what a client holding at most max_running requests
+    in flight would see), or from the start where the engine does not record admissions."""
+    import torch
+
+    from engine.generate import SamplingParams
+    from engine.scheduler import Engine
+
+    torch.set_num_threads(args.threads)
+    requests = [Request(**r) for r in json.loads(Path(args.workload).read_text())]
+    engine = Engine.from_pretrained(
+        args.model,
+        kv_cache_mib=args.kv_cache_mib,
+        block_size=args.block_size,
+        max_running=args.max_running,
+        max_batched_tokens=args.max_batched_tokens,
+        batching="continuous",
+    )
+
+    def params(n: int) -> SamplingParams:
+        return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+    engine.add_request("warm-up", requests[0].prompt, params(min(WARMUP_TOKENS, requests[0].output_len)))
+    while engine.has_work():
+        engine.step()
+    results = {
+        str(i): Result(prompt_len=len(r.prompt), output_len=r.output_len) for i, r in enumerate(requests)
+    }
+    first, last = {}, {}
+    start = time.monotonic()
+    for i, r in enumerate(requests):
+        engine.add_request(str(i), r.prompt, params(r.output_len))
+    while engine.has_work():
+        outputs = engine.step()
+        now = time.monotonic()
+        for out in outputs:
+            res = results[out.request_id]
+            if out.token_ids:
+                if out.request_id in last:
+                    res.itl.append(now - last[out.request_id])
+                else:
+                    first[out.request_id] = now
+                last[out.request_id] = now
+                res.output_tokens += len(out.token_ids)
+            if out.finish_reason is not None:
+                res.e2e = now
+                res.ok = out.finish_reason != "abort" and out.request_id in first
+                res.error = "" if res.ok else f"finished {out.finish_reason!r}"
+    duration = time.monotonic() - start
+    admitted = getattr(engine, "admitted", {})
+    for rid, res in results.items():
+        origin = admitted.get(rid, start)
+        res.start = origin - start
+        res.ttft = first.get(rid, origin) - origin
+        res.e2e = max(0.0, res.e2e - origin)
+    out = {
+        "duration": duration,
+        "from_admission": bool(admitted),
+        "results": [asdict(r) for r in results.values()],
+    }
+    print(json.dumps(out))
+
+
+# metrics and reports
+
+
+def summarize(results: list[Result], duration: float) -> dict:
+    import numpy as np
+
+    done = [r for r in results if r.ok]
+    output_tokens = sum(r.output_tokens for r in done)
+    input_tokens = sum(r.prompt_len for r in done)
+    m = {
+        "completed": len(done),
+        "failed": len(results) - len(done),
+        "short": sum(r.output_tokens != r.output_len for r in done),  # fewer or more tokens than asked
+        "duration_s": duration,
+        "total_input_tokens": input_tokens,
+        "total_output_tokens": output_tokens,
+        "request_throughput": len(done) / duration,
+        "output_throughput": output_tokens / duration,
+        "total_token_throughput": (input_tokens + output_tokens) / duration,
+    }
+    series = {
+        "ttft": [r.ttft for r in done],
+        "tpot": [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1],
+        "itl": [gap for r in done for gap in r.itl],
+        "e2el": [r.e2e for r in done],
+    }
+    for name, values in series.items():
+        ms = np.asarray(values) * 1000
+        m[f"mean_{name}_ms"] = float(ms.mean()) if len(ms) else None
+        m[f"median_{name}_ms"] = float(np.median(ms)) if len(ms) else None
+        m[f"p99_{name}_ms"] = float(np.percentile(ms, 99)) if len(ms) else None
+    errors = sorted({r.error for r in results if not r.ok})
+    if errors:
+        m["errors"] = errors[:5]
+    return m
+
+
+ROWS = [
+    ("completed", "completed", "{:d}"),
+    ("failed", "failed", "{:d}"),
+    ("duration (s)", "duration_s", "{:.2f}"),
+    ("input tokens", "total_input_tokens", "{:d}"),
+    ("output tokens", "total_output_tokens", "{:d}"),
+    ("request throughput (req/s)", "request_throughput", "{:.2f}"),
+    ("output throughput (tok/s)", "output_throughput", "{:.1f}"),
+    ("total throughput (tok/s)", "total_token_throughput", "{:.1f}"),
+] + [
+    (f"{stat} {label} (ms)", f"{stat}_{name}_ms", "{:.1f}")
+    for name, label in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2el", "E2E latency"))
+    for stat in ("mean", "median", "p99")
+]
+
+
+def table(columns: dict[str, dict]) -> str:
+    """A Markdown table: one row per metric, one column per run."""
+    cells = [["metric", *columns]]
+    for label, key, fmt in ROWS:
+        cells.append([label, *("-" if m.get(key) is None else fmt.format(m[key]) for m in columns.values())])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+
+    def line(row):
+        return (
+            "| "
+            + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            + " |"
+        )
+
+    rule = (
+        "| "
+        + " | ".join(("-" * (w - 1) + ":") if i else ":" + "-" * (w - 1) for i, w in enumerate(widths))
+        + " |"
+    )
+    return "\n".join([line(cells[0]), rule, *(line(row) for row in cells[1:])])
+
+
+def machine() -> dict:
+    import psutil
+
+    from engine.hardware import gpus
+
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    devices, _ = gpus()
+    return {
+        "host": platform.node(),
+        "system": f"{platform.system()} {platform.machine()}",
+        "cpu_cores": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpus": [d["name"] for d in devices],
+        "python": platform.python_version(),
+        "torch": version("torch"),
+        "aiohttp": version("aiohttp"),
+    }
+
+
+def preamble(args, model_dir: str, requests: list[Request], concurrency: int | None) -> dict:
+    """What the results need beside them: command, date, machine, model and workload."""
+    command = shlex.join(["python", os.path.relpath(__file__, Path.cwd()), *sys.argv[1:]])
+    host = machine()
+    gpu = ", ".join(host["gpus"]) or "no GPU"
+    ins, outs = [len(r.prompt) for r in requests], [r.output_len for r in requests]
+    rate = "inf" if math.isinf(args.request_rate) else f"{args.request_rate:g} req/s"
+    if not math.isinf(args.request_rate) and args.burstiness != 1:
+        rate += f" (gamma, burstiness {args.burstiness:g})"
+    info = {
+        "command": command,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": host,
+        "model": model_dir,
+        "base_url": args.base_url,
+        "workload": {
+            "num_prompts": len(requests),
+            "input_len": [min(ins), sum(ins) / len(ins), max(ins)],
+            "output_len": [min(outs), sum(outs) / len(outs), max(outs)],
+            "range_ratio": args.range_ratio,
+            "seed": args.seed,
+            "request_rate": args.request_rate if not math.isinf(args.request_rate) else "inf",
+            "burstiness": args.burstiness,
+            "max_concurrency": concurrency,
+            "ignore_eos": args.ignore_eos,
+        },
+        "threads": None if args.base_url else args.threads,
+    }
+    print(f"command: {command}")
+    print(f"date: {info['date']}")
+    print(
+        f"machine: {host['host']}, {host['system']}, {host['cpu_cores']} cores, {host['memory_gib']} GiB, "
+        f"{gpu}; Python {host['python']}, torch {host['torch']}, aiohttp {host['aiohttp']}"
+    )
+    if args.base_url:
+        print(f"server: {args.base_url}")
+    else:
+        print(f"model: {model_dir}; the servers and the engine get {args.threads} threads")
+    print(
+        f"workload: {len(requests)} prompts, seed {args.seed}; prompt tokens {min(ins)}-{max(ins)} "
+        f"(mean {sum(ins) / len(ins):.1f}), output tokens {min(outs)}-{max(outs)} "
+        f"(mean {sum(outs) / len(outs):.1f}); arrivals {rate}, concurrency {concurrency or 'unlimited'}"
+    )
+    return info
+
+
+def report_line(name: str, m: dict) -> None:
+    print(
+        f"  {name}: {m['completed']} completed, {m['failed']} failed in {m['duration_s']:.1f} s, "
+        f"{m['output_throughput']:.1f} output tok/s",
+        flush=True,
+    )
+    for error in m.get("errors", []):
+        print(f"    error: {error}")
+    if m["short"]:
+        print(f"    {m['short']} requests got a different number of tokens than they asked for")
+
+
+def fmt_ms(v) -> str:
+    return "-" if v is None else f"{v:.1f} ms"
+
+
+def compare(args, model_dir: str, requests: list[Request], info: dict) -> dict:
+    concurrency = args.max_concurrency
+    max_running = args.max_running or concurrency
+    runs, detail = {}, {}
+    for batching in ("continuous", "static"):
+        print(f"{batching} batching server ...", flush=True)
+        with server(model_dir, args, batching, max_running) as url:
+            results, duration = asyncio.run(run_load(url, requests, args, concurrency))
+        runs[batching], detail[batching] = summarize(results, duration), results
+        report_line(batching, runs[batching])
+    print("bare engine, no HTTP ...", flush=True)
+    results, duration = run_engine(model_dir, requests, args, max_running)
+    runs["engine"], detail["engine"] = summarize(results, duration), results
+    report_line("engine", runs["engine"])
+
+    cont, static, bare = runs["continuous"], runs["static"], runs["engine"]
+    ratio = cont["output_throughput"] / static["output_throughput"] if static["output_throughput"] else None
+    overhead = (
+        1 - cont["output_throughput"] / bare["output_throughput"] if bare["output_throughput"] else None
+    )
+    print()
+    print(table(runs))
+    print()
+    if ratio is not None:
+        verdict = "met" if ratio >= 2 else "missed"
+        print(f"continuous / static output throughput: {ratio:.2f}x (target >= 2x: {verdict})")
+    print(
+        f"p99 TTFT: continuous {fmt_ms(cont['p99_ttft_ms'])}, static {fmt_ms(static['p99_ttft_ms'])}, "
+        f"engine {fmt_ms(bare['p99_ttft_ms'])} (engine times count from admission to the running batch)"
+    )
+    if overhead is not None:
+        verdict = "met" if overhead <= 0.2 else "missed"
+        print(
+            f"server overhead, 1 - continuous server / bare engine output tok/s: {overhead:.1%} "
+            f"(target <= 20%: {verdict})"
+        )
+    if not math.isinf(args.request_rate):
+        print("note: the bare engine gets every request at once; the servers got them at --request-rate")
+    return {
+        **info,
+        "max_running": max_running,
+        "runs": runs,
+        "comparison": {
+            "continuous_over_static_output_throughput": ratio,
+            "p99_ttft_ms": {name: m["p99_ttft_ms"] for name, m in runs.items()},
+            "server_overhead": overhead,
+        },
+        "_detail": detail,
+    }
+
+
+def single(args, model_dir: str | None, requests: list[Request], info: dict) -> dict:
+    concurrency = args.max_concurrency
+    name = args.batching or "server"
+    if args.base_url:
+        results, duration = asyncio.run(run_load(args.base_url, requests, args, concurrency))
+    else:
+        with server(model_dir, args, args.batching, args.max_running) as url:
+            results, duration = asyncio.run(run_load(url, requests, args, concurrency))
+    m = summarize(results, duration)
+    report_line(name, m)
+    print()
+    print(table({name: m}))
+    return {**info, "runs": {name: m}, "_detail": {name: results}}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="checkpoint directory (default: the demo checkpoint)")
+    parser.add_argument("--base-url", help="benchmark this running server instead of starting one")
+    parser.add_argument("--api-key", default=os.environ.get("RINGLEADER_API_KEY"))
+    parser.add_argument(
+        "--vocab-size", type=int, help="prompt ids come from [4, this) (default: the model's)"
+    )
+    parser.add_argument("--compare", action="store_true", help="continuous vs static server vs bare engine")
+    parser.add_argument("--num-prompts", type=int, default=128)
+    parser.add_argument("--input-len", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform within this fraction")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--request-rate", type=float, default=math.inf, help="requests per second (inf)")
+    parser.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps (1: Poisson)")
+    parser.add_argument(
+        "--max-concurrency", type=int, default=None, help="requests in flight at most (--compare: 32)"
+    )
+    parser.add_argument(
+        "--ignore-eos", action=argparse.BooleanOptionalAction, default=True, help="send ignore_eos: true"
+    )
+    parser.add_argument("--result-json", help="write the summary (and the command, date, machine) here")
+    parser.add_argument("--save-detailed", action="store_true", help="put every request's times in the JSON")
+    server_flags = parser.add_argument_group("the servers this script starts (and the bare engine)")
+    server_flags.add_argument("--threads", type=int, default=os.cpu_count())
+    server_flags.add_argument("--batching", choices=["continuous", "static"], help="server default if unset")
+    server_flags.add_argument("--port", type=int, default=None, help="default: a free one")
+    server_flags.add_argument("--kv-cache-mib", type=int, default=512)
+    server_flags.add_argument("--block-size", type=int, default=16)
+    server_flags.add_argument(
+        "--max-running", type=int, default=None, help="default: the server's; --compare: the concurrency"
+    )
+    server_flags.add_argument("--max-batched-tokens", type=int, default=512)
+    server_flags.add_argument("--max-queue", type=int, default=None, help="default: max(256, --num-prompts)")
+    server_flags.add_argument("--server-args", default="", help="more server flags, one shell-quoted string")
+    server_flags.add_argument("--server-timeout", type=float, default=600, help="seconds to wait for /ready")
+    parser.add_argument("--role", choices=["engine"], help=argparse.SUPPRESS)
+    parser.add_argument("--workload", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.role == "engine":
+        engine_worker(args)
+        return 0
+    if args.compare and args.base_url:
+        parser.error("--compare starts its own servers; it does not take --base-url")
+    if args.compare and args.max_concurrency is None:
+        args.max_concurrency = 32
+    if args.request_rate <= 0 or args.burstiness <= 0:
+        parser.error("--request-rate and --burstiness must be > 0")
+    if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
+        parser.error("--num-prompts, --input-len and --output-len must be >= 1")
+
+    model_dir = args.model
+    if model_dir is None and not (args.base_url and args.vocab_size):
+        from engine.demo import ensure_demo
+
+        model_dir = str(ensure_demo())
+    vocab = args.vocab_size or vocab_size_of(model_dir)
+    requests = sample_workload(
+        args.num_prompts, args.input_len, args.output_len, args.range_ratio, vocab, args.seed
+    )
+    info = preamble(args, model_dir, requests, args.max_concurrency)
+    record = (
+        compare(args, model_dir, requests, info) if args.compare else single(args, model_dir, requests, info)
+    )
+    detail = record.pop("_detail")
+    if args.result_json:
+        if args.save_detailed:
+            for name, results in detail.items():
+                record["runs"][name]["requests"] = [asdict(r) for r in results]
+        Path(args.result_json).write_text(json.dumps(record, indent=2))
+        print(f"wrote {args.result_json}")
+    return 0 if all(m["failed"] == 0 for m in record["runs"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
