@@ -472,6 +472,7 @@ def machine() -> dict:
         "python": platform.python_version(),
         "torch": version("torch"),
         "aiohttp": version("aiohttp"),
+        "load_average_1m": os.getloadavg()[0],  # other work on the machine skews every figure
     }
 
 
@@ -507,7 +508,8 @@ def preamble(args, model_dir: str, requests: list[Request], concurrency: int | N
     print(f"date: {info['date']}")
     print(
         f"machine: {host['host']}, {host['system']}, {host['cpu_cores']} cores, {host['memory_gib']} GiB, "
-        f"{gpu}; Python {host['python']}, torch {host['torch']}, aiohttp {host['aiohttp']}"
+        f"{gpu}; Python {host['python']}, torch {host['torch']}, aiohttp {host['aiohttp']}; "
+        f"load average {host['load_average_1m']:.2f} at the start"
     )
     if args.base_url:
         print(f"server: {args.base_url}")
@@ -670,6 +672,8 @@ def main() -> int:
         compare(args, model_dir, requests, info) if args.compare else single(args, model_dir, requests, info)
     )
     detail = record.pop("_detail")
+    record["load_average_1m_end"] = os.getloadavg()[0]
+    print(f"load average {record['load_average_1m_end']:.2f} at the end")
     if args.result_json:
         if args.save_detailed:
             for name, results in detail.items():

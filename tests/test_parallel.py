@@ -235,4 +235,12 @@ def _rank_pids(root_pid: int, module: str = "engine.cli") -> list[int]:
         procs = psutil.Process(root_pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    return sorted(p.pid for p in procs if p.cmdline()[1:3] == ["-m", module])
+    ranks = []
+    for p in procs:
+        try:
+            cmd = p.cmdline()
+        except psutil.Error:
+            continue
+        if module in cmd and cmd[cmd.index(module) - 1] == "-m" and "comm.launcher" not in cmd:
+            ranks.append(p.pid)
+    return sorted(ranks)

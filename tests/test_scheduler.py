@@ -2,6 +2,7 @@
 tokens and text it gets alone."""
 
 import pytest
+
 from engine.errors import RequestError
 from engine.generate import Generator, SamplingParams
 from engine.scheduler import Engine, drain
@@ -95,3 +96,57 @@ def test_a_request_that_can_never_fit_is_refused(gen):
     engine = _engine(gen, blocks=4, block_size=4)
     with pytest.raises(RequestError, match="cache blocks"):
         engine.add_request("big", [1] * 10, SamplingParams(max_tokens=10))
+
+
+def test_static_batching_admits_no_one_until_the_batch_is_done_and_changes_no_output(gen):
+    engine = _engine(gen, batching="static", max_running=2, max_batched_tokens=8)
+    alone = _alone(gen)
+    for rid, text, params in REQUESTS[:3]:
+        engine.add_request(rid, gen.tokenizer.encode(text), params)
+    results, first_of = {}, {}
+    steps = 0
+    while engine.has_work():
+        for out in engine.step():
+            results.setdefault(out.request_id, []).append(out)
+            first_of.setdefault(out.request_id, steps)
+        steps += 1
+        if steps == 2:  # arrives while the first batch runs
+            rid, text, params = REQUESTS[3]
+            engine.add_request(rid, gen.tokenizer.encode(text), params)
+    _check(results, alone)
+    # a and b form the first batch; c and d start only after both have finished
+    last_of_first = max(first_of["a"] + len(results["a"]), first_of["b"] + len(results["b"])) - 1
+    assert first_of["c"] > last_of_first and first_of["d"] > last_of_first
+
+
+def test_max_wait_holds_new_requests_until_they_fill_the_batch_or_time_runs_out(gen):
+    import time
+
+    engine = _engine(gen, max_running=3, max_wait_s=30.0)
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    engine.add_request("a", [1, 5, 9], params)
+    assert engine.idle_for() > 25 and engine.step() == [] and not engine.running
+    engine.add_request("b", [1, 6], params)
+    engine.add_request("c", [1, 7], params)  # three waiting fill the three free slots
+    assert engine.idle_for() == 0
+    assert sorted(o.request_id for o in engine.step()) == ["a", "b", "c"]
+    quick = _engine(gen, max_running=3, max_wait_s=0.05)
+    quick.add_request("a", [1, 5, 9], params)
+    assert quick.step() == [] and 0 < quick.idle_for() <= 0.05
+    time.sleep(0.06)
+    assert [o.request_id for o in quick.step()] == ["a"]
+
+
+def test_a_request_past_its_timeout_finishes_with_reason_timeout_and_frees_its_blocks(gen):
+    import time
+
+    engine = _engine(gen)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    engine.add_request("slow", [1, 5, 9], params, timeout_s=0.2)
+    engine.add_request("fine", [1, 5, 9], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    engine.step()
+    time.sleep(0.25)
+    results = drain(engine)
+    assert results["slow"][-1].finish_reason == "timeout"
+    assert results["fine"][-1].finish_reason == "length"
+    assert engine.allocator.num_free == engine.num_blocks - 1

@@ -4,6 +4,7 @@ import asyncio
 import json
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -270,45 +271,41 @@ def test_a_client_that_disconnects_frees_its_blocks(server):
     assert engine.allocator.num_free == engine.num_blocks - 1
 
 
-def test_launch_serve_answers_the_openai_client(tiny_demo):
-    import os
-    import subprocess
-    import sys
-    import time
+def test_launch_serve_answers_the_openai_client_and_drains_on_sigterm(tiny_demo):
+    from servers import LaunchedServer
 
-    from conftest import ROOT
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "RINGLEADER_PYTHON": sys.executable, "RINGLEADER_API_KEY": "k"}
-    cmd = [
-        str(ROOT / "launch.sh"),
-        "serve",
-        "--model",
-        str(tiny_demo),
-        "--port",
-        str(port),
-        "--kv-cache-mib",
-        "8",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    server = LaunchedServer("--model", str(tiny_demo), "--kv-cache-mib", "8", "--drain-timeout", "0.8",
+                            env={"RINGLEADER_API_KEY": "k"})  # fmt: skip
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                models = client.models.list()
-                break
-            except openai.APIConnectionError:
-                assert proc.poll() is None, proc.stderr.read()
-                time.sleep(0.2)
-        assert [m.id for m in models.data] == ["tiny"]
+        client = openai.OpenAI(base_url=server.base + "/v1", api_key="k", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
         assert client.completions.create(model="tiny", prompt="hello", max_tokens=4, temperature=0).choices
+        # a request too long to finish within the drain time, in flight when SIGTERM arrives
+        stream = client.completions.create(
+            model="tiny",
+            prompt="hello",
+            max_tokens=480,
+            n=16,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        chunks = iter(stream)
+        next(chunks)
+        server.terminate()
+        time.sleep(0.3)
+        status, text, _ = _raw(server.base, "/v1/completions", {"prompt": "x"}, key="k")
+        assert status == 503 and json.loads(text)["error"]["code"] == "shutting_down"
+        assert _raw(server.base, "/ready", key="k")[0] == 503
+        with pytest.raises(openai.APIError, match="shut down before the request finished"):
+            for _ in chunks:
+                pass
+        code, err = server.stop()
     finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=30)
+        if server.proc.poll() is None:
+            server.kill()
+    assert code == 0, err
     assert "KV cache" in err and "blocks of 16 tokens" in err
+    assert "16 unfinished requests failed" in err and "Traceback" not in err
 
 
 def test_launch_serve_rejects_bad_flags(tiny_demo):

@@ -1,0 +1,90 @@
+"""``./launch.sh serve`` in a subprocess on a free loopback port, for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+from conftest import ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LaunchedServer:
+    """Starts ``./launch.sh serve ARGS --port P`` and waits until ``/ready`` answers 200.
+    ``stop()`` sends SIGTERM and returns (exit status, everything the server wrote to stderr)."""
+
+    def __init__(self, *args: str, env: dict | None = None, ready_timeout: float = 120.0):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        full_env = {**os.environ, "RINGLEADER_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **(env or {})}
+        cmd = [str(ROOT / "launch.sh"), "serve", *args, "--port", str(self.port)]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=full_env,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self.terminated = False
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if self.proc.poll() is not None:
+                self._reader.join(timeout=5)
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.stderr}")
+            try:
+                with urllib.request.urlopen(self.base + "/ready", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"server not ready after {ready_timeout} s:\n{self.stderr}")
+            time.sleep(0.2)
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+    def terminate(self) -> None:
+        """SIGTERM, once: a second one while the server shuts down would cut that short."""
+        if not self.terminated and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.terminated = True
+
+    def stop(self, timeout: float = 60.0) -> tuple[int, str]:
+        self.terminate()
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        self._reader.join(timeout=10)
+        return self.proc.returncode, self.stderr
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
