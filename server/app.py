@@ -654,6 +654,8 @@ async def _stream(request, head, shape: Shape, choices: list[Choice], include_us
         if include_usage:
             await chunk([], usage=_usage(choices, counts))
         await response.write(b"data: [DONE]\n\n")
+    except ConnectionResetError:
+        pass  # the client went away; the caller cancels its requests
     finally:
         for f in pending.values():
             f.cancel()

@@ -1,6 +1,7 @@
 """The HTTP front end on a real socket, driven by the official openai client and raw HTTP."""
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -24,10 +25,9 @@ def gen(tiny_demo):
     return Generator.from_pretrained(tiny_demo)
 
 
-@pytest.fixture(scope="module")
-def server(gen):
-    engine = Engine.for_model(gen.model, 128, 8, gen.tokenizer, max_batched_tokens=64)
-    app = create_app(engine, ServerConfig(model_name="tiny", api_key=KEY, max_queue=64, max_body_bytes=4096))
+@contextlib.contextmanager
+def _serving(app):
+    """``app`` on a free loopback port, its event loop in a thread; yields the base URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -48,13 +48,21 @@ def server(gen):
             urllib.request.urlopen(base + "/health", timeout=1)
             break
         except (urllib.error.URLError, ConnectionError):
-            import time
-
             time.sleep(0.05)
-    yield base, engine
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(timeout=10)
+    try:
+        yield base
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(gen):
+    engine = Engine.for_model(gen.model, 128, 8, gen.tokenizer, max_batched_tokens=64)
+    app = create_app(engine, ServerConfig(model_name="tiny", api_key=KEY, max_queue=64, max_body_bytes=4096))
+    with _serving(app) as base:
+        yield base, engine
 
 
 @pytest.fixture()
@@ -397,3 +405,55 @@ def test_64_concurrent_requests_each_equal_the_request_alone(server, gen):
     for answer, ref in zip(answers, alone):
         assert answer.choices[0].text == ref.text
         assert answer.usage.completion_tokens == len(ref.token_ids)
+
+
+def test_logprobs_echo_and_penalties(client, gen):
+    prompt = gen.tokenizer.encode("Log me")
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=3, frequency_penalty=1.2, ignore_eos=True)
+    ref = gen.generate([prompt], params)[0]
+    out = client.completions.create(
+        model="tiny",
+        prompt="Log me",
+        max_tokens=6,
+        temperature=0,
+        logprobs=3,
+        frequency_penalty=1.2,
+        extra_body={"ignore_eos": True},
+    ).choices[0]
+    assert out.text == ref.text
+    lp = out.logprobs
+    assert lp.token_logprobs == pytest.approx([v for v, _ in ref.logprobs], abs=1e-4)
+    # top_logprobs maps token text to log-probability: tokens with the same text share an entry
+    assert len(lp.top_logprobs) == 6 and all(1 <= len(top) <= 3 for top in lp.top_logprobs)
+    assert [max(top.values()) for top in lp.top_logprobs] == pytest.approx(
+        [top[0][1] for _, top in ref.logprobs]
+    )
+    assert lp.tokens == [gen.tokenizer.piece(t) for t in ref.token_ids]
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    echoed = client.completions.create(
+        model="tiny", prompt="Log me", max_tokens=6, temperature=0, echo=True, extra_body={"ignore_eos": True}
+    )
+    plain = gen.generate([prompt], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+    assert echoed.choices[0].text == "Log me" + plain.text
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2
+    )
+    entries = chat.choices[0].logprobs.content
+    assert len(entries) == chat.usage.completion_tokens and all(len(e.top_logprobs) == 2 for e in entries)
+    assert all(e.logprob <= 0 and e.bytes == list(e.token.encode()) for e in entries)
+
+
+def test_a_request_past_the_timeout_fails_with_504_and_a_stream_ends_with_an_error_event(gen):
+    engine = Engine.for_model(gen.model, 128, 8, gen.tokenizer)
+    app = create_app(engine, ServerConfig(model_name="tiny", request_timeout_s=0.3))
+    with _serving(app) as base:
+        body = {"prompt": "slow", "max_tokens": 480, "n": 16, "ignore_eos": True}
+        status, text, _ = _raw(base, "/v1/completions", body, key=None)
+        assert status == 504 and json.loads(text)["error"]["code"] == "timeout"
+        status, text, _ = _raw(base, "/v1/completions", {**body, "stream": True}, key=None)
+        events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+        assert status == 200 and events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["type"] == "timeout_error"
+        assert _raw(base, "/v1/completions", {"prompt": "fast", "max_tokens": 2}, key=None)[0] == 200
+    assert engine.allocator.num_free == engine.num_blocks - 1

@@ -1,0 +1,156 @@
+"""End to end against a tp = 2 replica started by ``./launch.sh serve --tp 2`` (torchrun, two
+processes, gloo): the openai client, concurrency, disconnects, bad input and a SIGTERM drain."""
+
+import concurrent.futures
+import http.client
+import json
+import re
+import time
+
+import openai
+import psutil
+import pytest
+from servers import LaunchedServer
+
+from engine.generate import Generator, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_demo):
+    return Generator.from_pretrained(tiny_demo)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_demo):
+    server = LaunchedServer(
+        "--model", str(tiny_demo), "--tp", "2", "--threads", "1", "--kv-cache-mib", "4",
+        "--max-batched-tokens", "64", "--drain-timeout", "20",
+    )  # fmt: skip
+    yield server
+    server.kill()
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0)
+
+
+def _metric(server, name: str) -> float:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+
+def _greedy(gen, text, n):
+    return gen.generate(
+        [gen.tokenizer.encode(text)], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    )[0]
+
+
+def test_completions_and_chat_equal_one_process(server, client, gen):
+    assert "on tp=2 x pp=1 ranks" in server.stderr
+    ref = _greedy(gen, "The leader", 12)
+    out = client.completions.create(
+        model="tiny", prompt="The leader", max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert out.choices[0].text == ref.text and out.choices[0].finish_reason == "length"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ref.prompt_ids), 12)
+    stream = client.completions.create(
+        model="tiny",
+        prompt="The leader",
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == ref.text
+    assert chunks[-1].usage.completion_tokens == 12
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0, logprobs=True
+    )
+    assert chat.choices[0].message.role == "assistant" and len(chat.choices[0].logprobs.content) == 6
+    assert chat.usage.completion_tokens == 6
+
+
+def test_sampling_features_equal_one_process(client, gen):
+    params = SamplingParams(max_tokens=10, temperature=0.8, seed=11, repetition_penalty=1.4, logprobs=2,
+                            ignore_eos=True)  # fmt: skip
+    ref = gen.generate([gen.tokenizer.encode("Penalised")], params)[0]
+    out = client.completions.create(
+        model="tiny",
+        prompt="Penalised",
+        max_tokens=10,
+        temperature=0.8,
+        seed=11,
+        logprobs=2,
+        extra_body={"repetition_penalty": 1.4, "ignore_eos": True},
+    )
+    assert out.choices[0].text == ref.text
+    assert out.choices[0].logprobs.token_logprobs == pytest.approx([lp for lp, _ in ref.logprobs], abs=1e-4)
+
+
+def test_32_concurrent_requests_each_equal_the_request_alone(client, gen):
+    prompts = [f"request number {i} says" for i in range(32)]
+    lengths = [4 + (i * 7) % 20 for i in range(32)]
+
+    def one(i):
+        return client.completions.create(
+            model="tiny",
+            prompt=prompts[i],
+            max_tokens=lengths[i],
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        outs = list(pool.map(one, range(32)))
+    for i, out in enumerate(outs):
+        assert out.choices[0].text == _greedy(gen, prompts[i], lengths[i]).text, i
+
+
+def test_a_disconnect_frees_the_sequence_and_bad_input_is_refused(server, client):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    body = {"prompt": "x", "max_tokens": 400, "stream": True, "ignore_eos": True}
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    response.readline()
+    assert _metric(server, "ringleader_num_requests_running") == 1
+    conn.close()
+    deadline = time.monotonic() + 10
+    while _metric(server, "ringleader_num_requests_running") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _metric(server, "ringleader_num_requests_running") == 0
+    assert _metric(server, "ringleader_kv_cache_usage_perc") == 0
+    bad_bodies = [({"prompt": "x", "max_tokens": -1}, "max_tokens"), ({"prompt": [99999]}, "prompt"),
+                  ({"prompt": "x", "top_p": 7}, "top_p"), ({"prompt": "x", "wat": 1}, "wat")]  # fmt: skip
+    for bad, param in bad_bodies:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="tiny", prompt=bad.pop("prompt"), extra_body=bad)
+        assert e.value.body["param"] == param
+    assert client.completions.create(model="tiny", prompt="ok", max_tokens=2).choices
+
+
+def test_sigterm_finishes_in_flight_requests_then_every_rank_exits(server, client):
+    launcher = psutil.Process(server.proc.pid)
+    ranks = launcher.children(recursive=True)
+    assert len(ranks) == 2
+    stream = client.completions.create(
+        model="tiny",
+        prompt="drain me",
+        max_tokens=200,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    chunks = iter(stream)
+    next(chunks)
+    server.terminate()
+    rest = list(chunks)
+    assert rest[-1].choices[0].finish_reason == "length"  # finished, not cut off
+    code, err = server.stop()
+    assert "drained in" in err and "0 unfinished requests failed" in err
+    assert code == 128 + 15 and "Traceback" not in err
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks)
