@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # ringleader launcher.
 #
-#   ./launch.sh                          generate with the demo checkpoint (built on first use)
+#   ./launch.sh                          serve the demo checkpoint (built on first use) on
+#                                        http://127.0.0.1:8000 (RINGLEADER_HOST, RINGLEADER_PORT)
+#   ./launch.sh serve [ARGS...]          the OpenAI-compatible server: ./launch.sh serve --help
 #   ./launch.sh generate [ARGS...]       the generation CLI: ./launch.sh generate --help
-#   ./launch.sh serve [ARGS...]          the OpenAI-compatible server (one process): serve --help
 #   ./launch.sh demo [PATH]              build the demo checkpoint, print its directory
 #   ./launch.sh info                     this host's CPUs, memory and GPUs (NVML) as JSON
 #
@@ -15,10 +16,8 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$root/scripts/env.sh"
 ringleader_env ""
 
-DEFAULT_PROMPT=${RINGLEADER_PROMPT:-"The leader sends a message to every rank of the cluster"}
-
 if [ $# -eq 0 ]; then
-    exec "$PY" -m engine.cli generate --prompt "$DEFAULT_PROMPT" --max-tokens 48 --temperature 0.8 --seed 0
+    exec "$PY" -m server
 fi
 cmd=$1
 shift

@@ -6,7 +6,7 @@
                       [--max-queue 256] [--request-timeout S] [--batching continuous|static]
 
 Without ``--model`` it serves the demo checkpoint. The API key may also come from
-RINGLEADER_API_KEY. With tp x pp > 1 the command starts itself again under torchrun, one process
+RINGLEADER_API_KEY, the host and port from RINGLEADER_HOST and RINGLEADER_PORT. With tp x pp > 1 the command starts itself again under torchrun, one process
 per rank: the replica's head (rank 0) runs the HTTP front end and the scheduler, and every other
 rank runs the plans the head sends it. SIGTERM (or SIGINT) drains: the server stops taking
 requests (503), gives the running ones ``--drain-timeout`` seconds, fails what is left with a
@@ -31,12 +31,22 @@ from engine.errors import RingleaderError
 DEFAULT_PORT = 8000
 
 
+def _port(value) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in [1, 65535], got {port}")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ringleader serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="checkpoint directory (default: the demo checkpoint)")
     parser.add_argument("--served-model-name", default=None, help="the model id clients use")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--host", default=os.environ.get("RINGLEADER_HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=_port, default=os.environ.get("RINGLEADER_PORT", DEFAULT_PORT))
     parser.add_argument("--api-key", default=os.environ.get("RINGLEADER_API_KEY"))
     parser.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache memory per rank")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
@@ -80,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check_flags(args) -> None:
-    for flag in ("port", "kv_cache_mib", "block_size", "max_running", "max_batched_tokens", "max_queue"):
+    for flag in ("kv_cache_mib", "block_size", "max_running", "max_batched_tokens", "max_queue"):
         if getattr(args, flag) < 1:
             raise RingleaderError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     for flag in ("request_timeout", "drain_timeout", "max_wait_ms", "timeout"):

@@ -22,14 +22,21 @@ def free_port() -> int:
 
 
 class LaunchedServer:
-    """Starts ``./launch.sh serve ARGS --port P`` and waits until ``/ready`` answers 200.
+    """Starts ``./launch.sh serve ARGS`` on a free port (or, with ``plain``, ``./launch.sh`` with no
+    arguments, the port given by RINGLEADER_PORT) and waits until ``/ready`` answers 200.
     ``stop()`` sends SIGTERM and returns (exit status, everything the server wrote to stderr)."""
 
-    def __init__(self, *args: str, env: dict | None = None, ready_timeout: float = 120.0):
+    def __init__(
+        self, *args: str, env: dict | None = None, ready_timeout: float = 120.0, plain: bool = False
+    ):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "RINGLEADER_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **(env or {})}
-        cmd = [str(ROOT / "launch.sh"), "serve", *args, "--port", str(self.port)]
+        if plain:
+            full_env["RINGLEADER_PORT"] = str(self.port)
+            cmd = [str(ROOT / "launch.sh")]
+        else:
+            cmd = [str(ROOT / "launch.sh"), "serve", *args, "--port", str(self.port)]
         self.proc = subprocess.Popen(
             cmd,
             stdout=subprocess.DEVNULL,

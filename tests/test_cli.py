@@ -57,14 +57,24 @@ def test_bad_flag_and_bad_model_fail_cleanly(tmp_path):
     assert run.returncode == 2 and "unknown command" in run.stderr
 
 
-def test_plain_launch_builds_the_demo_and_generates(tmp_path):
-    run = _launch(home=tmp_path)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.strip()
+def test_plain_launch_builds_the_demo_and_serves_it(tmp_path):
+    import openai
+    from servers import LaunchedServer
+
     from engine.demo import VERSION
 
+    server = LaunchedServer(plain=True, env={"RINGLEADER_HOME": str(tmp_path)}, ready_timeout=300)
+    try:
+        client = openai.OpenAI(base_url=server.base + "/v1", api_key="none", max_retries=0)
+        name = f"demo-v{VERSION}"
+        assert [m.id for m in client.models.list().data] == [name]
+        out = client.completions.create(model=name, prompt="Hello", max_tokens=8)
+        assert out.usage.completion_tokens >= 1 and out.choices[0].finish_reason in ("stop", "length")
+    finally:
+        code, err = server.stop()
+    assert code == 0, err
     assert (tmp_path / f"demo-v{VERSION}" / "model.safetensors").is_file()
-    assert "tokens/s" in run.stderr
+    assert f"serving '{name}' at {server.base}" in err
 
 
 def test_info_reports_the_host():
