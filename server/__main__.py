@@ -6,12 +6,12 @@
                       [--max-queue 256] [--request-timeout S] [--batching continuous|static]
 
 Without ``--model`` it serves the demo checkpoint. The API key may also come from
-RINGLEADER_API_KEY, the host and port from RINGLEADER_HOST and RINGLEADER_PORT. With tp x pp > 1 the command starts itself again under torchrun, one process
-per rank: the replica's head (rank 0) runs the HTTP front end and the scheduler, and every other
-rank runs the plans the head sends it. SIGTERM (or SIGINT) drains: the server stops taking
-requests (503), gives the running ones ``--drain-timeout`` seconds, fails what is left with a
-clear error, tells the other ranks to exit, and exits. Bad flags or checkpoints end with one line
-on stderr and exit status 2.
+RINGLEADER_API_KEY, the host and port from RINGLEADER_HOST and RINGLEADER_PORT. With tp x pp > 1
+the command starts itself again under torchrun, one process per rank: the replica's head (rank 0)
+runs the HTTP front end and the scheduler, and every other rank runs the plans the head sends it.
+SIGTERM (or SIGINT) drains: the server stops taking requests (503), gives the running ones
+``--drain-timeout`` seconds, fails what is left with a clear error, tells the other ranks to exit,
+and exits. Bad flags or checkpoints end with one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -121,11 +121,29 @@ def _serve(args, argv: list[str]) -> int:
     layout = ParallelLayout(tp=args.tp, pp=args.pp, stage_layers=tuple(args.stage_layers or ()))
     check_layout(layout, config)
     as_rank = launched_as_rank(layout, args.nnodes)
+    if not as_rank or int(os.environ.get("RANK", "0")) == 0:
+        _check_port(args.host, args.port)  # before minutes of loading, not after
     if (layout.world_size > 1 or args.nnodes > 1) and not as_rank:
         return exec_torchrun(args, layout, "server", argv)
     if as_rank:
         return _serve_rank(args, layout, model_dir)
     return _serve_local(args, model_dir)
+
+
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise RingleaderError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise RingleaderError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
 
 
 def _serve_local(args, model_dir: str) -> int:
