@@ -37,7 +37,7 @@ from engine.generate import SamplingParams, Sequence, build_model, check_request
 from engine.kv_cache import BlockAllocator, PagedKVCache
 from engine.loader import Checkpoint
 from engine.model import CausalLM
-from engine.tokenizer import Tokenizer
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 BATCHING = ("continuous", "static")
 
@@ -70,8 +70,13 @@ class _Seq(Sequence):
     """A sequence under the scheduler: its priority, arrival order, cache blocks and how many of
     its tokens are in them."""
 
-    def __init__(self, request_id, prompt, params, priority, arrival, eos_ids, tokenizer, deadline):
+    def __init__(
+        self, request_id, prompt, params, priority, arrival, eos_ids, tokenizer, deadline, generated
+    ):
         super().__init__(0, prompt, params, eos_ids, tokenizer)
+        if generated:  # resumed elsewhere: its text so far was handed out there
+            self.out = list(generated)
+            self.detok = IncrementalDetokenizer(tokenizer, prompt + self.out) if tokenizer else None
         self.request_id, self.priority, self.arrival = request_id, priority, arrival
         self.arrived = time.monotonic()
         self.deadline = deadline  # monotonic time after which it is cut off, or None
@@ -200,9 +205,18 @@ class Engine:
         params: SamplingParams,
         priority: int = 0,
         timeout_s: float | None = None,
+        generated: list[int] | None = None,
     ) -> None:
-        """Queue a request; ``timeout_s``: it finishes with reason "timeout" if still running then."""
+        """Queue a request; ``timeout_s``: it finishes with reason "timeout" if still running then.
+        ``generated``: tokens it already produced (on a replica that was lost); it goes on from
+        there, drawing the same samples it would have drawn, and its text starts after them."""
         check_request(prompt, params, self.config.vocab_size, self.max_len)
+        if generated and (
+            len(generated) >= params.max_tokens or not all(isinstance(t, int) for t in generated)
+        ):
+            raise RequestError(
+                f"{len(generated)} generated tokens leave nothing of max_tokens={params.max_tokens}"
+            )
         needed = -(-(len(prompt) + params.max_tokens) // self.block_size)
         if needed > self.num_blocks - 1:
             raise RequestError(
@@ -219,6 +233,7 @@ class Engine:
             self.eos_ids,
             self.tokenizer,
             deadline,
+            generated,
         )
         self.waiting.append(seq)
 

@@ -101,13 +101,13 @@ class EngineLoop:
         self.fatal: BaseException | None = None  # why the replica can no longer run steps
         self.on_fatal = None  # called with that error
 
-    def submit(self, request_id, prompt, params, priority, timeout_s=None) -> asyncio.Queue:
+    def submit(self, request_id, prompt, params, priority, timeout_s=None, generated=None) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue()
         self.queues[request_id] = queue
         self.idle.clear()
         self.timing[request_id] = [time.monotonic(), None]  # submitted, last token
         self.metrics["prompt_tokens"].inc(len(prompt))
-        self.incoming.append((request_id, prompt, params, priority, timeout_s))
+        self.incoming.append((request_id, prompt, params, priority, timeout_s, generated))
         self.wake.set()
         return queue
 
@@ -170,9 +170,9 @@ class EngineLoop:
                 if not await self._sleep(delay) and idle and keepalive is not None:
                     await loop.run_in_executor(None, executor.keepalive)
                 continue
-            for request_id, prompt, params, priority, timeout_s in self.incoming:
+            for request_id, prompt, params, priority, timeout_s, generated in self.incoming:
                 try:
-                    self.engine.add_request(request_id, prompt, params, priority, timeout_s)
+                    self.engine.add_request(request_id, prompt, params, priority, timeout_s, generated)
                 except RequestError as e:
                     self._deliver(request_id, e)
             self.incoming.clear()

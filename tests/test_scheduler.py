@@ -150,3 +150,23 @@ def test_a_request_past_its_timeout_finishes_with_reason_timeout_and_frees_its_b
     assert results["slow"][-1].finish_reason == "timeout"
     assert results["fine"][-1].finish_reason == "length"
     assert engine.allocator.num_free == engine.num_blocks - 1
+
+
+@pytest.mark.parametrize("cut", [1, 7])
+def test_a_request_resumed_elsewhere_with_its_tokens_goes_on_exactly_as_it_would_have(gen, cut):
+    params = SamplingParams(max_tokens=16, temperature=0.9, seed=21, frequency_penalty=0.7, ignore_eos=True)
+    prompt = gen.tokenizer.encode("Resume after a failover")
+    whole = gen.generate([prompt], params)[0]
+    first = _engine(gen)
+    first.add_request("r", prompt, params)
+    done: list[int] = []
+    while len(done) < cut:
+        done += [t for o in first.step() for t in o.token_ids]
+    first.abort("r")  # the replica is lost
+    second = _engine(gen, max_batched_tokens=4)
+    second.add_request("r", prompt, params, generated=done)
+    outs = drain(second)["r"]
+    assert done + [t for o in outs for t in o.token_ids] == whole.token_ids
+    assert gen.tokenizer.decode(prompt + done) + "".join(o.text for o in outs) == gen.tokenizer.decode(
+        prompt + whole.token_ids
+    )
