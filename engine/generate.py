@@ -121,6 +121,7 @@ class Sequence:
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_ids)
         self.detok = IncrementalDetokenizer(tokenizer, prompt) if tokenizer else None
         self.text = ""
+        self.emitted = 0  # characters of text already handed out (text_delta)
         self.finish: str | None = None
         self.logits: list[torch.Tensor] = []
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []  # per generated token
@@ -145,6 +146,17 @@ class Sequence:
             self.text += self.detok.flush()
             if self.params.stop and self._truncate_at_stop():
                 self.finish = "stop"
+
+    def text_delta(self) -> str:
+        """New text that can be handed out: while running, text that could still turn out to be
+        the start of a stop string is held back."""
+        end = len(self.text)
+        if self.finish is None and self.params.stop:
+            end -= max(len(s) for s in self.params.stop) - 1
+        if end <= self.emitted:
+            return ""
+        delta, self.emitted = self.text[self.emitted : end], end
+        return delta
 
     def _truncate_at_stop(self) -> bool:
         hits = [i for i in (self.text.find(s) for s in self.params.stop) if i >= 0]

@@ -82,7 +82,6 @@ class _Seq(Sequence):
         self.deadline = deadline  # monotonic time after which it is cut off, or None
         self.blocks: list[int] = []
         self.cached = 0  # tokens whose keys and values are in the cache
-        self.emitted = 0  # characters of text already handed out
         self.admitted = False
 
     @property
@@ -93,16 +92,6 @@ class _Seq(Sequence):
     def prefilled(self) -> bool:
         return bool(self.out) and self.cached >= len(self.prompt) + len(self.out) - 1
 
-    def text_delta(self) -> str:
-        """New text that can be handed out: while running, text that could still turn out to be
-        the start of a stop string is held back."""
-        end = len(self.text)
-        if self.finish is None and self.params.stop:
-            end -= max(len(s) for s in self.params.stop) - 1
-        if end <= self.emitted:
-            return ""
-        delta, self.emitted = self.text[self.emitted : end], end
-        return delta
 
 
 class Engine:

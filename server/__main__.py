@@ -71,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="continuous",
         help="continuous (requests join every step) or static (a batch runs until all finish)",
     )
+    cl = parser.add_argument_group("cluster (fault tolerance across nodes; see README)")
+    cl.add_argument(
+        "--cluster", default=None, help="every member: NAME=http://HOST:PORT,... (#witness marks one)"
+    )
+    cl.add_argument("--name", default=None, help="this member's NAME in --cluster")
+    cl.add_argument("--cluster-secret", default=os.environ.get("RINGLEADER_CLUSTER_SECRET"))
+    cl.add_argument("--heartbeat-ms", type=float, default=200.0)
+    cl.add_argument(
+        "--lease-ms", type=float, default=1000.0, help="a leader without a majority stops after this"
+    )
+    cl.add_argument(
+        "--election-timeout-ms", type=float, default=1500.0, help="the shortest; the longest is twice"
+    )
     parser.add_argument("--max-len", type=int, default=None, help="context length (default: the model's)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
@@ -110,6 +123,7 @@ def _serve(args, argv: list[str]) -> int:
     from engine.replica import check_layout
 
     _check_flags(args)
+    make_cluster(args)  # its flags are checked before anything is loaded
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -231,6 +245,36 @@ def _serve_rank(args, layout, model_dir: str) -> int:
     return 0
 
 
+def make_cluster(args):
+    """(Cluster, Signer) from the --cluster flags, or (None, None) without --cluster."""
+    from server.cluster import Cluster, ConfigError, Signer, parse_members
+
+    if not args.cluster:
+        return None, None
+    try:
+        members = parse_members(args.cluster)
+        if not args.name:
+            raise ConfigError("--cluster needs --name (this member's name)")
+        if not args.cluster_secret:
+            raise ConfigError(
+                "--cluster needs --cluster-secret or RINGLEADER_CLUSTER_SECRET (the same on every member)"
+            )
+        signer = Signer(args.cluster_secret)
+        election = args.election_timeout_ms / 1000
+        cluster = Cluster(
+            args.name,
+            members,
+            signer,
+            heartbeat_s=args.heartbeat_ms / 1000,
+            lease_s=args.lease_ms / 1000,
+            election_timeout_s=(election, 2 * election),
+            dead_after_s=args.lease_ms / 1000,
+        )
+    except ConfigError as e:
+        raise RingleaderError(str(e)) from None
+    return cluster, signer
+
+
 def _run_server(args, engine, model_dir: str, model, layout=None) -> None:
     from server.app import ENGINE_LOOP, ServerConfig, create_app
 
@@ -254,7 +298,8 @@ def _run_server(args, engine, model_dir: str, model, layout=None) -> None:
         request_timeout_s=args.request_timeout,
         drain_timeout_s=args.drain_timeout,
     )
-    app = create_app(engine, config)
+    cluster, signer = make_cluster(args)
+    app = create_app(engine, config, cluster, signer)
     asyncio.run(_serve_until_signalled(app, args.host, args.port, config.drain_timeout_s))
     fatal = app[ENGINE_LOOP].fatal
     if fatal is not None:

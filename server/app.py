@@ -20,6 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import aiohttp
 import psutil
 from aiohttp import web
 from prometheus_client import (
@@ -36,6 +37,17 @@ from engine.generate import MAX_LOGPROBS, SamplingParams, check_request
 from engine.hardware import gpus
 from engine.scheduler import Engine, StepOutput
 from server.chat import ChatError, ChatFormatter
+from server.cluster import (
+    SIGNATURE,
+    TERM_HEADER,
+    Cluster,
+    Forged,
+    Signer,
+    add_control_routes,
+    cluster_metrics,
+    verified,
+)
+from server.router import NoReplica, Router
 
 
 @dataclass
@@ -241,6 +253,10 @@ CONFIG = web.AppKey("config", ServerConfig)
 ENGINE = web.AppKey("engine", Engine)
 METRICS = web.AppKey("metrics", dict)
 CHAT_FORMATTER = web.AppKey("chat_formatter", ChatFormatter)
+FRONT = web.AppKey("front", object)  # where requests go: the engine loop, or a cluster's router
+CLUSTER = web.AppKey("cluster", Cluster)
+ROUTER = web.AppKey("router", Router)
+PROXY = web.AppKey("proxy", aiohttp.ClientSession)
 
 
 def _check_auth(request: web.Request) -> None:
@@ -514,7 +530,7 @@ async def _complete(
     request: web.Request, body: dict, prompts: list[list[int]], shape: Shape
 ) -> web.StreamResponse:
     app = request.app
-    engine, loop, config = app[ENGINE], app[ENGINE_LOOP], app[CONFIG]
+    engine, loop, config = app[ENGINE], app[FRONT], app[CONFIG]
     _check_fields(body, shape.object)
     if loop.draining:
         raise ApiError(503, "the server is shutting down", "server_error", code="shutting_down")
@@ -554,10 +570,27 @@ async def _complete(
     try:
         if stream:
             return await _stream(request, head, shape, choices, include_usage)
-        return await _collect(head, shape, choices, config.request_timeout_s)
+        answer = await _collect(head, shape, choices, config.request_timeout_s)
+        if not _may_answer(request):
+            _cut(request)
+        return answer
     finally:
         for c in choices:
             loop.cancel(c.request_id)  # no-op for finished ones; a disconnected client's work stops here
+
+
+def _may_answer(request: web.Request) -> bool:
+    """A clustered member answers requests only while it leads with a live lease: a leader that
+    lost its lease (partitioned, or paused past it) must not answer in a term that has ended."""
+    cluster = request.app.get(CLUSTER)
+    return cluster is None or cluster.is_leader()
+
+
+def _cut(request: web.Request):
+    """Drop the connection without an answer; the client sees a connection error and retries."""
+    if request.transport is not None:
+        request.transport.abort()
+    raise ConnectionResetError("no longer the leader")
 
 
 def _failure(item, timeout_s) -> ApiError | None:
@@ -566,6 +599,8 @@ def _failure(item, timeout_s) -> ApiError | None:
         return ApiError(400, str(item), param=item.param)
     if isinstance(item, ServerShutdown):
         return ApiError(503, str(item), "server_error", code="shutting_down")
+    if isinstance(item, NoReplica):
+        return ApiError(503, str(item), "server_error", code="no_replica")
     if isinstance(item, Exception):
         return ApiError(500, f"generation failed: {item}", "server_error")
     if item.finish_reason == "timeout":
@@ -616,6 +651,8 @@ async def _stream(request, head, shape: Shape, choices: list[Choice], include_us
     await response.prepare(request)
 
     async def send(payload) -> None:
+        if not _may_answer(request):
+            _cut(request)
         await response.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
 
     async def chunk(choice_list, **extra) -> None:
@@ -680,7 +717,13 @@ async def health(request: web.Request) -> web.Response:
 
 async def ready(request: web.Request) -> web.Response:
     loop = request.app[ENGINE_LOOP]
-    if loop.fatal is not None:
+    cluster = request.app.get(CLUSTER)
+    if cluster is not None and not cluster.is_leader():
+        leader = cluster.leader_url()
+        raise ApiError(
+            503, f"not ready: not the leader (leader: {leader or 'being elected'})", "server_error"
+        )
+    if cluster is None and loop.fatal is not None:
         raise ApiError(503, f"not ready: the replica failed ({loop.fatal})", "server_error")
     if loop.draining:
         raise ApiError(503, "not ready: the server is shutting down", "server_error")
@@ -707,9 +750,16 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(m["registry"]), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def create_app(engine: Engine, config: ServerConfig | None = None) -> web.Application:
+def create_app(
+    engine: Engine,
+    config: ServerConfig | None = None,
+    cluster: Cluster | None = None,
+    signer: Signer | None = None,
+) -> web.Application:
+    """The server over ``engine``; with ``cluster``, one member of a cluster (``server.cluster``)."""
     config = config or ServerConfig()
-    app = web.Application(middlewares=[errors_middleware], client_max_size=config.max_body_bytes)
+    middlewares = [errors_middleware] + ([leader_middleware] if cluster is not None else [])
+    app = web.Application(middlewares=middlewares, client_max_size=config.max_body_bytes)
     registry = CollectorRegistry()
     latency_buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
     r = registry
@@ -757,7 +807,9 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> web.Applic
         ),
     }
     app[CONFIG], app[ENGINE] = config, engine
-    app[ENGINE_LOOP] = EngineLoop(engine, app[METRICS])
+    app[ENGINE_LOOP] = app[FRONT] = EngineLoop(engine, app[METRICS])
+    if cluster is not None:
+        _add_cluster(app, engine, cluster, signer)
 
     async def engine_task(app: web.Application):
         loop = app[ENGINE_LOOP]
@@ -775,3 +827,130 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> web.Applic
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
     return app
+
+
+# clusters
+
+
+@web.middleware
+async def leader_middleware(request: web.Request, handler):
+    """On a member that is not the leader, API calls go to the leader (or get 503 while there is
+    none); a leader marks its answers with its term."""
+    cluster = request.app[CLUSTER]
+    if request.path.startswith("/v1/") and not cluster.is_leader():
+        leader = cluster.leader_url()
+        if leader is None:
+            raise ApiError(
+                503, "no leader: an election is under way; retry shortly", "server_error", code="no_leader"
+            )
+        return await _forward(request, leader)
+    return await handler(request)
+
+
+async def _forward(request: web.Request, leader: str) -> web.StreamResponse:
+    session = request.app[PROXY]
+    headers = {
+        k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type", "accept")
+    }
+    try:
+        async with session.request(request.method, leader + request.path_qs, data=await request.read(),
+                                   headers=headers) as upstream:  # fmt: skip
+            response = web.StreamResponse(status=upstream.status)
+            for key in ("Content-Type", "Retry-After", TERM_HEADER):
+                if key in upstream.headers:
+                    response.headers[key] = upstream.headers[key]
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        raise ApiError(503, f"the leader at {leader} did not answer; retry shortly", "server_error",
+                       code="no_leader") from None  # fmt: skip
+
+
+async def _add_term(request: web.Request, response: web.StreamResponse) -> None:
+    cluster = request.app[CLUSTER]
+    if request.path.startswith("/v1/") and cluster.is_leader():
+        response.headers[TERM_HEADER] = str(cluster.term)
+
+
+async def cluster_state(request: web.Request) -> web.Response:
+    cluster, router = request.app[CLUSTER], request.app[ROUTER]
+    state = cluster.describe()
+    state["replicas"] = router.replica_rows() if cluster.role == "leader" else None
+    return web.json_response(state)
+
+
+async def control_generate(request: web.Request) -> web.StreamResponse:
+    """A leader's request to run one sequence on this member's replica: JSON lines of token ids."""
+    app = request.app
+    cluster, loop = app[CLUSTER], app[ENGINE_LOOP]
+    try:
+        message = verified(await request.read(), request.headers.get(SIGNATURE), app[SIGNER], app[METRICS])
+    except Forged as e:
+        return web.json_response({"error": f"control message refused: {e.reason}"}, status=403)
+    if not cluster.check_term(message):
+        stale = f"stale term {message['term']} (this member is at {cluster.term})"
+        return web.json_response({"error": stale}, status=409)
+    if loop.fatal is not None or loop.draining:
+        return web.json_response({"error": "this replica is not serving"}, status=503)
+    try:
+        params = SamplingParams(**message["params"])
+        prompt, generated = message["prompt"], message["generated"] or None
+        rid = str(message["request_id"])
+    except (KeyError, TypeError) as e:
+        return web.json_response({"error": f"malformed generate message: {e}"}, status=400)
+    queue = loop.submit(rid, prompt, params, message.get("priority", 0), message.get("timeout_s"), generated)
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    try:
+        while True:
+            item = await queue.get()
+            if isinstance(item, RequestError):
+                line = {"error": str(item), "kind": "request", "param": item.param}
+            elif isinstance(item, Exception):
+                line = {"error": str(item), "kind": "replica"}
+            else:
+                line = {"t": item.token_ids, "f": item.finish_reason, "lp": item.logprobs}
+            await response.write(json.dumps(line).encode() + b"\n")
+            if "error" in line or item.finish_reason is not None:
+                break
+    except ConnectionResetError:
+        pass  # the leader went away or stopped the request
+    finally:
+        loop.cancel(rid)
+    return response
+
+
+SIGNER = web.AppKey("signer", Signer)
+
+
+def _add_cluster(app: web.Application, engine: Engine, cluster: Cluster, signer: Signer) -> None:
+    app[CLUSTER], app[SIGNER] = cluster, signer
+    app[METRICS].update(cluster_metrics(app[METRICS]["registry"]))
+    cluster.metrics = app[METRICS]
+    loop = app[ENGINE_LOOP]
+
+    def replica_state() -> dict:
+        state = "failed" if loop.fatal is not None else "draining" if loop.draining else "ready"
+        return {"state": state, "outstanding": loop.outstanding()}
+
+    cluster.replica_state = replica_state
+    router = Router(loop, cluster, signer, engine.tokenizer, engine.eos_ids, engine.max_len, app[METRICS])
+    app[ROUTER] = app[FRONT] = router
+
+    async def members(app: web.Application):
+        app[PROXY] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=2))
+        await router.start()
+        await cluster.start()
+        yield
+        await cluster.stop()
+        await router.stop()
+        await app[PROXY].close()
+
+    app.cleanup_ctx.append(members)
+    app.on_response_prepare.append(_add_term)
+    add_control_routes(app, cluster, signer, app[METRICS])
+    app.router.add_post("/_control/generate", control_generate)
+    app.router.add_get("/cluster", cluster_state)

@@ -1,0 +1,403 @@
+"""The control plane: cluster members, heartbeats, leader election with terms, signed messages.
+
+One member per node (``./launch.sh serve --cluster``), plus optionally a witness (a member with no
+model, ``./launch.sh witness``) so that two nodes still have a majority of three. Members talk over
+HTTP on their public port, under ``/_control/``, separately from the compute collectives, and need
+nothing of torchrun's rendezvous store once they run.
+
+Election follows Raft without a log (the only state worth agreeing on is who leads): terms are
+monotonic and fence every message, a member votes once per term, and a candidate needs the votes
+of a majority of the members the cluster was started with. A member that has heard from a leader
+within the shortest election timeout refuses to vote (so a live leader is not deposed by a member
+that merely missed a few heartbeats). The leader holds a lease: it serves only while a majority
+acknowledged a heartbeat that it sent less than ``lease_s`` ago. Since ``lease_s`` is shorter than
+the shortest election timeout, a voter that acknowledged a heartbeat cannot help elect a new
+leader before the old leader's lease has run out: there is never more than one serving leader,
+even when the old one was paused (SIGSTOP) and resumes.
+
+Messages are JSON with the sender, its term, a timestamp and a nonce, signed with HMAC-SHA256 over
+the exact bytes with the cluster secret; a message with a bad signature, a timestamp outside the
+replay window or a nonce seen before is refused and counted. Nothing on these sockets is pickled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import random
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+
+SIGNATURE = "X-Ringleader-Signature"
+TERM_HEADER = "X-Ringleader-Term"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    url: str  # base URL of the member's HTTP server
+    witness: bool = False  # votes and acknowledges, never leads, has no model
+
+
+def parse_members(spec: str) -> list[Member]:
+    """``name=http://host:port,...``; a member written ``name=url#witness`` is a witness."""
+    members = []
+    for item in spec.split(","):
+        name, sep, url = item.strip().partition("=")
+        if not sep or not name or not url.startswith(("http://", "https://")):
+            raise ConfigError(f"--cluster: {item.strip()!r} is not NAME=http://HOST:PORT")
+        witness = url.endswith("#witness")
+        members.append(Member(name, url.removesuffix("#witness").rstrip("/"), witness))
+    names = [m.name for m in members]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--cluster: member names repeat: {names}")
+    return members
+
+
+class Forged(Exception):
+    """A control message that is not from the cluster, or not fresh."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Signer:
+    """Signs and verifies control messages with the cluster secret."""
+
+    def __init__(self, secret: str, window_s: float = 10.0):
+        if not secret:
+            raise ConfigError("the cluster secret is empty")
+        self.key = secret.encode()
+        self.window_s = window_s
+        self.seen: dict[str, float] = {}  # nonce -> its timestamp, for the replay window
+
+    def sign(self, message: dict) -> tuple[bytes, dict]:
+        body = json.dumps({**message, "ts": time.time(), "nonce": secrets.token_hex(12)}).encode()
+        return body, {
+            SIGNATURE: hmac.new(self.key, body, hashlib.sha256).hexdigest(),
+            "Content-Type": "application/json",
+        }
+
+    def verify(self, body: bytes, signature: str | None) -> dict:
+        expected = hmac.new(self.key, body, hashlib.sha256).hexdigest()
+        if not signature or not hmac.compare_digest(expected, signature):
+            raise Forged("bad signature")
+        try:
+            message = json.loads(body)
+            ts, nonce = float(message["ts"]), str(message["nonce"])
+            int(message["term"]), str(message["from"])
+        except (ValueError, KeyError, TypeError):
+            raise Forged("malformed") from None
+        now = time.time()
+        if abs(now - ts) > self.window_s:
+            raise Forged("stale")
+        for old in [n for n, t in self.seen.items() if now - t > self.window_s]:
+            del self.seen[old]
+        if nonce in self.seen:
+            raise Forged("replayed")
+        self.seen[nonce] = ts
+        return message
+
+
+@dataclass
+class PeerState:
+    last_ack: float | None = None  # monotonic time of its last heartbeat acknowledgement
+    replica: dict = field(default_factory=dict)  # what it last said of its replica
+
+
+class Cluster:
+    """This member's view of the cluster and its part in heartbeats and elections."""
+
+    def __init__(
+        self,
+        me: str,
+        members: list[Member],
+        signer: Signer,
+        heartbeat_s: float = 0.2,
+        lease_s: float = 1.0,
+        election_timeout_s: tuple[float, float] = (1.5, 3.0),
+        dead_after_s: float = 1.0,
+        replica_state=lambda: {"state": "none"},
+        metrics: dict | None = None,
+    ):
+        if me not in {m.name for m in members}:
+            raise ConfigError(
+                f"--name {me!r} is not one of the --cluster members {[m.name for m in members]}"
+            )
+        if not lease_s < election_timeout_s[0]:
+            raise ConfigError("the leader's lease must be shorter than the shortest election timeout")
+        self.me, self.members, self.signer = me, {m.name: m for m in members}, signer
+        self.heartbeat_s, self.lease_s, self.dead_after_s = heartbeat_s, lease_s, dead_after_s
+        self.election_timeout_s = election_timeout_s
+        self.replica_state, self.metrics = replica_state, metrics or {}
+        self.majority = len(members) // 2 + 1
+        self.can_lead = not self.members[me].witness
+        self.term, self.role, self.voted_for, self.leader = 0, "follower", None, None
+        self.lease_until = 0.0
+        self.last_contact = time.monotonic()  # from a leader, or a vote granted
+        self.deadline = self._new_deadline()
+        self.peers = {name: PeerState() for name in self.members if name != me}
+        self.leader_since: float | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.task: asyncio.Task | None = None
+        self.on_change = None  # called (role, term) when this member's role or term changes
+
+    # state
+
+    def is_leader(self) -> bool:
+        """Leader with a live lease: the only state in which this member serves requests."""
+        return self.role == "leader" and (self.majority == 1 or time.monotonic() < self.lease_until)
+
+    def alive(self, name: str) -> bool:
+        if name == self.me:
+            return True
+        ack = self.peers[name].last_ack
+        return ack is not None and time.monotonic() - ack < self.dead_after_s
+
+    def leader_url(self) -> str | None:
+        return self.members[self.leader].url if self.leader and self.leader != self.me else None
+
+    def describe(self) -> dict:
+        now = time.monotonic()
+        rows = []
+        for name, m in self.members.items():
+            peer = self.peers.get(name)
+            rows.append(
+                {
+                    "name": name,
+                    "url": m.url,
+                    "witness": m.witness,
+                    "role": self.role
+                    if name == self.me
+                    else ("leader" if name == self.leader else "follower"),
+                    "alive": self.alive(name) if self.role == "leader" or name == self.me else None,
+                    "last_ack_s": None
+                    if peer is None or peer.last_ack is None
+                    else round(now - peer.last_ack, 3),
+                    "replica": self.replica_state() if name == self.me else (peer.replica if peer else {}),
+                }
+            )
+        return {"me": self.me, "role": self.role, "term": self.term, "leader": self.leader, "members": rows}
+
+    def _new_deadline(self) -> float:
+        return time.monotonic() + random.uniform(*self.election_timeout_s)
+
+    def _count(self, name: str, **labels) -> None:
+        metric = self.metrics.get(name)
+        if metric is not None:
+            (metric.labels(**labels) if labels else metric).inc()
+
+    def _set(self, role: str, term: int, leader: str | None) -> None:
+        changed = (role, term) != (self.role, self.term)
+        if leader != self.leader and leader is not None and self.leader is not None:
+            self._count("leader_changes")
+        self.role, self.leader = role, leader
+        if term != self.term:
+            self.term, self.voted_for = term, None
+        if changed and self.on_change is not None:
+            self.on_change(role, term)
+
+    # running
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=max(0.5, 2 * self.heartbeat_s))
+        )
+        if self.majority == 1 and self.can_lead:
+            self._become_leader(time.monotonic())
+        self.task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+        if self.session is not None:
+            await self.session.close()
+
+    async def _run(self) -> None:
+        tick = self.heartbeat_s / 4
+        last_beat = 0.0
+        while True:
+            now = time.monotonic()
+            if self.role == "leader":
+                if self.majority > 1 and now >= self.lease_until:
+                    self._set("follower", self.term, None)  # lost the majority: stop serving
+                    self.deadline = self._new_deadline()
+                elif now - last_beat >= self.heartbeat_s:
+                    last_beat = now
+                    asyncio.create_task(self._heartbeat_round())
+            elif (
+                self.can_lead
+                and now >= self.deadline
+                and now - self.last_contact >= self.election_timeout_s[0]
+            ):
+                await self._election()
+            await asyncio.sleep(tick)
+
+    async def _post(self, name: str, path: str, message: dict) -> dict | None:
+        body, headers = self.signer.sign({**message, "from": self.me, "term": self.term})
+        try:
+            async with self.session.post(self.members[name].url + path, data=body, headers=headers) as r:
+                if r.status != 200:
+                    return None
+                return await r.json()
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            return None
+
+    async def _heartbeat_round(self) -> None:
+        sent, term = time.monotonic(), self.term
+        names = list(self.peers)
+        replies = await asyncio.gather(
+            *(self._post(n, "/_control/heartbeat", {"leader": self.me}) for n in names)
+        )
+        if self.role != "leader" or self.term != term:
+            return
+        acks = 1
+        for name, reply in zip(names, replies):
+            if reply is None:
+                continue
+            if reply.get("term", 0) > self.term:
+                self._set("follower", reply["term"], None)
+                self.deadline = self._new_deadline()
+                return
+            if reply.get("ok"):
+                acks += 1
+                self.peers[name].last_ack = time.monotonic()
+                self.peers[name].replica = reply.get("replica") or {}
+        if acks >= self.majority:
+            self.lease_until = max(self.lease_until, sent + self.lease_s)
+
+    async def _election(self) -> None:
+        started = time.monotonic()
+        self._set("candidate", self.term + 1, None)
+        self.voted_for = self.me
+        self._count("elections")
+        term = self.term
+        replies = await asyncio.gather(*(self._post(n, "/_control/vote", {}) for n in self.peers))
+        if self.role != "candidate" or self.term != term:
+            return
+        votes = 1
+        for reply in replies:
+            if reply is None:
+                continue
+            if reply.get("term", 0) > self.term:
+                self._set("follower", reply["term"], None)
+                break
+            votes += bool(reply.get("granted"))
+        if self.role == "candidate" and votes >= self.majority:
+            self._become_leader(started)
+        else:
+            if self.role == "candidate":
+                self._set("follower", self.term, None)
+            self.deadline = self._new_deadline()
+
+    def _become_leader(self, since: float) -> None:
+        if self.majority == 1:
+            self.term = max(self.term, 1)
+        self._set("leader", self.term, self.me)
+        self.leader_since = time.monotonic()
+        # the votes were given after ``since``: no voter helps elect anyone else before then + lease
+        self.lease_until = since + self.lease_s
+        for peer in self.peers.values():
+            peer.last_ack = time.monotonic()  # give followers one dead_after to answer
+
+    # handling messages from other members
+
+    def handle_heartbeat(self, message: dict) -> dict:
+        term, sender = message["term"], message["from"]
+        if term < self.term or sender not in self.members:
+            return {"ok": False, "term": self.term}
+        if term > self.term or self.role != "follower" or self.leader != sender:
+            self._set("follower", term, sender)
+        self.last_contact = time.monotonic()
+        self.deadline = self._new_deadline()
+        return {"ok": True, "term": self.term, "replica": self.replica_state()}
+
+    def handle_vote(self, message: dict) -> dict:
+        term, candidate = message["term"], message["from"]
+        now = time.monotonic()
+        if candidate not in self.members or self.members[candidate].witness:
+            return {"granted": False, "term": self.term}
+        heard_recently = self.leader is not None and now - self.last_contact < self.election_timeout_s[0]
+        if term < self.term or self.is_leader() or (heard_recently and self.leader != candidate):
+            return {"granted": False, "term": self.term}
+        if term > self.term:
+            self._set("follower", term, None)
+        if self.voted_for in (None, candidate):
+            self.voted_for = candidate
+            self.last_contact = now
+            self.deadline = self._new_deadline()
+            return {"granted": True, "term": self.term}
+        return {"granted": False, "term": self.term}
+
+    def check_term(self, message: dict) -> bool:
+        """Whether a leader's request (e.g. to generate) may be served: it is from the current
+        term or a newer one (which this member then adopts)."""
+        term, sender = message["term"], message["from"]
+        if term < self.term or sender not in self.members:
+            return False
+        if term > self.term:
+            self._set("follower", term, sender)
+            self.last_contact = time.monotonic()
+        return True
+
+
+def verified(request_body: bytes, signature: str | None, signer: Signer, metrics: dict) -> dict:
+    """The message, or ``Forged`` (counted by reason)."""
+    try:
+        return signer.verify(request_body, signature)
+    except Forged as e:
+        metric = metrics.get("rejected")
+        if metric is not None:
+            metric.labels(reason=e.reason).inc()
+        raise
+
+
+def add_control_routes(app, cluster: Cluster, signer: Signer, metrics: dict) -> None:
+    """``POST /_control/heartbeat`` and ``/_control/vote`` on ``app`` (aiohttp)."""
+    from aiohttp import web
+
+    def handler(method):
+        async def handle(request: web.Request) -> web.Response:
+            body = await request.read()
+            try:
+                message = verified(body, request.headers.get(SIGNATURE), signer, metrics)
+            except Forged as e:
+                return web.json_response({"error": f"control message refused: {e.reason}"}, status=403)
+            return web.json_response(method(message))
+
+        return handle
+
+    app.router.add_post("/_control/heartbeat", handler(cluster.handle_heartbeat))
+    app.router.add_post("/_control/vote", handler(cluster.handle_vote))
+
+
+def cluster_metrics(registry) -> dict:
+    from prometheus_client import Counter
+
+    return {
+        "elections": Counter("ringleader_elections", "elections this member started", registry=registry),
+        "leader_changes": Counter("ringleader_leader_changes", "changes of leader seen", registry=registry),
+        "failovers": Counter(
+            "ringleader_failovers", "replicas taken out of routing on failure", registry=registry
+        ),
+        "rerouted": Counter(
+            "ringleader_rerouted_requests", "requests moved to another replica", registry=registry
+        ),
+        "rejected": Counter(
+            "ringleader_control_rejected", "control messages refused", ["reason"], registry=registry
+        ),
+    }

@@ -1,0 +1,254 @@
+"""The leader's router: each request goes to a live replica, and moves on when its replica is lost.
+
+Every member of a cluster serves one model replica (its node's tp x pp ranks). The leader routes
+each request to the replica with the fewest requests it has routed there and not seen finish
+(least outstanding work), its own through an in-process call, the others' over
+``POST /_control/generate``: a signed request that streams token ids back as JSON lines.
+
+The leader keeps, for every request, the prompt, the seed it fixed, and the tokens generated so
+far, and makes the text itself (incremental detokenization and stop strings), so the text a client
+sees depends only on the token ids. When a replica is lost in the middle of a request (its stream
+breaks, or the control plane declares its member dead), the request goes to another live replica
+with the tokens it already has: that replica prefills prompt plus tokens and goes on from there,
+with the same seed and sample counters, so the client's stream has no repeated and no missing
+token, and a seeded request gives the same text as without the failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import secrets
+import time
+
+import aiohttp
+
+from engine.errors import RequestError
+from engine.generate import SamplingParams, Sequence
+from engine.scheduler import StepOutput
+from server.cluster import Cluster, Signer
+
+
+class ReplicaLost(Exception):
+    """The replica running a request is gone; the request can go on elsewhere."""
+
+
+class NoReplica(Exception):
+    """No live replica took the request in time."""
+
+
+class LocalReplica:
+    """This member's own replica, through its engine loop."""
+
+    def __init__(self, name: str, engine_loop):
+        self.name, self.loop = name, engine_loop
+
+    def routable(self) -> bool:
+        return self.loop.fatal is None and not self.loop.draining and self.loop.task is not None
+
+    async def generate(self, rid, prompt, generated, params, priority, timeout_s):
+        queue = self.loop.submit(rid, prompt, params, priority, timeout_s, generated or None)
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, RequestError):
+                    raise item
+                if isinstance(item, Exception):
+                    raise ReplicaLost(f"{self.name}: {item}")
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            self.loop.cancel(rid)
+
+
+class RemoteReplica:
+    """Another member's replica, over its control endpoint."""
+
+    def __init__(self, name: str, cluster: Cluster, signer: Signer, session: aiohttp.ClientSession):
+        self.name, self.cluster, self.signer, self.session = name, cluster, signer, session
+
+    def routable(self) -> bool:
+        peer = self.cluster.peers[self.name]
+        return self.cluster.alive(self.name) and peer.replica.get("state") == "ready"
+
+    async def generate(self, rid, prompt, generated, params, priority, timeout_s):
+        message = {
+            "from": self.cluster.me,
+            "term": self.cluster.term,
+            "request_id": rid,
+            "prompt": prompt,
+            "generated": generated,
+            "params": dataclasses.asdict(params),
+            "priority": priority,
+            "timeout_s": timeout_s,
+        }
+        body, headers = self.signer.sign(message)
+        url = self.cluster.members[self.name].url + "/_control/generate"
+        try:
+            async with self.session.post(url, data=body, headers=headers) as r:
+                if r.status == 400:
+                    error = await r.json()
+                    raise RequestError(error.get("error", "refused"), param=error.get("param"))
+                if r.status != 200:
+                    raise ReplicaLost(f"{self.name} answered {r.status}")
+                while True:
+                    # a replica that hangs (no line, and its member misses its heartbeats) is lost
+                    try:
+                        line = await asyncio.wait_for(r.content.readline(), self.cluster.heartbeat_s * 2)
+                    except asyncio.TimeoutError:
+                        if not self.cluster.alive(self.name):
+                            raise ReplicaLost(f"{self.name} stopped answering") from None
+                        continue
+                    if not line:
+                        raise ReplicaLost(f"{self.name} ended the stream early")
+                    item = json.loads(line)
+                    if "error" in item:
+                        if item.get("kind") == "request":
+                            raise RequestError(item["error"], param=item.get("param"))
+                        raise ReplicaLost(f"{self.name}: {item['error']}")
+                    out = StepOutput(rid, item["t"], "", item.get("f"), item.get("lp"))
+                    yield out
+                    if out.finish_reason is not None:
+                        return
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+            raise ReplicaLost(f"{self.name}: {type(e).__name__}: {e}") from None
+
+
+class Router:
+    """The leader's front end for requests: the same calls as the local engine loop (submit,
+    cancel, outstanding, drain), over every live replica of the cluster."""
+
+    def __init__(self, local_loop, cluster: Cluster, signer: Signer, tokenizer, eos_ids, max_len, metrics):
+        self.local_loop, self.cluster, self.signer = local_loop, cluster, signer
+        self.tokenizer, self.eos_ids, self.max_len, self.metrics = tokenizer, eos_ids, max_len, metrics
+        self.session: aiohttp.ClientSession | None = None
+        self.replicas: dict = {}
+        self.load: dict[str, int] = {}  # requests routed to each replica and not finished there
+        self.lost: dict[str, float] = {}  # replicas taken out of routing, and since when
+        self.queues: dict[str, asyncio.Queue] = {}
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.route_timeout_s = 30.0
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=2))
+        self.replicas[self.cluster.me] = LocalReplica(self.cluster.me, self.local_loop)
+        for name, member in self.cluster.members.items():
+            if name != self.cluster.me and not member.witness:
+                self.replicas[name] = RemoteReplica(name, self.cluster, self.signer, self.session)
+        self.load = {name: 0 for name in self.replicas}
+
+    async def stop(self) -> None:
+        for task in list(self.tasks.values()):
+            task.cancel()
+        if self.session is not None:
+            await self.session.close()
+
+    # the engine loop's interface, as the HTTP handlers use it
+
+    @property
+    def draining(self) -> bool:
+        return self.local_loop.draining
+
+    @property
+    def fatal(self):
+        return None  # losing the local replica does not stop the leader: it routes elsewhere
+
+    @property
+    def task(self):
+        return self.local_loop.task
+
+    def outstanding(self) -> int:
+        return len(self.queues)
+
+    def submit(self, request_id, prompt, params: SamplingParams, priority, timeout_s=None, generated=None):
+        if params.seed is None:  # fixed here, so that a request moved to another replica draws the same
+            params = dataclasses.replace(params, seed=secrets.randbits(63))
+        queue: asyncio.Queue = asyncio.Queue()
+        self.queues[request_id] = queue
+        self.tasks[request_id] = asyncio.create_task(
+            self._drive(request_id, prompt, params, priority, timeout_s)
+        )
+        return queue
+
+    def cancel(self, request_id: str) -> None:
+        task = self.tasks.get(request_id)
+        if task is not None and not task.done():
+            task.cancel()
+
+    async def drain(self, timeout_s: float) -> int:
+        return await self.local_loop.drain(timeout_s)
+
+    def replica_rows(self) -> list[dict]:
+        return [
+            {"name": n, "routable": r.routable() and n not in self.lost, "outstanding": self.load[n]}
+            for n, r in self.replicas.items()
+        ]
+
+    # routing
+
+    def _routable(self, name: str) -> bool:
+        replica = self.replicas[name]
+        if not replica.routable():
+            return False
+        lost = self.lost.get(name)
+        if lost is not None:
+            peer = self.cluster.peers.get(name)
+            # back in routing once its member has answered a heartbeat, ready, since it was lost
+            if peer is None or peer.last_ack is None or peer.last_ack <= lost:
+                return False
+            del self.lost[name]
+        return True
+
+    async def _pick(self, deadline: float) -> str:
+        while True:
+            names = [n for n in self.replicas if self._routable(n)]
+            if names:
+                return min(names, key=lambda n: (self.load[n], n != self.cluster.me, n))
+            if time.monotonic() >= deadline:
+                raise NoReplica("no live replica to run the request")
+            await asyncio.sleep(0.05)
+
+    async def _drive(self, rid, prompt, params: SamplingParams, priority, timeout_s) -> None:
+        queue = self.queues[rid]
+        seq = Sequence(0, prompt, params, self.eos_ids, self.tokenizer)
+        attempt = 0
+        try:
+            while seq.finish is None:
+                name = await self._pick(time.monotonic() + self.route_timeout_s)
+                attempt += 1
+                self.load[name] += 1
+                try:
+                    async for out in self.replicas[name].generate(
+                        f"{rid}#{attempt}", prompt, list(seq.out), params, priority, timeout_s
+                    ):
+                        if out.finish_reason in ("timeout", "abort"):
+                            queue.put_nowait(StepOutput(rid, [], seq.text_delta(), out.finish_reason))
+                            return
+                        for i, token in enumerate(out.token_ids):
+                            seq.append(token, self.max_len)
+                            lp = [out.logprobs[i]] if out.logprobs else None
+                            queue.put_nowait(StepOutput(rid, [token], seq.text_delta(), seq.finish, lp))
+                            if seq.finish is not None:
+                                return
+                except ReplicaLost as e:
+                    if name not in self.lost:
+                        self.lost[name] = time.monotonic()
+                        self._count("failovers")
+                    self._count("rerouted")
+                    print(f"ringleader: request {rid} moves on from replica {e}", flush=True)
+                finally:
+                    self.load[name] -= 1
+        except RequestError as e:
+            queue.put_nowait(e)
+        except NoReplica as e:
+            queue.put_nowait(e)
+        finally:
+            self.queues.pop(rid, None)
+            self.tasks.pop(rid, None)
+
+    def _count(self, name: str) -> None:
+        metric = self.metrics.get(name)
+        if metric is not None:
+            metric.inc()
