@@ -5,6 +5,7 @@
 #                                        http://127.0.0.1:8000 (RINGLEADER_HOST, RINGLEADER_PORT)
 #   ./launch.sh serve [ARGS...]          the OpenAI-compatible server: ./launch.sh serve --help
 #   ./launch.sh generate [ARGS...]       the generation CLI: ./launch.sh generate --help
+#   ./launch.sh witness [ARGS...]        a cluster member with no model: ./launch.sh witness --help
 #   ./launch.sh demo [PATH]              build the demo checkpoint, print its directory
 #   ./launch.sh info                     this host's CPUs, memory and GPUs (NVML) as JSON
 #
@@ -28,11 +29,14 @@ case "$cmd" in
     serve)
         exec "$PY" -m server "$@"
         ;;
+    witness)
+        exec "$PY" -m server.witness "$@"
+        ;;
     -h | --help | help)
-        sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
         ;;
     *)
-        echo "launch.sh: error: unknown command '$cmd' (expected: generate, serve, demo, info)" >&2
+        echo "launch.sh: error: unknown command '$cmd' (expected: serve, generate, witness, demo, info)" >&2
         exit 2
         ;;
 esac

@@ -42,16 +42,24 @@ class LaunchedServer:
     ``stop()`` sends SIGTERM and returns (exit status, everything the server wrote to stderr)."""
 
     def __init__(
-        self, *args: str, env: dict | None = None, ready_timeout: float = 120.0, plain: bool = False
+        self,
+        *args: str,
+        env: dict | None = None,
+        ready_timeout: float = 120.0,
+        plain: bool = False,
+        port: int | None = None,
+        ready_path: str = "/ready",
+        command: str = "serve",
+        defer: bool = False,
     ):
-        self.port = free_port()
+        self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "RINGLEADER_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **(env or {})}
         if plain:
             full_env["RINGLEADER_PORT"] = str(self.port)
             cmd = [str(ROOT / "launch.sh")]
         else:
-            cmd = [str(ROOT / "launch.sh"), "serve", *args, "--port", str(self.port)]
+            cmd = [str(ROOT / "launch.sh"), command, *args, "--port", str(self.port)]
         self.proc = subprocess.Popen(
             cmd,
             stdout=subprocess.DEVNULL,
@@ -64,13 +72,20 @@ class LaunchedServer:
         self.terminated = False
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        self.ready_path, self.ready_timeout = ready_path, ready_timeout
+        if not defer:
+            self.wait()
+
+    def wait(self) -> None:
+        """Until ``ready_path`` answers 200 (or the server exits: RuntimeError)."""
+        ready_timeout, ready_path = self.ready_timeout, self.ready_path
         deadline = time.monotonic() + ready_timeout
         while True:
             if self.proc.poll() is not None:
                 self._reader.join(timeout=5)
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.stderr}")
             try:
-                with urllib.request.urlopen(self.base + "/ready", timeout=2) as r:
+                with urllib.request.urlopen(self.base + ready_path, timeout=2) as r:
                     if r.status == 200:
                         break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
