@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 FIRST_ID = 4  # prompt ids are drawn from [FIRST_ID, vocab): 0-3 are the special ids
 WARMUP_TOKENS = 16
+OTHER_CPU_WARN = 5  # percent of the machine's CPU taken by other processes during a run
 
 
 @dataclass
@@ -115,6 +116,28 @@ def arrival_times(num: int, rate: float, burstiness: float, seed: int) -> list[f
 def vocab_size_of(model_dir: str) -> int:
     raw = json.loads((Path(model_dir) / "config.json").read_text())
     return int(raw.get("vocab_size") or raw["text_config"]["vocab_size"])
+
+
+def cpu_snapshot(pids=()) -> tuple[float, float]:
+    """(CPU seconds the whole machine has been busy, CPU seconds of this process, its reaped
+    children and the live processes ``pids``)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+    own = sum(os.times()[:4])
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            c = psutil.Process(pid).cpu_times()
+            own += c.user + c.system
+    return busy, own
+
+
+def other_cpu_percent(before: tuple[float, float], after: tuple[float, float], wall: float) -> float:
+    """Percent of the machine's CPU time that processes other than the benchmark's took between two
+    snapshots: on a shared machine, a sign that the figures are skewed."""
+    other = (after[0] - before[0]) - (after[1] - before[1])
+    return max(0.0, 100 * other / (wall * (os.cpu_count() or 1)))
 
 
 # the HTTP client
@@ -185,11 +208,12 @@ def served_model(base_url: str, headers: dict) -> str:
 
 
 async def run_load(
-    base_url: str, requests: list[Request], args, concurrency: int | None
-) -> tuple[list[Result], float]:
+    base_url: str, requests: list[Request], args, concurrency: int | None, server_pid: int | None = None
+) -> tuple[list[Result], float, float | None]:
     """Send the workload; (one result per request, in order; seconds from the first send to the
-    last response's end). One short request goes first, untimed, to warm the server up and to
-    check that it takes requests of this shape."""
+    last response's end; percent of the machine's CPU that other processes took meanwhile, when
+    the server is this script's ``server_pid``). One short request goes first, untimed, to warm
+    the server up and to check that it takes requests of this shape."""
     import aiohttp
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -206,6 +230,7 @@ async def run_load(
         check = await send(session, url, headers, model, warm, args.ignore_eos)
         if not check.ok:
             raise SystemExit(f"the warm-up request to {url} failed: {check.error}")
+        cpu = cpu_snapshot([server_pid] if server_pid else [])
         start = time.perf_counter()
 
         async def one(req: Request, at: float) -> Result:
@@ -218,7 +243,8 @@ async def run_load(
 
         results = await asyncio.gather(*(one(r, t) for r, t in zip(requests, times)))
         duration = time.perf_counter() - start
-    return list(results), duration
+    other = other_cpu_percent(cpu, cpu_snapshot([server_pid]), duration) if server_pid else None
+    return list(results), duration, other
 
 
 # the server
@@ -272,7 +298,7 @@ def server(model_dir: str, args, batching: str | None, max_running: int | None):
                     pass
                 time.sleep(0.25)
             print(f"  server ready: {shlex.join(cmd[1:])}", flush=True)
-            yield url
+            yield url, proc.pid
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -286,7 +312,9 @@ def server(model_dir: str, args, batching: str | None, max_running: int | None):
 # the bare engine, in its own process
 
 
-def run_engine(model_dir: str, requests: list[Request], args, max_running: int) -> tuple[list[Result], float]:
+def run_engine(
+    model_dir: str, requests: list[Request], args, max_running: int
+) -> tuple[list[Result], float, float]:
     """The workload through ``Engine.step`` in a fresh process (this script with ``--role engine``)."""
     with tempfile.TemporaryDirectory() as tmp:
         workload = Path(tmp) / "workload.json"
@@ -309,7 +337,7 @@ def run_engine(model_dir: str, requests: list[Request], args, max_running: int) 
     if out.returncode or not lines:
         raise SystemExit(f"the engine run failed (status {out.returncode}):\n{out.stderr[-3000:]}")
     record = json.loads(lines[-1])
-    return [Result(**r) for r in record["results"]], record["duration"]
+    return [Result(**r) for r in record["results"]], record["duration"], record["other_cpu_pct"]
 
 
 def engine_worker(args) -> None:
@@ -342,6 +370,7 @@ def engine_worker(args) -> None:
         str(i): Result(prompt_len=len(r.prompt), output_len=r.output_len) for i, r in enumerate(requests)
     }
     first, last = {}, {}
+    cpu = cpu_snapshot()
     start = time.monotonic()
     for i, r in enumerate(requests):
         engine.add_request(str(i), r.prompt, params(r.output_len))
@@ -362,6 +391,7 @@ def engine_worker(args) -> None:
                 res.ok = out.finish_reason != "abort" and out.request_id in first
                 res.error = "" if res.ok else f"finished {out.finish_reason!r}"
     duration = time.monotonic() - start
+    other = other_cpu_percent(cpu, cpu_snapshot(), duration)
     admitted = getattr(engine, "admitted", {})
     for rid, res in results.items():
         origin = admitted.get(rid, start)
@@ -370,6 +400,7 @@ def engine_worker(args) -> None:
         res.e2e = max(0.0, res.e2e - origin)
     out = {
         "duration": duration,
+        "other_cpu_pct": other,
         "from_admission": bool(admitted),
         "results": [asdict(r) for r in results.values()],
     }
@@ -379,7 +410,7 @@ def engine_worker(args) -> None:
 # metrics and reports
 
 
-def summarize(results: list[Result], duration: float) -> dict:
+def summarize(results: list[Result], duration: float, other_cpu_pct: float | None = None) -> dict:
     import numpy as np
 
     done = [r for r in results if r.ok]
@@ -395,6 +426,7 @@ def summarize(results: list[Result], duration: float) -> dict:
         "request_throughput": len(done) / duration,
         "output_throughput": output_tokens / duration,
         "total_token_throughput": (input_tokens + output_tokens) / duration,
+        "other_cpu_pct": other_cpu_pct,
     }
     series = {
         "ttft": [r.ttft for r in done],
@@ -422,6 +454,7 @@ ROWS = [
     ("request throughput (req/s)", "request_throughput", "{:.2f}"),
     ("output throughput (tok/s)", "output_throughput", "{:.1f}"),
     ("total throughput (tok/s)", "total_token_throughput", "{:.1f}"),
+    ("other processes' CPU (% of machine)", "other_cpu_pct", "{:.1f}"),
 ] + [
     (f"{stat} {label} (ms)", f"{stat}_{name}_ms", "{:.1f}")
     for name, label in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2el", "E2E latency"))
@@ -533,6 +566,8 @@ def report_line(name: str, m: dict) -> None:
         print(f"    error: {error}")
     if m["short"]:
         print(f"    {m['short']} requests got a different number of tokens than they asked for")
+    if m["other_cpu_pct"] is not None and m["other_cpu_pct"] > OTHER_CPU_WARN:
+        print(f"    warning: other processes took {m['other_cpu_pct']:.0f}% of the machine's CPU meanwhile")
 
 
 def fmt_ms(v) -> str:
@@ -545,13 +580,13 @@ def compare(args, model_dir: str, requests: list[Request], info: dict) -> dict:
     runs, detail = {}, {}
     for batching in ("continuous", "static"):
         print(f"{batching} batching server ...", flush=True)
-        with server(model_dir, args, batching, max_running) as url:
-            results, duration = asyncio.run(run_load(url, requests, args, concurrency))
-        runs[batching], detail[batching] = summarize(results, duration), results
+        with server(model_dir, args, batching, max_running) as (url, pid):
+            results, duration, other = asyncio.run(run_load(url, requests, args, concurrency, pid))
+        runs[batching], detail[batching] = summarize(results, duration, other), results
         report_line(batching, runs[batching])
     print("bare engine, no HTTP ...", flush=True)
-    results, duration = run_engine(model_dir, requests, args, max_running)
-    runs["engine"], detail["engine"] = summarize(results, duration), results
+    results, duration, other = run_engine(model_dir, requests, args, max_running)
+    runs["engine"], detail["engine"] = summarize(results, duration, other), results
     report_line("engine", runs["engine"])
 
     cont, static, bare = runs["continuous"], runs["static"], runs["engine"]
@@ -577,6 +612,9 @@ def compare(args, model_dir: str, requests: list[Request], info: dict) -> dict:
         )
     if not math.isinf(args.request_rate):
         print("note: the bare engine gets every request at once; the servers got them at --request-rate")
+    busy = [name for name, m in runs.items() if (m["other_cpu_pct"] or 0) > OTHER_CPU_WARN]
+    if busy:
+        print(f"warning: other processes were busy during {', '.join(busy)}: rerun on a quiet machine")
     return {
         **info,
         "max_running": max_running,
@@ -594,11 +632,11 @@ def single(args, model_dir: str | None, requests: list[Request], info: dict) -> 
     concurrency = args.max_concurrency
     name = args.batching or "server"
     if args.base_url:
-        results, duration = asyncio.run(run_load(args.base_url, requests, args, concurrency))
+        results, duration, other = asyncio.run(run_load(args.base_url, requests, args, concurrency))
     else:
-        with server(model_dir, args, args.batching, args.max_running) as url:
-            results, duration = asyncio.run(run_load(url, requests, args, concurrency))
-    m = summarize(results, duration)
+        with server(model_dir, args, args.batching, args.max_running) as (url, pid):
+            results, duration, other = asyncio.run(run_load(url, requests, args, concurrency, pid))
+    m = summarize(results, duration, other)
     report_line(name, m)
     print()
     print(table({name: m}))
