@@ -93,15 +93,15 @@ class _Seq(Sequence):
         return bool(self.out) and self.cached >= len(self.prompt) + len(self.out) - 1
 
 
-
 class Engine:
     """The scheduler of one model replica. ``executor`` runs its plans: a ``LocalExecutor`` for a
     model in this process, or a ``DistributedExecutor`` for a replica spread over tp x pp ranks.
 
     Knobs: ``max_running`` sequences in the batch; ``max_batched_tokens`` per step (decodes plus
     prefill chunks); ``batching``: "continuous" (requests join and leave every step) or "static"
-    (a batch is formed when none is running and runs until its last sequence finishes: the
-    baseline continuous batching is measured against); ``max_wait_s``: newly arrived requests
+    (the baseline continuous batching is measured against: a batch is formed when none is
+    running and runs until its last sequence finishes, the rows of sequences that finished early
+    still computed, as static batching runtimes do); ``max_wait_s``: newly arrived requests
     wait up to this long for others to arrive, unless they already fill the free running slots,
     so that their prefills share steps (0: start at once); ``micro_batches``: decode groups kept
     in flight at once (a pipeline's stage count).
@@ -144,6 +144,11 @@ class Engine:
         self.preemptions = 0
         self.admitted: dict[str, float] = {}  # first admission time per request, for queue-time metrics
         self._arrivals = itertools.count()
+        # static batching: rows in the current batch, and what a finished sequence's row runs (a
+        # token with no cache blocks: it reads and writes the reserved block 0, and is not sampled)
+        self.batch_rows = 0
+        greedy = SamplingParams(max_tokens=1, temperature=0)
+        self._padding = _Seq("<padding>", [0], greedy, 0, -1, set(), None, None, None)
         executor.begin_paged(num_blocks, block_size)
 
     @classmethod
@@ -271,6 +276,9 @@ class Engine:
         self.finished_early.clear()
         decodes = self._schedule_decodes()
         chunks = self._schedule_prefills(self.max_batched_tokens - len(decodes))
+        if self.batching == "static" and decodes:
+            # a static batch keeps the rows of its finished sequences until its last one ends
+            decodes += [self._padding] * (self.batch_rows - len(self.running))
         n = len(decodes)
         m = max(1, min(self.micro_batches, n // max(1, self.min_micro_batch_rows)))
         work = [[(s, len(s.tokens) - 1, 1) for s in decodes[i * n // m : (i + 1) * n // m]] for i in range(m)]
@@ -348,6 +356,7 @@ class Engine:
             if not self.running:
                 for seq in self.waiting[: self.max_running]:
                     self._admit(seq)
+                self.batch_rows = len(self.running)
             candidates = [s for s in self.running if not s.prefilled]
         else:
             # partly prefilled running sequences first, then waiting ones by priority and arrival
