@@ -80,9 +80,18 @@ class Result:
 
 
 def sample_workload(
-    num: int, input_len: int, output_len: int, range_ratio: float, vocab_size: int, seed: int
+    num: int,
+    input_len: int,
+    output_len: int,
+    range_ratio: float,
+    vocab_size: int,
+    seed: int,
+    output_dist: str = "uniform",
 ) -> list[Request]:
-    """``num`` prompts of random token ids; each length uniform in [len * (1 - r), len * (1 + r)]."""
+    """``num`` prompts of random token ids; each length uniform in [len * (1 - r), len * (1 + r)],
+    or, with ``output_dist`` "exponential", output lengths exponential with mean ``output_len``
+    (at least 1, at most 4x the mean): the long tail of chat traffic, where a few answers run much
+    longer than most."""
     if not 0 <= range_ratio < 1:
         raise SystemExit(f"--range-ratio must be in [0, 1), got {range_ratio}")
     if vocab_size <= FIRST_ID:
@@ -96,6 +105,8 @@ def sample_workload(
     requests = []
     for _ in range(num):
         prompt_len, new = length(input_len), length(output_len)
+        if output_dist == "exponential":
+            new = min(4 * output_len, max(1, round(rng.expovariate(1 / output_len))))
         requests.append(Request([rng.randrange(FIRST_ID, vocab_size) for _ in range(prompt_len)], new))
     return requests
 
@@ -514,6 +525,7 @@ def preamble(args, model_dir: str, requests: list[Request], concurrency: int | N
             "input_len": [min(ins), sum(ins) / len(ins), max(ins)],
             "output_len": [min(outs), sum(outs) / len(outs), max(outs)],
             "range_ratio": args.range_ratio,
+            "output_dist": args.output_dist,
             "seed": args.seed,
             "request_rate": args.request_rate if not math.isinf(args.request_rate) else "inf",
             "burstiness": args.burstiness,
@@ -644,6 +656,12 @@ def main() -> int:
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform within this fraction")
+    parser.add_argument(
+        "--output-dist",
+        choices=["uniform", "exponential"],
+        default="uniform",
+        help="output lengths: uniform (--range-ratio) or exponential with mean --output-len, capped at 4x",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--request-rate", type=float, default=math.inf, help="requests per second (inf)")
     parser.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps (1: Poisson)")
@@ -691,7 +709,13 @@ def main() -> int:
         model_dir = str(ensure_demo())
     vocab = args.vocab_size or vocab_size_of(model_dir)
     requests = sample_workload(
-        args.num_prompts, args.input_len, args.output_len, args.range_ratio, vocab, args.seed
+        args.num_prompts,
+        args.input_len,
+        args.output_len,
+        args.range_ratio,
+        vocab,
+        args.seed,
+        args.output_dist,
     )
     info = preamble(args, model_dir, requests, args.max_concurrency)
     record = (
