@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -133,3 +134,30 @@ def init(
 def new_group(ranks: list[int], timeout_s: float = DEFAULT_TIMEOUT_S):
     """A subgroup with an explicit timeout. Every rank must call this for every group, in order."""
     return dist.new_group(ranks=ranks, timeout=timedelta(seconds=timeout_s))
+
+
+def exit_with_launcher(rank: int, interval_s: float = 1.0) -> None:
+    """End this process when the launcher that started it (torchrun's agent) is gone.
+
+    torchrun starts each worker in a session of its own; if the agent itself is killed (SIGKILL, a
+    lost node), nothing stops the workers, and a rank whose peers are all alive would go on
+    forever: serving ranks hear from their head every few seconds. A daemon thread notices the
+    worker being re-parented and exits.
+    """
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                print(
+                    f"ringleader: error: rank {rank}: the launcher is gone; exiting",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(1)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()

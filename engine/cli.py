@@ -180,11 +180,13 @@ def _run_rank(args, layout, model_dir, prompt, params) -> int:
     import torch
     import torch.distributed as dist
 
-    from comm.dist import DistEnv, env_from, init
+    from comm.dist import DistEnv, env_from, exit_with_launcher, init
     from engine.config import DTYPES
     from engine.replica import load_stage, make_groups
 
     env: DistEnv = env_from()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        exit_with_launcher(env.rank)
     try:
         env, device = init(
             env, timeout_s=args.timeout, device=torch.device(args.device) if args.device else None

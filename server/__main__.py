@@ -192,13 +192,15 @@ def _serve_rank(args, layout, model_dir: str) -> int:
     import torch
     import torch.distributed as dist
 
-    from comm.dist import env_from, init
+    from comm.dist import env_from, exit_with_launcher, init
     from engine.config import DTYPES
     from engine.executor import DistributedExecutor
     from engine.replica import load_stage, make_groups
     from engine.scheduler import Engine, cache_blocks
 
     env = env_from()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        exit_with_launcher(env.rank)
     if env.rank != 0:
         # torchrun hands SIGTERM to every rank at once; the head drains first, then tells the others
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

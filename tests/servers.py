@@ -120,6 +120,19 @@ class LaunchedServer:
         return self.proc.returncode, self.stderr
 
     def kill(self) -> None:
+        """SIGKILL the server and every process under it (torchrun's workers have sessions of
+        their own, so the process group alone would miss them)."""
+        import psutil
+
+        try:
+            tree = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
