@@ -182,8 +182,7 @@ class Router:
 
     def replica_rows(self) -> list[dict]:
         return [
-            {"name": n, "routable": r.routable() and n not in self.lost, "outstanding": self.load[n]}
-            for n, r in self.replicas.items()
+            {"name": n, "routable": self._routable(n), "outstanding": self.load[n]} for n in self.replicas
         ]
 
     # routing

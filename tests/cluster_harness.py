@@ -146,10 +146,11 @@ class Proxy:
                 await response.write_eof()
                 return response
         except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionResetError):
-            # the node went away mid-answer: so does this connection (the client retries)
+            # the node went away mid-answer (or the client did): drop this connection too, so that
+            # the client sees a connection error and retries
             if request.transport is not None:
                 request.transport.abort()
-            raise
+            return web.Response(status=502)
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(timeout=30)

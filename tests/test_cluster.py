@@ -107,11 +107,12 @@ def test_a_killed_follower_costs_no_request_and_rejoins(cluster, proxy, expected
     # the node comes back (a new launch naming the same members), rejoins and is routed to
     cluster.start(victim)
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+    routable = False
+    while not routable and time.monotonic() < deadline:
         rows = cluster.state(cluster.leader())["replicas"] or []
-        if any(r["name"] == victim and r["routable"] for r in rows):
-            break
+        routable = any(r["name"] == victim and r["routable"] for r in rows)
         time.sleep(0.1)
+    assert routable, cluster.state(cluster.leader())
     load = Load(proxy, expected, workers=6)
     time.sleep(4)
     figures = load.finish()
