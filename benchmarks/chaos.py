@@ -92,7 +92,7 @@ def one(kind: str, cluster: Cluster, proxy: Proxy, expected: dict, workers: int)
         others = [n for n in NAMES if n != leader]
         _wait(lambda: any((cluster.state(n) or {}).get("term", 0) > term for n in others), 10)
         detection = time.monotonic() - fault
-        new = cluster.leader(timeout=10)
+        new = cluster.leader(timeout=10, among=others)
         failover = time.monotonic() - fault
         if kind == "pause":
             time.sleep(max(0.0, 2 * LEASE_MS / 1000 - (time.monotonic() - fault)))
@@ -165,7 +165,12 @@ def main() -> int:
             for kind in kinds:
                 runs = []
                 for _ in range(args.repeats):
-                    run = one(kind, cluster, proxy, expected, args.workers)
+                    try:
+                        run = one(kind, cluster, proxy, expected, args.workers)
+                    except (AssertionError, RuntimeError):
+                        for name, node in cluster.nodes.items():
+                            print(f"--- {name} (exit {node.proc.poll()}):\n{''.join(node.lines[-15:])}")
+                        raise
                     print(json.dumps(run), flush=True)
                     runs.append(run)
                 results[kind] = {"runs": runs, "summary": summarise(runs)}

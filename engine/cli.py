@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token to --prompt")
     gen.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    gen.add_argument("--quantize", choices=["int8"], default=None, help="weight-only quantization at load")
     gen.add_argument("--threads", type=int, default=None, help="intra-op CPU threads")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     add_parallel_flags(gen)
@@ -202,6 +203,7 @@ def _run_rank(args, layout, model_dir, prompt, params) -> int:
             device,
             DTYPES[args.dtype] if args.dtype else None,
             progress=not args.json,
+            quantize=args.quantize,
         )
         load_s = time.perf_counter() - t0
         if replica.is_head:
@@ -231,7 +233,9 @@ def _run_single(args, model_dir, config, tokenizer, prompt, params) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t0 = time.perf_counter()
     dtype = DTYPES[args.dtype] if args.dtype else None
-    model = build_model(config, Checkpoint(model_dir), device, dtype, progress=not args.json)
+    model = build_model(
+        config, Checkpoint(model_dir), device, dtype, progress=not args.json, quantize=args.quantize
+    )
     gen = Generator(model, tokenizer, device)
     load_s = time.perf_counter() - t0
     t1 = time.perf_counter()

@@ -231,11 +231,14 @@ class Generator:
         max_len: int | None = None,
         progress: bool = False,
         with_tokenizer: bool = True,
+        quantize: str | None = None,
     ) -> Generator:
         config = ModelConfig.from_hf(model_dir)
         checkpoint = Checkpoint(model_dir)
         tokenizer = Tokenizer(model_dir) if with_tokenizer else None
-        model = build_model(config, checkpoint, torch.device(device), dtype, max_len, progress=progress)
+        model = build_model(
+            config, checkpoint, torch.device(device), dtype, max_len, progress=progress, quantize=quantize
+        )
         return cls(model, tokenizer, device)
 
     @torch.inference_mode()
@@ -329,12 +332,18 @@ def build_model(
     last: bool = True,
     tp=None,
     progress: bool = False,
+    quantize: str | None = None,
 ) -> CausalLM:
-    """A model (or one stage/shard of it) with its weights read from ``checkpoint``."""
+    """A model (or one stage/shard of it) with its weights read from ``checkpoint``; with
+    ``quantize`` ("int8"), its projections quantized once read (``engine.quant``)."""
     max_len = min(max_len or config.max_position_embeddings, config.max_position_embeddings)
     with torch.device("meta"):
         model = CausalLM(config, max_len=max_len, layer_ids=layer_ids, first=first, last=last, tp=tp)
     model.to(dtype or config.dtype)
     load_weights(model, checkpoint, device=device, progress=progress)
     model.rotary.build(device, dtype or config.dtype)
+    if quantize:
+        from engine.quant import quantize as quantize_model
+
+        quantize_model(model, quantize)
     return model.eval()

@@ -21,6 +21,7 @@ from engine.executor import DistributedExecutor, ReplicaRanks, follow
 from engine.generate import Generator, build_model
 from engine.loader import Checkpoint
 from engine.model import CausalLM
+from engine.quant import weight_bytes
 from engine.tokenizer import Tokenizer
 
 
@@ -85,6 +86,7 @@ def load_stage(
     max_len: int | None = None,
     check: bool = False,
     progress: bool = True,
+    quantize: str | None = None,
 ) -> Replica:
     """Build and load this rank's stage and shard of the model in ``model_dir``."""
     config = ModelConfig.from_hf(model_dir)
@@ -103,6 +105,7 @@ def load_stage(
         last=last,
         tp=tp,
         progress=progress and env.rank == 0,
+        quantize=quantize,
     )
     ranks = ReplicaRanks(
         rank=env.rank,
@@ -113,7 +116,7 @@ def load_stage(
         sampler=layout.rank_of(dp, layout.pp - 1, 0),
         is_sampler=last and t == 0,
     )
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    param_bytes = weight_bytes(model)
     parts = (["embedding"] if first else []) + [f"layers {layer_ids[0]}-{layer_ids[-1]}"]
     parts += ["norm and head"] if last else []
     print(

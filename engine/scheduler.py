@@ -175,12 +175,15 @@ class Engine:
         kv_cache_mib: int = 512,
         block_size: int = 16,
         progress: bool = False,
+        quantize: str | None = None,
         **kw,
     ) -> Engine:
         """Load ``model_dir`` in this process and give it a paged cache of ``kv_cache_mib``."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         config = ModelConfig.from_hf(model_dir)
-        model = build_model(config, Checkpoint(model_dir), device, dtype, max_len, progress=progress)
+        model = build_model(
+            config, Checkpoint(model_dir), device, dtype, max_len, progress=progress, quantize=quantize
+        )
         tokenizer = Tokenizer(model_dir) if (Path(model_dir) / "tokenizer.model").is_file() else None
         blocks = cache_blocks(
             kv_cache_mib,

@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-len", type=int, default=None, help="context length (default: the model's)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    parser.add_argument("--quantize", choices=["int8"], default=None, help="weight-only quantization at load")
     parser.add_argument("--threads", type=int, default=None, help="intra-op CPU threads per rank")
     add_parallel_flags(parser)
     return parser
@@ -172,6 +173,7 @@ def _serve_local(args, model_dir: str) -> int:
         kv_cache_mib=args.kv_cache_mib,
         block_size=args.block_size,
         progress=True,
+        quantize=args.quantize,
         **_engine_knobs(args),
     )
     _run_server(args, engine, model_dir, engine.executor.model)
@@ -212,7 +214,9 @@ def _serve_rank(args, layout, model_dir: str) -> int:
         per_node = min(layout.tp, env.local_world_size)
         tp = make_groups(layout, env.rank, args.timeout, args.allreduce, per_node)
         dtype = DTYPES[args.dtype] if args.dtype else None
-        replica = load_stage(model_dir, layout, env, tp, device, dtype, args.max_len, progress=True)
+        replica = load_stage(
+            model_dir, layout, env, tp, device, dtype, args.max_len, progress=True, quantize=args.quantize
+        )
         if not replica.is_head:
             replica.follow()
         else:

@@ -28,6 +28,7 @@ import hmac
 import json
 import random
 import secrets
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -201,6 +202,9 @@ class Cluster:
         changed = (role, term) != (self.role, self.term)
         if leader != self.leader and leader is not None and self.leader is not None:
             self._count("leader_changes")
+        if changed or leader != self.leader:
+            who = f"; leader {leader}" if leader else ""
+            print(f"ringleader: member {self.me}: {role} in term {term}{who}", file=sys.stderr, flush=True)
         self.role, self.leader = role, leader
         if term != self.term:
             self.term, self.voted_for = term, None
