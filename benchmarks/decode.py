@@ -4,8 +4,10 @@ Both load the same checkpoint, run with the same thread count, prompts and greed
 generate the same number of new tokens (EOS ignored). For each batch size the script prints
 tokens/s for both and their ratio, the engine's achieved weight-read bandwidth next to the
 machine's measured copy bandwidth, and the peak resident memory added by loading the checkpoint.
+With ``--quantize int8`` it also times the engine with weight-only int8 weights.
 
     python benchmarks/decode.py --preset demo --batch-sizes 1,16
+    python benchmarks/decode.py --preset demo-150m --quantize int8
     python benchmarks/decode.py --preset demo-150m --batch-sizes 1,16
     python benchmarks/decode.py --model DIR
 """
@@ -73,6 +75,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--quantize", choices=["int8"], help="also time the engine with weight-only int8")
     args = parser.parse_args()
 
     import transformers
@@ -84,6 +87,11 @@ def main() -> int:
         model_dir = str(ensure_demo(default_demo_dir(args.preset), args.preset))
 
     gen = Generator.from_pretrained(model_dir, with_tokenizer=False)
+    quantized = (
+        Generator.from_pretrained(model_dir, with_tokenizer=False, quantize=args.quantize)
+        if args.quantize
+        else None
+    )
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
@@ -101,10 +109,11 @@ def main() -> int:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads")
     print(f"machine copy bandwidth: {copy_bw / 1e9:.2f} GB/s (read + write)")
     print(f"peak RSS added by loading: {rss / 2**20:.1f} MiB = {rss / ckpt_bytes:.2f}x the checkpoint")
-    print(
-        f"{'batch':>5} {'engine tok/s':>13} {'transformers tok/s':>19} {'ratio':>6} "
-        f"{'engine weight GB/s':>19}"
-    )
+    header = f"{'batch':>5} {'engine tok/s':>13} {'transformers tok/s':>19} {'ratio':>6} "
+    header += f"{'engine weight GB/s':>19}"
+    if quantized is not None:
+        header += f" {args.quantize + ' tok/s':>11} {args.quantize + '/float':>11}"
+    print(header)
 
     results = []
     g = torch.Generator().manual_seed(0)
@@ -127,10 +136,16 @@ def main() -> int:
                 )
             assert out.shape[1] == args.prompt_len + args.new_tokens
 
-        times = {"engine": [], "hf": []}
-        run_engine(), run_hf()  # warm-up
+        def run_quantized(prompts=prompts, sp=sp):
+            out = quantized.generate(prompts.tolist(), sp)
+            assert all(len(o.token_ids) == args.new_tokens for o in out)
+
+        runs = [("engine", run_engine), ("hf", run_hf)] + ([("quant", run_quantized)] if quantized else [])
+        times = {name: [] for name, _ in runs}
+        for _, fn in runs:
+            fn()  # warm-up
         for _ in range(args.repeats):
-            for name, fn in (("engine", run_engine), ("hf", run_hf)):
+            for name, fn in runs:
                 t = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t)
@@ -138,10 +153,19 @@ def main() -> int:
         ours = tokens / statistics.median(times["engine"])
         theirs = tokens / statistics.median(times["hf"])
         bw = weights_read * args.new_tokens / statistics.median(times["engine"])
-        print(f"{batch:>5} {ours:>13.1f} {theirs:>19.1f} {ours / theirs:>5.2f}x {bw / 1e9:>19.2f}")
-        results.append(
-            {"batch": batch, "engine_tok_s": ours, "transformers_tok_s": theirs, "weight_read_gb_s": bw / 1e9}
-        )
+        line = f"{batch:>5} {ours:>13.1f} {theirs:>19.1f} {ours / theirs:>5.2f}x {bw / 1e9:>19.2f}"
+        result = {
+            "batch": batch,
+            "engine_tok_s": ours,
+            "transformers_tok_s": theirs,
+            "weight_read_gb_s": bw / 1e9,
+        }
+        if quantized is not None:
+            q = tokens / statistics.median(times["quant"])
+            line += f" {q:>11.1f} {q / ours:>10.2f}x"
+            result[f"{args.quantize}_tok_s"] = q
+        print(line)
+        results.append(result)
     if args.json:
         Path(args.json).write_text(
             json.dumps(
