@@ -161,3 +161,12 @@ def exit_with_launcher(rank: int, interval_s: float = 1.0) -> None:
                 os._exit(1)
 
     threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
+def exit_lost_replica(rank: int, error: BaseException) -> None:
+    """A torch.distributed error (a peer died, or hung past the timeout): say so in one line and
+    exit at once, without any clean-up that could wait on the dead peer."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    print(f"ringleader: error: rank {rank}: lost the replica ({first}); exiting", file=sys.stderr, flush=True)
+    os._exit(1)

@@ -181,7 +181,7 @@ def _run_rank(args, layout, model_dir, prompt, params) -> int:
     import torch
     import torch.distributed as dist
 
-    from comm.dist import DistEnv, env_from, exit_with_launcher, init
+    from comm.dist import DistEnv, env_from, exit_lost_replica, exit_with_launcher, init
     from engine.config import DTYPES
     from engine.replica import load_stage, make_groups
 
@@ -217,9 +217,7 @@ def _run_rank(args, layout, model_dir, prompt, params) -> int:
             replica.follow()
         dist.destroy_process_group()
     except RuntimeError as e:  # torch.distributed's errors: a peer died, hung past the timeout, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"ringleader: error: rank {env.rank}: lost the replica ({first}); exiting", file=sys.stderr)
-        os._exit(1)  # no clean-up that could wait on the dead peer
+        exit_lost_replica(env.rank, e)
     return 0
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from comm.layout import LayoutError
 from engine.cli import add_parallel_flags, exec_torchrun, launched_as_rank
 from engine.errors import RingleaderError
+from server.cluster import add_cluster_flags
 
 DEFAULT_PORT = 8000
 
@@ -71,25 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="continuous",
         help="continuous (requests join every step) or static (a batch runs until all finish)",
     )
-    cl = parser.add_argument_group("cluster (fault tolerance across nodes; see README)")
-    cl.add_argument(
-        "--cluster", default=None, help="every member: NAME=http://HOST:PORT,... (#witness marks one)"
-    )
-    cl.add_argument("--name", default=None, help="this member's NAME in --cluster")
-    cl.add_argument("--cluster-secret", default=os.environ.get("RINGLEADER_CLUSTER_SECRET"))
-    cl.add_argument("--heartbeat-ms", type=float, default=200.0)
-    cl.add_argument(
-        "--lease-ms", type=float, default=1000.0, help="a leader without a majority stops after this"
-    )
-    cl.add_argument(
-        "--election-timeout-ms", type=float, default=1500.0, help="the shortest; the longest is twice"
-    )
     parser.add_argument("--max-len", type=int, default=None, help="context length (default: the model's)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     parser.add_argument("--quantize", choices=["int8"], default=None, help="weight-only quantization at load")
     parser.add_argument("--threads", type=int, default=None, help="intra-op CPU threads per rank")
     add_parallel_flags(parser)
+    add_cluster_flags(parser)
     return parser
 
 
@@ -194,7 +183,7 @@ def _serve_rank(args, layout, model_dir: str) -> int:
     import torch
     import torch.distributed as dist
 
-    from comm.dist import env_from, exit_with_launcher, init
+    from comm.dist import env_from, exit_lost_replica, exit_with_launcher, init
     from engine.config import DTYPES
     from engine.executor import DistributedExecutor
     from engine.replica import load_stage, make_groups
@@ -245,40 +234,20 @@ def _serve_rank(args, layout, model_dir: str) -> int:
             _run_server(args, engine, model_dir, model, layout)
         dist.destroy_process_group()
     except RuntimeError as e:  # torch.distributed's errors: a peer died, hung past the timeout, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"ringleader: error: rank {env.rank}: lost the replica ({first}); exiting", file=sys.stderr)
-        os._exit(1)  # no clean-up that could wait on the dead peer
+        exit_lost_replica(env.rank, e)
     return 0
 
 
 def make_cluster(args):
     """(Cluster, Signer) from the --cluster flags, or (None, None) without --cluster."""
-    from server.cluster import Cluster, ConfigError, Signer, parse_members
+    from server.cluster import ConfigError, cluster_from_flags
 
     if not args.cluster:
         return None, None
     try:
-        members = parse_members(args.cluster)
-        if not args.name:
-            raise ConfigError("--cluster needs --name (this member's name)")
-        if not args.cluster_secret:
-            raise ConfigError(
-                "--cluster needs --cluster-secret or RINGLEADER_CLUSTER_SECRET (the same on every member)"
-            )
-        signer = Signer(args.cluster_secret)
-        election = args.election_timeout_ms / 1000
-        cluster = Cluster(
-            args.name,
-            members,
-            signer,
-            heartbeat_s=args.heartbeat_ms / 1000,
-            lease_s=args.lease_ms / 1000,
-            election_timeout_s=(election, 2 * election),
-            dead_after_s=args.lease_ms / 1000,
-        )
+        return cluster_from_flags(args)
     except ConfigError as e:
         raise RingleaderError(str(e)) from None
-    return cluster, signer
 
 
 def _run_server(args, engine, model_dir: str, model, layout=None) -> None:

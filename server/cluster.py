@@ -359,6 +359,53 @@ class Cluster:
         return True
 
 
+def add_cluster_flags(parser, required: bool = False) -> None:
+    """The flags that make a process a cluster member (``serve`` and ``witness``)."""
+    import os
+
+    group = parser.add_argument_group("cluster (fault tolerance across nodes; see README)")
+    group.add_argument("--cluster", required=required, help="every member: NAME=http://HOST:PORT,...; "
+                       "NAME=URL#witness marks the witness")  # fmt: skip
+    group.add_argument("--name", required=required, help="this member's NAME in --cluster")
+    secret = os.environ.get("RINGLEADER_CLUSTER_SECRET")
+    group.add_argument("--cluster-secret", default=secret, help="signs control messages; the same everywhere")
+    group.add_argument("--heartbeat-ms", type=float, default=200.0)
+    group.add_argument(
+        "--lease-ms", type=float, default=1000.0, help="a leader without a majority stops after this"
+    )
+    group.add_argument(
+        "--election-timeout-ms", type=float, default=1500.0, help="the shortest; the longest is twice"
+    )
+
+
+def cluster_from_flags(args, metrics: dict | None = None) -> tuple[Cluster, Signer]:
+    """This member's ``Cluster`` and ``Signer`` from the flags of ``add_cluster_flags``
+    (``ConfigError`` naming what is wrong)."""
+    members = parse_members(args.cluster)
+    if not args.name:
+        raise ConfigError("--cluster needs --name (this member's name)")
+    if not args.cluster_secret:
+        raise ConfigError(
+            "--cluster needs --cluster-secret or RINGLEADER_CLUSTER_SECRET (the same on every member)"
+        )
+    for flag in ("heartbeat_ms", "lease_ms", "election_timeout_ms"):
+        if not getattr(args, flag) > 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
+    signer = Signer(args.cluster_secret)
+    election = args.election_timeout_ms / 1000
+    cluster = Cluster(
+        args.name,
+        members,
+        signer,
+        heartbeat_s=args.heartbeat_ms / 1000,
+        lease_s=args.lease_ms / 1000,
+        election_timeout_s=(election, 2 * election),
+        dead_after_s=args.lease_ms / 1000,
+        metrics=metrics,
+    )
+    return cluster, signer
+
+
 def verified(request_body: bytes, signature: str | None, signer: Signer, metrics: dict) -> dict:
     """The message, or ``Forged`` (counted by reason)."""
     try:

@@ -16,48 +16,37 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 import sys
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from server.cluster import Cluster, ConfigError, Signer, add_control_routes, cluster_metrics, parse_members
+from server.cluster import (
+    Cluster,
+    ConfigError,
+    Signer,
+    add_cluster_flags,
+    add_control_routes,
+    cluster_from_flags,
+    cluster_metrics,
+    parse_members,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ringleader witness", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cluster", required=True, help="every member: NAME=http://HOST:PORT,...")
-    parser.add_argument("--name", required=True, help="this member's NAME (marked #witness in --cluster)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--cluster-secret", default=os.environ.get("RINGLEADER_CLUSTER_SECRET"))
-    parser.add_argument("--heartbeat-ms", type=float, default=200.0)
-    parser.add_argument("--lease-ms", type=float, default=1000.0)
-    parser.add_argument("--election-timeout-ms", type=float, default=1500.0)
+    add_cluster_flags(parser, required=True)
     args = parser.parse_args(argv)
     try:
-        members = parse_members(args.cluster)
-        me = {m.name: m for m in members}.get(args.name)
-        if me is None or not me.witness:
+        members = {m.name: m for m in parse_members(args.cluster)}
+        if args.name not in members or not members[args.name].witness:
             raise ConfigError(f"--name {args.name!r} must be a member marked #witness in --cluster")
-        if not args.cluster_secret:
-            raise ConfigError("--cluster-secret (or RINGLEADER_CLUSTER_SECRET) is required")
-        election = args.election_timeout_ms / 1000
-        signer = Signer(args.cluster_secret)
         registry = CollectorRegistry()
         metrics = cluster_metrics(registry)
-        cluster = Cluster(
-            args.name,
-            members,
-            signer,
-            heartbeat_s=args.heartbeat_ms / 1000,
-            lease_s=args.lease_ms / 1000,
-            election_timeout_s=(election, 2 * election),
-            dead_after_s=args.lease_ms / 1000,
-            metrics=metrics,
-        )
+        cluster, signer = cluster_from_flags(args, metrics)
     except ConfigError as e:
         print(f"ringleader: error: {e}", file=sys.stderr)
         return 2
