@@ -20,6 +20,7 @@ import asyncio
 import dataclasses
 import json
 import secrets
+import sys
 import time
 
 import aiohttp
@@ -231,12 +232,18 @@ class Router:
                             queue.put_nowait(StepOutput(rid, [token], seq.text_delta(), seq.finish, lp))
                             if seq.finish is not None:
                                 return
+                        if out.finish_reason is not None:
+                            # the replica ended it for a reason this side did not see (both sides
+                            # apply the same rules, so this is not expected): its word stands
+                            seq.finish = out.finish_reason
+                            queue.put_nowait(StepOutput(rid, [], seq.text_delta(), seq.finish))
+                            return
                 except ReplicaLost as e:
                     if name not in self.lost:
                         self.lost[name] = time.monotonic()
                         self._count("failovers")
                     self._count("rerouted")
-                    print(f"ringleader: request {rid} moves on from replica {e}", flush=True)
+                    print(f"ringleader: request {rid} moves on from replica {e}", file=sys.stderr, flush=True)
                 finally:
                     self.load[name] -= 1
         except RequestError as e:
