@@ -31,6 +31,26 @@ from engine.demo import default_demo_dir, ensure_demo  # noqa: E402
 from engine.generate import Generator, SamplingParams  # noqa: E402
 from engine.loader import Checkpoint  # noqa: E402
 
+HELD_OUT = (
+    "The operators of a small cluster keep one replica of the model on every node. When a node stops "
+    "answering its heartbeats, the leader moves the requests it was running to the others, which "
+    "prefill what was already generated and carry on from there, so that nobody notices."
+)
+
+
+@torch.inference_mode()
+def perplexity(gen: Generator, ids: list[int]) -> float:
+    """exp(mean negative log-likelihood) of ``ids`` under the model, in one forward pass."""
+    from engine.kv_cache import ContiguousKVCache, make_step
+
+    model, cfg = gen.model, gen.config
+    tokens = torch.tensor([ids])
+    dtype = next(model.parameters()).dtype
+    cache = ContiguousKVCache(model.layer_ids, 1, len(ids), model.kv_heads, cfg.head_dim, dtype)
+    step = make_step(tokens, [0], [0], gen.windows, torch.arange(len(ids)))
+    logits = model.gather_logits(model(tokens, step, cache)).view(len(ids), -1)
+    return torch.nn.functional.cross_entropy(logits[:-1], tokens[0, 1:]).exp().item()
+
 
 def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
     """Bytes moved per second by a large tensor copy (each byte read once and written once)."""
@@ -113,6 +133,15 @@ def main() -> int:
     header += f"{'engine weight GB/s':>19}"
     if quantized is not None:
         header += f" {args.quantize + ' tok/s':>11} {args.quantize + '/float':>11}"
+    if quantized is not None:
+        from engine.tokenizer import Tokenizer
+
+        ids = Tokenizer(model_dir).encode(HELD_OUT)
+        p_float, p_quant = perplexity(gen, ids), perplexity(quantized, ids)
+        print(
+            f"perplexity of a held-out paragraph ({len(ids)} tokens): float {p_float:.3f}, "
+            f"{args.quantize} {p_quant:.3f} ({(p_quant / p_float - 1) * 100:+.2f}%)"
+        )
     print(header)
 
     results = []
