@@ -1,0 +1,232 @@
+"""Decode on one accelerator against its memory bandwidth, and against transformers, in one run.
+
+Builds a random-weight Llama-architecture checkpoint in Hugging Face format on the machine itself
+(no downloads): ``1b`` (Llama-3.2-1B's shape, 1.2B parameters), ``7b`` (Llama-2-7B's shape, 6.7B)
+or ``tiny`` (for a smoke run on a CPU). Then, side by side:
+
+- the device's copy bandwidth (a 1 GiB copy, bytes read plus written, best of 5);
+- batch-1 decode tokens/s of the engine with bf16 weights and with weight-only int8, and the
+  bandwidth each achieves: the bytes one decode step reads (every weight but the embedding table,
+  plus the KV cache so far) times the steps, over the time;
+- throughput at batch 32 and 64 (bf16 and int8);
+- transformers' ``generate`` (greedy, its default cache, SDPA attention) on the same checkpoint.
+
+    python benchmarks/device.py --size 7b            # on a GPU: the figures of BENCHMARKS.md
+    python benchmarks/device.py --size 1b --batch-sizes 1,32,64
+    python benchmarks/device.py --size tiny --device cpu --dtype float32   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.generate import Generator, SamplingParams  # noqa: E402
+
+SHAPES = {
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=4, vocab_size=1024),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),
+}  # fmt: skip
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def build_checkpoint(path: Path, size: str, dtype: torch.dtype, device: torch.device) -> Path:
+    """A Llama checkpoint with random weights (normal, std 0.02; norms 1) in ``path``."""
+    from safetensors.torch import save_file
+
+    shape = SHAPES[size]
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **shape,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    marker = path / "config.json"
+    if marker.is_file() and json.loads(marker.read_text()) == config:
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    h, i, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    d = h // shape["num_attention_heads"]
+    kv = shape["num_key_value_heads"] * d
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*dims):
+        return (torch.randn(*dims, generator=g, device=device, dtype=torch.float32) * 0.02).to(dtype).cpu()
+
+    ends = {"model.embed_tokens.weight": rand(v, h), "lm_head.weight": rand(v, h)}
+    shards: list[dict[str, torch.Tensor]] = [{**ends, "model.norm.weight": torch.ones(h, dtype=dtype)}]
+    for layer in range(shape["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        shards.append(
+            {
+                p + "self_attn.q_proj.weight": rand(h, h),
+                p + "self_attn.k_proj.weight": rand(kv, h),
+                p + "self_attn.v_proj.weight": rand(kv, h),
+                p + "self_attn.o_proj.weight": rand(h, h),
+                p + "mlp.gate_proj.weight": rand(i, h),
+                p + "mlp.up_proj.weight": rand(i, h),
+                p + "mlp.down_proj.weight": rand(h, i),
+                p + "input_layernorm.weight": torch.ones(h, dtype=dtype),
+                p + "post_attention_layernorm.weight": torch.ones(h, dtype=dtype),
+            }
+        )
+    weight_map = {}
+    for n, tensors in enumerate(shards):
+        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, str(path / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in tensors})
+    index = {"metadata": {}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    marker.write_text(json.dumps(config))
+    return path
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(6):
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def step_bytes(gen: Generator, batch: int, prompt_len: int, new_tokens: int) -> float:
+    """Bytes one decode step reads on average: the weights (not the embedding table) and the
+    KV cache of every sequence, at its mean length during the run."""
+    model = gen.model
+    weights = sum(
+        b.numel() * b.element_size()
+        for n, b in [*model.named_parameters(), *model.named_buffers()]
+        if "embed_tokens" not in n and "rotary" not in n
+    )
+    cfg = gen.config
+    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * next(model.parameters()).element_size()
+    return weights + batch * per_token * (prompt_len + new_tokens / 2)
+
+
+def time_it(fn, device, repeats: int) -> float:
+    fn()  # warm-up (and any one-time set-up)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SHAPES), default="7b")
+    parser.add_argument(
+        "--dir", default=None, help="where the checkpoint goes (default: ~/.cache/ringleader)"
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--batch-sizes", default="1,32,64")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    home = Path(args.dir or Path(os.environ.get("RINGLEADER_HOME", Path.home() / ".cache" / "ringleader")))
+    t0 = time.perf_counter()
+    model_dir = build_checkpoint(home / f"random-llama-{args.size}-{args.dtype}", args.size, dtype, device)
+    print(f"checkpoint {model_dir} ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    bw = copy_bandwidth(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    print(f"{command}\n{datetime.date.today()}, {name}, torch {torch.__version__}")
+    print(f"device copy bandwidth: {bw / 1e9:.1f} GB/s (read + write)")
+
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    engines = {"engine " + args.dtype: None, "engine int8": "int8"}
+    for label, quantize in engines.items():
+        gen = Generator.from_pretrained(model_dir, device=args.device, dtype=dtype, with_tokenizer=False,
+                                        quantize=quantize)  # fmt: skip
+        for batch in batches:
+            prompts = torch.randint(3, gen.config.vocab_size, (batch, args.prompt_len), generator=g).tolist()
+            params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+            seconds = time_it(lambda gen=gen, prompts=prompts, params=params: gen.generate(prompts, params),
+                              device, args.repeats)  # fmt: skip
+            achieved = step_bytes(gen, batch, args.prompt_len, args.new_tokens) * args.new_tokens / seconds
+            rows.append({"runtime": label, "batch": batch, "tok_s": batch * args.new_tokens / seconds,
+                         "gb_s": achieved / 1e9, "of_copy_bw": achieved / bw})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+        del gen
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if not args.no_transformers:
+        import transformers
+
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation="sdpa"
+        )
+        hf = hf.to(device).eval()
+        hf.generation_config.eos_token_id = None
+        hf.generation_config.pad_token_id = 0
+        for batch in batches:
+            prompts = torch.randint(3, hf.config.vocab_size, (batch, args.prompt_len), generator=g).to(device)
+
+            def run(prompts=prompts):
+                with torch.inference_mode():
+                    n = args.new_tokens
+                    mask = torch.ones_like(prompts)
+                    hf.generate(
+                        prompts, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False
+                    )
+
+            seconds = time_it(run, device, args.repeats)
+            tok_s = batch * args.new_tokens / seconds
+            row = {"runtime": "transformers " + args.dtype, "batch": batch, "tok_s": tok_s}
+            rows.append({**row, "gb_s": None, "of_copy_bw": None})
+            print(json.dumps(rows[-1]), flush=True)
+    print("\n| runtime | batch | tok/s | achieved GB/s | of copy bandwidth |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        gb = f"{r['gb_s']:.1f}" if r["gb_s"] is not None else ""
+        share = f"{r['of_copy_bw'] * 100:.0f}%" if r["of_copy_bw"] is not None else ""
+        print(f"| {r['runtime']} | {r['batch']} | {r['tok_s']:.1f} | {gb} | {share} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": command, "device": name, "copy_bw_gb_s": bw / 1e9,
+                                               "rows": rows}, indent=2))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
