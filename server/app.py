@@ -47,7 +47,7 @@ from server.cluster import (
     cluster_metrics,
     verified,
 )
-from server.router import NoReplica, Router
+from server.router import NoReplica, Router, ServerShutdown
 
 
 @dataclass
@@ -58,10 +58,6 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     request_timeout_s: float | None = None  # a request still running after this fails with 504
     drain_timeout_s: float = 20.0  # on shutdown, how long in-flight requests may take to finish
-
-
-class ServerShutdown(Exception):
-    """Delivered to requests still running when the server's drain time is over."""
 
 
 class ApiError(Exception):

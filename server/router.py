@@ -31,6 +31,10 @@ from engine.scheduler import StepOutput
 from server.cluster import Cluster, Signer
 
 
+class ServerShutdown(Exception):
+    """Delivered to requests still running when the server's drain time is over."""
+
+
 class ReplicaLost(Exception):
     """The replica running a request is gone; the request can go on elsewhere."""
 
@@ -179,7 +183,23 @@ class Router:
             task.cancel()
 
     async def drain(self, timeout_s: float) -> int:
-        return await self.local_loop.drain(timeout_s)
+        """Refuse new requests; give every request this leader routed, to any replica,
+        ``timeout_s`` to finish; fail the rest with ``ServerShutdown``."""
+        self.local_loop.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.queues and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = list(self.queues)
+        for request_id in left:
+            queue = self.queues.pop(request_id)
+            self.tasks[request_id].cancel()
+            queue.put_nowait(
+                ServerShutdown(
+                    f"the server shut down before the request finished (drain time {timeout_s:g} s)"
+                )
+            )
+        await self.local_loop.drain(max(0.0, deadline - time.monotonic()))
+        return len(left)
 
     def replica_rows(self) -> list[dict]:
         return [

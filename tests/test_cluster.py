@@ -167,3 +167,22 @@ def test_a_paused_leader_steps_down_and_never_answers_in_an_old_term(cluster, pr
     assert not late, late
     assert not proxy.two_leaders()
     assert figures["failed"] == 0 and not load.wrong, load.errors[:3]
+
+
+def test_a_leader_stopped_with_sigterm_finishes_every_request_it_routed(cluster, proxy, expected):
+    for name, node in cluster.nodes.items():  # the paused one is back; everyone is up
+        if node.proc.poll() is not None:
+            cluster.start(name)
+    leader = cluster.leader()
+    load = Load(proxy, expected, workers=6, retry_broken_streams=False)
+    time.sleep(2)
+    stopping = cluster.nodes[leader]
+    stopping.terminate()
+    code = stopping.proc.wait(timeout=30)
+    new = cluster.leader(timeout=10)
+    time.sleep(2)
+    figures = load.finish()
+    drained = [line.strip() for line in stopping.lines if "drained in" in line]
+    print(f"\nleader {leader} stopped with SIGTERM: {drained}; {new} leads; {figures}")
+    assert code == 0 and drained and "0 unfinished requests failed" in drained[0]
+    assert figures["failed"] == 0 and figures["lost"] == 0 and not load.wrong, load.errors[:3]
