@@ -91,34 +91,47 @@ class RemoteReplica:
         }
         body, headers = self.signer.sign(message)
         url = self.cluster.members[self.name].url + "/_control/generate"
+        response = None
         try:
-            async with self.session.post(url, data=body, headers=headers) as r:
-                if r.status == 400:
-                    error = await r.json()
-                    raise RequestError(error.get("error", "refused"), param=error.get("param"))
-                if r.status != 200:
-                    raise ReplicaLost(f"{self.name} answered {r.status}")
-                while True:
-                    # a replica that hangs (no line, and its member misses its heartbeats) is lost
-                    try:
-                        line = await asyncio.wait_for(r.content.readline(), self.cluster.heartbeat_s * 2)
-                    except asyncio.TimeoutError:
-                        if not self.cluster.alive(self.name):
-                            raise ReplicaLost(f"{self.name} stopped answering") from None
-                        continue
-                    if not line:
-                        raise ReplicaLost(f"{self.name} ended the stream early")
-                    item = json.loads(line)
-                    if "error" in item:
-                        if item.get("kind") == "request":
-                            raise RequestError(item["error"], param=item.get("param"))
-                        raise ReplicaLost(f"{self.name}: {item['error']}")
-                    out = StepOutput(rid, item["t"], "", item.get("f"), item.get("lp"))
-                    yield out
-                    if out.finish_reason is not None:
-                        return
+            response = await self._watch(self.session.post(url, data=body, headers=headers))
+            if response.status == 400:
+                error = await response.json()
+                raise RequestError(error.get("error", "refused"), param=error.get("param"))
+            if response.status != 200:
+                raise ReplicaLost(f"{self.name} answered {response.status}")
+            while True:
+                line = await self._watch(response.content.readline())
+                if not line:
+                    raise ReplicaLost(f"{self.name} ended the stream early")
+                item = json.loads(line)
+                if "error" in item:
+                    if item.get("kind") == "request":
+                        raise RequestError(item["error"], param=item.get("param"))
+                    raise ReplicaLost(f"{self.name}: {item['error']}")
+                out = StepOutput(rid, item["t"], "", item.get("f"), item.get("lp"))
+                yield out
+                if out.finish_reason is not None:
+                    return
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
             raise ReplicaLost(f"{self.name}: {type(e).__name__}: {e}") from None
+        finally:
+            if response is not None:
+                response.close()  # ends the request there too, if it is still running
+
+    async def _watch(self, awaitable):
+        """``awaitable``'s result, unless this replica's member is declared dead first: a hung
+        node still accepts connections (the kernel does) but never answers."""
+        task = asyncio.ensure_future(awaitable)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self.cluster.heartbeat_s * 2)
+                if done:
+                    return task.result()
+                if not self.cluster.alive(self.name):
+                    raise ReplicaLost(f"{self.name} stopped answering")
+        finally:
+            if not task.done():
+                task.cancel()
 
 
 class Router:

@@ -123,6 +123,28 @@ def test_a_killed_follower_costs_no_request_and_rejoins(cluster, proxy, expected
     assert figures["failed"] == 0 and not load.wrong and tokens > 0
 
 
+def test_a_hung_follower_is_taken_out_of_routing_and_its_requests_go_on_elsewhere(cluster, proxy, expected):
+    leader = cluster.leader()
+    victim = next(n for n in NAMES if n != leader)
+    load = Load(proxy, expected, workers=6)
+    time.sleep(2)
+    cluster.nodes[victim].proc.send_signal(signal.SIGSTOP)  # a hang: nothing breaks, nothing answers
+    hung = time.monotonic()
+    detected = None
+    while time.monotonic() - hung < 10:
+        member = next(m for m in cluster.state(leader)["members"] if m["name"] == victim)
+        if not member["alive"]:
+            detected = time.monotonic() - hung
+            break
+        time.sleep(0.05)
+    time.sleep(2)
+    figures = load.finish()
+    cluster.nodes[victim].proc.send_signal(signal.SIGCONT)
+    print(f"\nfollower {victim} hung: detected in {detected:.2f} s; {figures}")
+    assert detected is not None and detected <= 3
+    assert figures["failed"] == 0 and figures["lost"] == 0 and not load.wrong, load.errors[:3]
+
+
 def test_a_killed_leader_is_replaced_within_5s_and_clients_finish(cluster, proxy, expected):
     leader = cluster.leader()
     term = cluster.state(leader)["term"]
