@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--drain-timeout", type=float, default=20.0, help="seconds to finish requests on SIGTERM"
     )
     parser.add_argument(
+        "--step-deadline",
+        type=float,
+        default=10.0,
+        help="a step running longer means a rank hangs: a cluster's leader moves the replica's requests",
+    )
+    parser.add_argument(
         "--batching",
         choices=["continuous", "static"],
         default="continuous",
@@ -96,7 +102,7 @@ def _check_flags(args) -> None:
     for flag in ("kv_cache_mib", "block_size", "max_running", "max_batched_tokens", "max_queue"):
         if getattr(args, flag) < 1:
             raise RingleaderError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    for flag in ("request_timeout", "drain_timeout", "max_wait_ms", "timeout"):
+    for flag in ("request_timeout", "drain_timeout", "max_wait_ms", "timeout", "step_deadline"):
         value = getattr(args, flag)
         if value is not None and not value >= 0:
             raise RingleaderError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
@@ -275,6 +281,7 @@ def _run_server(args, engine, model_dir: str, model, layout=None) -> None:
     )
     cluster, signer = make_cluster(args)
     app = create_app(engine, config, cluster, signer)
+    app[ENGINE_LOOP].step_deadline_s = args.step_deadline
     asyncio.run(_serve_until_signalled(app, args.host, args.port, config.drain_timeout_s))
     fatal = app[ENGINE_LOOP].fatal
     if fatal is not None:

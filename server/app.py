@@ -108,6 +108,13 @@ class EngineLoop:
         self.idle = asyncio.Event()  # set whenever no request is outstanding
         self.fatal: BaseException | None = None  # why the replica can no longer run steps
         self.on_fatal = None  # called with that error
+        self.step_started: float | None = None  # when the step in progress began
+        self.step_deadline_s: float | None = None  # a step running longer is a hung replica
+
+    def stalled(self) -> bool:
+        """A step has run past the step deadline: a rank of the replica hangs."""
+        started, deadline = self.step_started, self.step_deadline_s
+        return started is not None and deadline is not None and time.monotonic() - started > deadline
 
     def submit(self, request_id, prompt, params, priority, timeout_s=None, generated=None) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue()
@@ -190,6 +197,7 @@ class EngineLoop:
             if not self.engine.has_work():
                 continue
             try:
+                self.step_started = time.monotonic()
                 outputs = await loop.run_in_executor(None, self.engine.step)
             except Exception as e:
                 # a failed step fails its requests, never the server; a replica that lost a rank
@@ -203,6 +211,8 @@ class EngineLoop:
                         self.on_fatal(e)
                     return
                 continue
+            finally:
+                self.step_started = None
             self.steps += 1
             self.metrics["steps"].inc()
             for out in outputs:
@@ -930,6 +940,7 @@ def _add_cluster(app: web.Application, engine: Engine, cluster: Cluster, signer:
 
     def replica_state() -> dict:
         state = "failed" if loop.fatal is not None else "draining" if loop.draining else "ready"
+        state = "stalled" if state == "ready" and loop.stalled() else state
         return {"state": state, "outstanding": loop.outstanding()}
 
     cluster.replica_state = replica_state

@@ -50,13 +50,19 @@ class LocalReplica:
         self.name, self.loop = name, engine_loop
 
     def routable(self) -> bool:
-        return self.loop.fatal is None and not self.loop.draining and self.loop.task is not None
+        loop = self.loop
+        return loop.fatal is None and not loop.draining and loop.task is not None and not loop.stalled()
 
     async def generate(self, rid, prompt, generated, params, priority, timeout_s):
         queue = self.loop.submit(rid, prompt, params, priority, timeout_s, generated or None)
         try:
             while True:
-                item = await queue.get()
+                try:
+                    item = await asyncio.wait_for(queue.get(), 0.2)
+                except asyncio.TimeoutError:
+                    if self.loop.stalled():
+                        raise ReplicaLost(f"{self.name}: a step ran past the step deadline") from None
+                    continue
                 if isinstance(item, RequestError):
                     raise item
                 if isinstance(item, Exception):
@@ -129,6 +135,8 @@ class RemoteReplica:
                     return task.result()
                 if not self.cluster.alive(self.name):
                     raise ReplicaLost(f"{self.name} stopped answering")
+                if self.cluster.peers[self.name].replica.get("state") == "stalled":
+                    raise ReplicaLost(f"{self.name}: a step ran past the step deadline")
         finally:
             if not task.done():
                 task.cancel()

@@ -1,0 +1,68 @@
+"""A hang inside a multi-rank replica: one of its tensor-parallel ranks stops (SIGSTOP), so its
+head's step never ends while the member itself keeps answering heartbeats. Past the step deadline
+the member reports the replica stalled and the leader moves its requests to a live replica."""
+
+import signal
+import time
+import types
+
+import psutil
+import pytest
+from cluster_harness import Load, expected_outputs
+from servers import LaunchedServer, free_port
+
+SECRET = "stall-secret"
+
+
+def _ready(node: LaunchedServer) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(node.base + "/ready", timeout=1) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@pytest.mark.parametrize("stalled_leads", [False, True], ids=["follower-stalls", "leader-stalls"])
+def test_a_hung_tensor_parallel_rank_moves_its_replicas_requests_elsewhere(tiny_demo, stalled_leads):
+    expected = expected_outputs(tiny_demo)
+    ports = {"a": free_port(), "b": free_port(), "w": free_port()}
+    spec = ",".join(f"{n}=http://127.0.0.1:{p}" + ("#witness" if n == "w" else "") for n, p in ports.items())
+    env = {"RINGLEADER_CLUSTER_SECRET": SECRET}
+    common = ["--model", str(tiny_demo), "--threads", "1", "--kv-cache-mib", "4", "--cluster", spec]
+    witness = LaunchedServer("--cluster", spec, "--name", "w", command="witness", port=ports["w"],
+                             ready_path="/health", env=env)  # fmt: skip
+    a = LaunchedServer(*common, "--name", "a", port=ports["a"], ready_path="/health", env=env, defer=True)
+    if stalled_leads:
+        a.proc.send_signal(signal.SIGSTOP)  # held back until b leads
+    b = LaunchedServer(*common, "--name", "b", "--tp", "2", "--step-deadline", "2", "--timeout", "60",
+                       port=ports["b"], ready_path="/health", env=env, defer=True)  # fmt: skip
+    try:
+        first, second = (b, a) if stalled_leads else (a, b)
+        first.wait()
+        deadline = time.monotonic() + 15
+        while not _ready(first) and time.monotonic() < deadline:  # it leads with the witness's vote
+            time.sleep(0.05)
+        if stalled_leads:
+            a.proc.send_signal(signal.SIGCONT)
+        second.wait()
+        time.sleep(1)  # the leader has heard from the second replica
+        leader = first
+        assert _ready(leader)
+        ranks = psutil.Process(b.proc.pid).children(recursive=True)
+        rank1 = next(p for p in ranks if p.environ().get("RANK") == "1")
+        load = Load(types.SimpleNamespace(base=leader.base + "/v1"), expected, workers=6)
+        time.sleep(2)
+        rank1.send_signal(signal.SIGSTOP)  # b's head now waits in an all-reduce that never ends
+        time.sleep(6)
+        figures = load.finish()
+        rank1.send_signal(signal.SIGCONT)
+        moved = "moves on from replica b" in leader.stderr
+        print(f"\ntp rank 1 of b hung ({'b' if leader is b else 'a'} leads): {figures}; moved: {moved}")
+        assert figures["failed"] == 0 and figures["lost"] == 0 and not load.wrong, load.errors[:3]
+        assert moved
+    finally:
+        for node in (a, b, witness):
+            node.kill()
