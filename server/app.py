@@ -47,6 +47,7 @@ from server.cluster import (
     cluster_metrics,
     verified,
 )
+from server.metrics import RequestTimings
 from server.router import NoReplica, Router, ServerShutdown
 
 
@@ -102,7 +103,7 @@ class EngineLoop:
         self.wake = asyncio.Event()
         self.steps = 0
         self.task: asyncio.Task | None = None
-        self.timing: dict[str, list] = {}
+        self.timings = RequestTimings(metrics)
         self.draining = False
         self.stopping = False
         self.idle = asyncio.Event()  # set whenever no request is outstanding
@@ -116,12 +117,16 @@ class EngineLoop:
         started, deadline = self.step_started, self.step_deadline_s
         return started is not None and deadline is not None and time.monotonic() - started > deadline
 
-    def submit(self, request_id, prompt, params, priority, timeout_s=None, generated=None) -> asyncio.Queue:
+    def submit(
+        self, request_id, prompt, params, priority, timeout_s=None, generated=None, observe=True
+    ) -> asyncio.Queue:
+        """Queue a request; its outputs (or an exception) arrive on the returned queue. ``observe``:
+        count it in the latency metrics (not when a cluster's router already does)."""
         queue: asyncio.Queue = asyncio.Queue()
         self.queues[request_id] = queue
         self.idle.clear()
-        self.timing[request_id] = [time.monotonic(), None]  # submitted, last token
-        self.metrics["prompt_tokens"].inc(len(prompt))
+        if observe:
+            self.timings.start(request_id, len(prompt))
         self.incoming.append((request_id, prompt, params, priority, timeout_s, generated))
         self.wake.set()
         return queue
@@ -224,34 +229,13 @@ class EngineLoop:
             return
         queue.put_nowait(item)
         if isinstance(item, StepOutput):
-            self._observe(request_id, item)
+            self.timings.observe(request_id, item, self.engine.admitted.get(request_id))
         if not isinstance(item, StepOutput) or item.finish_reason is not None:
             del self.queues[request_id]
-            self.timing.pop(request_id, None)
+            self.timings.end(request_id)
             self.engine.admitted.pop(request_id, None)
             if not self.queues:
                 self.idle.set()
-
-    def _observe(self, request_id: str, out: StepOutput) -> None:
-        """Latency metrics with vLLM's meanings: time to first token, between tokens, end to end,
-        and time spent waiting for admission."""
-        m, now, timing = self.metrics, time.monotonic(), self.timing.get(request_id)
-        if timing is None:
-            return
-        submitted, last = timing
-        if out.token_ids:
-            m["generation_tokens"].inc(len(out.token_ids))
-            if last is None:
-                m["ttft"].observe(now - submitted)
-                admitted = self.engine.admitted.get(request_id)
-                if admitted is not None:
-                    m["queue_time"].observe(max(0.0, admitted - submitted))
-            else:
-                m["itl"].observe(now - last)
-            timing[1] = now
-        if out.finish_reason is not None:
-            m["e2e"].observe(now - submitted)
-            m["finished"].labels(finished_reason=out.finish_reason).inc()
 
 
 ENGINE_LOOP = web.AppKey("engine_loop", EngineLoop)

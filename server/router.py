@@ -29,6 +29,7 @@ from engine.errors import RequestError
 from engine.generate import SamplingParams, Sequence
 from engine.scheduler import StepOutput
 from server.cluster import Cluster, Signer
+from server.metrics import RequestTimings
 
 
 class ServerShutdown(Exception):
@@ -54,7 +55,7 @@ class LocalReplica:
         return loop.fatal is None and not loop.draining and loop.task is not None and not loop.stalled()
 
     async def generate(self, rid, prompt, generated, params, priority, timeout_s):
-        queue = self.loop.submit(rid, prompt, params, priority, timeout_s, generated or None)
+        queue = self.loop.submit(rid, prompt, params, priority, timeout_s, generated or None, observe=False)
         try:
             while True:
                 try:
@@ -156,6 +157,7 @@ class Router:
         self.queues: dict[str, asyncio.Queue] = {}
         self.tasks: dict[str, asyncio.Task] = {}
         self.route_timeout_s = 30.0
+        self.timings = RequestTimings(metrics)  # the leader's metrics count every request it routes
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=2))
@@ -254,6 +256,12 @@ class Router:
     async def _drive(self, rid, prompt, params: SamplingParams, priority, timeout_s) -> None:
         queue = self.queues[rid]
         seq = Sequence(0, prompt, params, self.eos_ids, self.tokenizer)
+        self.timings.start(rid, len(prompt))
+
+        def put(out: StepOutput) -> None:
+            self.timings.observe(rid, out)
+            queue.put_nowait(out)
+
         attempt = 0
         try:
             while seq.finish is None:
@@ -265,19 +273,19 @@ class Router:
                         f"{rid}#{attempt}", prompt, list(seq.out), params, priority, timeout_s
                     ):
                         if out.finish_reason in ("timeout", "abort"):
-                            queue.put_nowait(StepOutput(rid, [], seq.text_delta(), out.finish_reason))
+                            put(StepOutput(rid, [], seq.text_delta(), out.finish_reason))
                             return
                         for i, token in enumerate(out.token_ids):
                             seq.append(token, self.max_len)
                             lp = [out.logprobs[i]] if out.logprobs else None
-                            queue.put_nowait(StepOutput(rid, [token], seq.text_delta(), seq.finish, lp))
+                            put(StepOutput(rid, [token], seq.text_delta(), seq.finish, lp))
                             if seq.finish is not None:
                                 return
                         if out.finish_reason is not None:
                             # the replica ended it for a reason this side did not see (both sides
                             # apply the same rules, so this is not expected): its word stands
                             seq.finish = out.finish_reason
-                            queue.put_nowait(StepOutput(rid, [], seq.text_delta(), seq.finish))
+                            put(StepOutput(rid, [], seq.text_delta(), seq.finish))
                             return
                 except ReplicaLost as e:
                     if name not in self.lost:
@@ -292,6 +300,7 @@ class Router:
         except NoReplica as e:
             queue.put_nowait(e)
         finally:
+            self.timings.end(rid)
             self.queues.pop(rid, None)
             self.tasks.pop(rid, None)
 

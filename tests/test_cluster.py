@@ -121,6 +121,13 @@ def test_a_killed_follower_costs_no_request_and_rejoins(cluster, proxy, expected
                   if line.startswith("ringleader_generation_tokens_total"))  # fmt: skip
     print(f"{victim} rejoined: {figures}; it generated {tokens:.0f} tokens")
     assert figures["failed"] == 0 and not load.wrong and tokens > 0
+    # the leader's latency metrics count every request it routed, wherever it ran, once
+    leader_metrics = urllib.request.urlopen(cluster.url(cluster.leader()) + "/metrics").read().decode()
+    finished = sum(float(line.split()[-1]) for line in leader_metrics.splitlines()
+                   if line.startswith("ringleader_request_success_total"))  # fmt: skip
+    e2e = next(float(line.split()[-1]) for line in leader_metrics.splitlines()
+               if line.startswith("ringleader_e2e_request_latency_seconds_count"))  # fmt: skip
+    assert finished == e2e >= figures["completed"]
 
 
 def test_a_hung_follower_is_taken_out_of_routing_and_its_requests_go_on_elsewhere(cluster, proxy, expected):
