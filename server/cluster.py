@@ -148,10 +148,8 @@ class Cluster:
         self.last_contact = time.monotonic()  # from a leader, or a vote granted
         self.deadline = self._new_deadline()
         self.peers = {name: PeerState() for name in self.members if name != me}
-        self.leader_since: float | None = None
         self.session: aiohttp.ClientSession | None = None
         self.task: asyncio.Task | None = None
-        self.on_change = None  # called (role, term) when this member's role or term changes
 
     # state
 
@@ -208,8 +206,6 @@ class Cluster:
         self.role, self.leader = role, leader
         if term != self.term:
             self.term, self.voted_for = term, None
-        if changed and self.on_change is not None:
-            self.on_change(role, term)
 
     # running
 
@@ -312,7 +308,6 @@ class Cluster:
         if self.majority == 1:
             self.term = max(self.term, 1)
         self._set("leader", self.term, self.me)
-        self.leader_since = time.monotonic()
         # the votes were given after ``since``: no voter helps elect anyone else before then + lease
         self.lease_until = since + self.lease_s
         for peer in self.peers.values():
