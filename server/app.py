@@ -145,9 +145,7 @@ class EngineLoop:
             self.cancel(request_id)
             self._deliver(
                 request_id,
-                ServerShutdown(
-                    f"the server shut down before the request finished (drain time {timeout_s:g} s)"
-                ),
+                ServerShutdown.after(timeout_s),
             )
         return len(left)
 

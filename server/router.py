@@ -35,6 +35,10 @@ from server.metrics import RequestTimings
 class ServerShutdown(Exception):
     """Delivered to requests still running when the server's drain time is over."""
 
+    @classmethod
+    def after(cls, drain_s: float) -> ServerShutdown:
+        return cls(f"the server shut down before the request finished (drain time {drain_s:g} s)")
+
 
 class ReplicaLost(Exception):
     """The replica running a request is gone; the request can go on elsewhere."""
@@ -216,11 +220,7 @@ class Router:
         for request_id in left:
             queue = self.queues.pop(request_id)
             self.tasks[request_id].cancel()
-            queue.put_nowait(
-                ServerShutdown(
-                    f"the server shut down before the request finished (drain time {timeout_s:g} s)"
-                )
-            )
+            queue.put_nowait(ServerShutdown.after(timeout_s))
         await self.local_loop.drain(max(0.0, deadline - time.monotonic()))
         return len(left)
 

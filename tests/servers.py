@@ -95,6 +95,14 @@ class LaunchedServer:
                 raise RuntimeError(f"server not ready after {ready_timeout} s:\n{self.stderr}")
             time.sleep(0.2)
 
+    def answers_ready(self) -> bool:
+        """Whether ``/ready`` answers 200 now (in a cluster: whether this member leads)."""
+        try:
+            with urllib.request.urlopen(self.base + "/ready", timeout=1) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
     def _read(self) -> None:
         for line in self.proc.stderr:
             self.lines.append(line)

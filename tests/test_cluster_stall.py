@@ -14,17 +14,6 @@ from servers import LaunchedServer, free_port
 SECRET = "stall-secret"
 
 
-def _ready(node: LaunchedServer) -> bool:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(node.base + "/ready", timeout=1) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 @pytest.mark.parametrize("stalled_leads", [False, True], ids=["follower-stalls", "leader-stalls"])
 def test_a_hung_tensor_parallel_rank_moves_its_replicas_requests_elsewhere(tiny_demo, stalled_leads):
     expected = expected_outputs(tiny_demo)
@@ -43,14 +32,14 @@ def test_a_hung_tensor_parallel_rank_moves_its_replicas_requests_elsewhere(tiny_
         first, second = (b, a) if stalled_leads else (a, b)
         first.wait()
         deadline = time.monotonic() + 15
-        while not _ready(first) and time.monotonic() < deadline:  # it leads with the witness's vote
+        while not first.answers_ready() and time.monotonic() < deadline:  # it leads with the witness's vote
             time.sleep(0.05)
         if stalled_leads:
             a.proc.send_signal(signal.SIGCONT)
         second.wait()
         time.sleep(1)  # the leader has heard from the second replica
         leader = first
-        assert _ready(leader)
+        assert leader.answers_ready()
         ranks = psutil.Process(b.proc.pid).children(recursive=True)
         rank1 = next(p for p in ranks if p.environ().get("RANK") == "1")
         load = Load(types.SimpleNamespace(base=leader.base + "/v1"), expected, workers=6)

@@ -9,17 +9,6 @@ from servers import LaunchedServer, free_port
 SECRET = "witness-secret"
 
 
-def _ready(port: int) -> bool:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def test_two_nodes_and_a_witness_survive_the_loss_of_the_leader(tiny_demo):
     ports = {"a": free_port(), "b": free_port(), "w": free_port()}
     spec = f"a=http://127.0.0.1:{ports['a']},b=http://127.0.0.1:{ports['b']},w=http://127.0.0.1:{ports['w']}#witness"
@@ -49,18 +38,18 @@ def test_two_nodes_and_a_witness_survive_the_loss_of_the_leader(tiny_demo):
         for node in nodes.values():
             node.wait()
         deadline = time.monotonic() + 15
-        while not any(_ready(ports[n]) for n in nodes) and time.monotonic() < deadline:
+        while not any(nodes[n].answers_ready() for n in nodes) and time.monotonic() < deadline:
             time.sleep(0.05)
-        leader = next(n for n in nodes if _ready(ports[n]))
+        leader = next(n for n in nodes if nodes[n].answers_ready())
         other = "b" if leader == "a" else "a"
-        assert not _ready(ports["w"])  # a witness never serves
+        assert not witness.answers_ready()  # a witness never serves
         nodes[leader].proc.send_signal(signal.SIGKILL)
         killed = time.monotonic()
-        while not _ready(ports[other]) and time.monotonic() - killed < 10:
+        while not nodes[other].answers_ready() and time.monotonic() - killed < 10:
             time.sleep(0.05)
         took = time.monotonic() - killed
         print(f"\nwith a witness: {other} leads {took:.2f} s after {leader} was killed")
-        assert _ready(ports[other]) and took < 5
+        assert nodes[other].answers_ready() and took < 5
         client = openai.OpenAI(
             base_url=f"http://127.0.0.1:{ports[other]}/v1", api_key="unused", max_retries=0
         )
