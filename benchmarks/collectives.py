@@ -53,7 +53,9 @@ def _sweep(algorithms, n, rank, per_node, trials) -> list[dict]:
     rows = []
     for size in SIZES:
         x = torch.zeros(max(1, size // 4), dtype=torch.float32)  # zeros: repeated sums stay finite
-        ops = max(1, min(50, (8 << 20) // size))
+        # enough back-to-back calls that one timing is tens of milliseconds or more: the spread
+        # of a single 64 MiB all-reduce on shared cores is larger than the targets' margins
+        ops = max(3, min(50, (32 << 20) // size))
         for algorithm in algorithms:
             _time(x, algorithm, rank, ranks, per_node, 1)  # warm-up
         times = {a: [] for a in algorithms}
@@ -92,9 +94,9 @@ def measure(args) -> None:
             for r in rows:
                 if r["algorithm"] == name:
                     a, b = cost.coefficients(name, n, args.per_node, chunks(name, r["bytes"]), pipelined)
-                    samples.append((a, b * r["bytes"], r["seconds"], r["bytes"]))
+                    samples.append((a, b, r["seconds"], r["bytes"]))
             link = dataclasses.replace(cost.fit(samples), pipelined=pipelined)
-            fits.append((statistics.median(cost.relative_errors(link, samples)), link))
+            fits.append((max(cost.relative_errors(link, samples)), link))
         links[name] = min(fits, key=lambda f: f[0])[1]  # the tree's pieces overlap here, or not
     fitted = cost.Fitted(links, "this run")
     cost.use(fitted)  # every rank computed the same fit from the same gathered times
@@ -161,7 +163,10 @@ def report(args, rows, links, decode) -> None:
     for name, link in links.items():
         overlap = "" if name != "tree" else f", pieces overlap: {link['pipelined']}"
         alpha, beta = link["alpha"] * 1e6, link["beta"] * 1e9
-        print(f"fitted {name:>12}: alpha {alpha:9.1f} us, beta {beta:7.3f} ns/B{overlap}")
+        small = ""
+        if link.get("small_alpha") is not None:
+            small = f" (under {link['large_from'] >> 10} KiB: alpha {link['small_alpha'] * 1e6:.1f} us)"
+        print(f"fitted {name:>12}: alpha {alpha:9.1f} us, beta {beta:7.3f} ns/B{small}{overlap}")
     header = f"{'bytes':>9} " + " ".join(f"{a:>17}" for a in ALGORITHMS) + "  auto picks"
     print(header)
     for size in SIZES:

@@ -16,7 +16,8 @@ critical path, ``t = a * alpha + b * S * beta``; ``coefficients`` gives (a, b):
   (alpha, beta).
 
 ``fit`` finds alpha and beta from measured times (benchmarks/collectives.py
-writes them to topologies/fitted.json); ``auto`` picks the algorithm with the lowest predicted
+writes them to topologies/fitted.json), with the latency of small messages apart from that of
+large ones; ``auto`` picks the algorithm with the lowest predicted
 time, the way NCCL's tuner picks an algorithm per size.
 """
 
@@ -36,10 +37,21 @@ NATIVE_MARGIN = 0.15  # auto leaves native only for a predicted gain larger than
 
 @dataclass(frozen=True)
 class Link:
+    """What a message costs on one link: alpha + S * beta for S bytes. Where the fit measured
+    small messages apart (``small_alpha``), messages under ``large_from`` bytes pay that latency
+    instead: backends switch protocols with the size (NCCL's LL against Simple, gloo's algorithms),
+    and a large message's fixed cost is not a small message's."""
+
     alpha: float  # seconds per message
     beta: float  # seconds per byte
     # whether the pieces of a chunked tree overlap on this machine (they need a core per rank)
     pipelined: bool = True
+    small_alpha: float | None = None
+    large_from: int = 0
+
+    def latency(self, nbytes: int) -> float:
+        small = self.small_alpha is not None and nbytes < self.large_from
+        return self.small_alpha if small else self.alpha
 
 
 def coefficients(
@@ -67,39 +79,77 @@ def coefficients(
 
 def predict(topology: str, n: int, nbytes: int, link: Link, per_node: int = 1, chunks: int = 1) -> float:
     a, b = coefficients(topology, n, per_node, chunks, link.pipelined)
-    return a * link.alpha + b * nbytes * link.beta
+    return a * link.latency(nbytes) + b * nbytes * link.beta
 
 
 SMALL_BYTES = 1 << 10  # messages this small measure the latency alone
-LARGE_BYTES = 1 << 20  # messages this large measure the bandwidth
+FIT_FROM_BYTES = 64 << 10  # alpha and beta of the large messages are fitted from this size up
+
+# a sample of one algorithm's measurements: (a, b, seconds, S) with (a, b) its coefficients
+Sample = tuple[float, float, float, int]
 
 
-SMALL_BYTES = 1 << 10  # messages this small measure the latency alone
-FIT_FROM_BYTES = 64 << 10  # beta is fitted to the messages from this size up
-
-
-def relative_errors(link: Link, samples: list[tuple[float, float, float, int]]) -> list[float]:
+def relative_errors(link: Link, samples: list[Sample]) -> list[float]:
     """|predicted - measured| / measured of the samples from 64 KiB up."""
     return [
-        abs(a * link.alpha + bs * link.beta - t) / t for a, bs, t, size in samples if size >= FIT_FROM_BYTES
+        abs(a * link.latency(size) + b * size * link.beta - t) / t
+        for a, b, t, size in samples
+        if size >= FIT_FROM_BYTES
     ]
 
 
-def fit(samples: list[tuple[float, float, float, int]]) -> Link:
-    """(alpha, beta) from samples (a, b * S, seconds, S) of one algorithm: alpha is the median
-    per-message latency of the small messages, where the bytes cost next to nothing; beta then
-    minimises the squared relative error of the messages from 64 KiB up."""
+def _golden(f, lo: float, hi: float, steps: int = 60) -> float:
+    """The minimiser of a convex function of one variable on [lo, hi]."""
+    r = (5**0.5 - 1) / 2
+    x1, x2 = hi - r * (hi - lo), lo + r * (hi - lo)
+    f1, f2 = f(x1), f(x2)
+    for _ in range(steps):
+        if f1 <= f2:
+            hi, x2, f2 = x2, x1, f1
+            x1 = hi - r * (hi - lo)
+            f1 = f(x1)
+        else:
+            lo, x1, f1 = x1, x2, f2
+            x2 = lo + r * (hi - lo)
+            f2 = f(x2)
+    return (lo + hi) / 2
+
+
+def _minimax(columns: list[list[float]], targets: list[float], measured: list[float]) -> list[float]:
+    """x >= 0 (one or two unknowns) minimising max_i |sum_j columns[j][i] x_j - targets_i| /
+    measured_i: the worst relative error, which is what the model is held to. The objective is
+    convex, so nested golden-section searches find it."""
+
+    def worst(x: list[float]) -> float:
+        return max(
+            abs(sum(c[i] * xj for c, xj in zip(columns, x)) - y) / t
+            for i, (y, t) in enumerate(zip(targets, measured))
+        )
+
+    # past these bounds every prediction is at least twice its measurement
+    bounds = [2 * max((t / ci for ci, t in zip(c, measured) if ci > 0), default=0.0) for c in columns]
+    if len(columns) == 1:
+        return [_golden(lambda x: worst([x]), 0.0, bounds[0])]
+    inner = lambda x0: _golden(lambda x1: worst([x0, x1]), 0.0, bounds[1])  # noqa: E731
+    x0 = _golden(lambda x0: worst([x0, inner(x0)]), 0.0, bounds[0])
+    return [x0, inner(x0)]
+
+
+def fit(samples: list[Sample]) -> Link:
+    """A link fitted to samples of one algorithm in two regimes: ``small_alpha`` is the median
+    per-message latency of the messages of at most 1 KiB, where the bytes cost next to nothing;
+    alpha and beta of the messages from 64 KiB up minimise the worst relative error there, the
+    figure the model is held to."""
     small = [t / a for a, _, t, size in samples if size <= SMALL_BYTES and a > 0]
     if not small:
         raise ValueError(f"fitting alpha needs messages of at most {SMALL_BYTES} bytes")
-    alpha = statistics.median(small)
-    big = [(a, bs, t) for a, bs, t, size in samples if size >= FIT_FROM_BYTES and bs > 0]
-    if not big:
-        raise ValueError(f"fitting beta needs messages of at least {FIT_FROM_BYTES} bytes")
-    # d/dbeta sum(((a alpha + bs beta - t) / t)^2) = 0
-    num = sum(bs * (t - a * alpha) / (t * t) for a, bs, t in big)
-    den = sum(bs * bs / (t * t) for a, bs, t in big)
-    return Link(alpha, max(0.0, num / den))
+    big = [(a, b, t, size) for a, b, t, size in samples if size >= FIT_FROM_BYTES and b > 0]
+    if len({size for *_, size in big}) < 2:
+        raise ValueError(f"fitting beta needs messages of two sizes of at least {FIT_FROM_BYTES} bytes")
+    columns = [[a for a, *_ in big], [b * size for _, b, _, size in big]]
+    measured = [t for _, _, t, _ in big]
+    alpha, beta = _minimax(columns, measured, measured)
+    return Link(alpha, beta, small_alpha=statistics.median(small), large_from=FIT_FROM_BYTES)
 
 
 @dataclass(frozen=True)
@@ -175,6 +225,6 @@ def predict_two_level(
         inside = predict("star", g, nbytes, intra)
         return inside + predict("ring", m, nbytes, inter)
     if topology == "hier-scatter":
-        inside = 2.0 * (g - 1) * (intra.alpha + nbytes / g * intra.beta) if g > 1 else 0.0
+        inside = 2.0 * (g - 1) * (intra.latency(nbytes // g) + nbytes / g * intra.beta) if g > 1 else 0.0
         return inside + predict("ring", m, nbytes // g, inter)
     raise ValueError(f"no two-level model for {topology!r}")
