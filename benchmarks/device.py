@@ -5,10 +5,11 @@ Builds a random-weight Llama-architecture checkpoint in Hugging Face format on t
 or ``tiny`` (for a smoke run on a CPU). Then, side by side:
 
 - the device's copy bandwidth (a 1 GiB copy, bytes read plus written, best of 5);
-- batch-1 decode tokens/s of the engine with bf16 weights and with weight-only int8, and the
-  bandwidth each achieves: the bytes one decode step reads (every weight but the embedding table,
-  plus the KV cache so far) times the steps, over the time;
-- throughput at batch 32 and 64 (bf16 and int8);
+- batch-1 decode tokens/s of the serving engine (paged cache, continuous batching) with bf16
+  weights and with weight-only int8, each with compiled decode steps (CUDA graphs) and eager
+  ones, and the bandwidth each achieves: the bytes one decode step reads (every weight but the
+  embedding table, plus the KV cache so far) times the steps, over the time;
+- throughput at batch 32 and 64;
 - transformers' ``generate`` (greedy, its default cache, SDPA attention) on the same checkpoint.
 
     python benchmarks/device.py --size 7b            # on a GPU: the figures of BENCHMARKS.md
@@ -31,7 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.generate import Generator, SamplingParams  # noqa: E402
+from engine.generate import SamplingParams  # noqa: E402
+from engine.scheduler import Engine  # noqa: E402
 
 SHAPES = {
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
@@ -119,18 +121,39 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / best
 
 
-def step_bytes(gen: Generator, batch: int, prompt_len: int, new_tokens: int) -> float:
+def step_bytes(model, batch: int, prompt_len: int, new_tokens: int) -> float:
     """Bytes one decode step reads on average: the weights (not the embedding table) and the
     KV cache of every sequence, at its mean length during the run."""
-    model = gen.model
     weights = sum(
         b.numel() * b.element_size()
         for n, b in [*model.named_parameters(), *model.named_buffers()]
         if "embed_tokens" not in n and "rotary" not in n
     )
-    cfg = gen.config
+    cfg = model.config
     per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * next(model.parameters()).element_size()
     return weights + batch * per_token * (prompt_len + new_tokens / 2)
+
+
+def build_engine(model_dir, args, device, dtype, quantize, mode, max_batch) -> Engine:
+    """A serving engine with room for ``max_batch`` sequences of the run's length, whose prefills
+    go in one step."""
+    from engine.config import ModelConfig
+
+    cfg = ModelConfig.from_hf(model_dir)
+    max_len = args.prompt_len + args.new_tokens + 16
+    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+    kv_mib = -(-(max_batch + 1) * (max_len + 16) * per_token // (1 << 20))
+    return Engine.from_pretrained(
+        model_dir, device=device, dtype=dtype, max_len=max_len, kv_cache_mib=kv_mib, quantize=quantize,
+        decode_mode=mode, max_running=max_batch, max_batched_tokens=max_batch * args.prompt_len,
+    )  # fmt: skip
+
+
+def run_engine(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> None:
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    while engine.has_work():
+        engine.step()
 
 
 def time_it(fn, device, repeats: int) -> float:
@@ -157,6 +180,9 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--modes", default=None, help="decode modes (default: compiled,eager on a GPU, eager on a CPU)"
+    )
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -173,24 +199,32 @@ def main() -> int:
     print(f"device copy bandwidth: {bw / 1e9:.1f} GB/s (read + write)")
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
+    modes = (args.modes or ("compiled,eager" if device.type == "cuda" else "eager")).split(",")
     g = torch.Generator().manual_seed(0)
     rows = []
-    engines = {"engine " + args.dtype: None, "engine int8": "int8"}
-    for label, quantize in engines.items():
-        gen = Generator.from_pretrained(model_dir, device=args.device, dtype=dtype, with_tokenizer=False,
-                                        quantize=quantize)  # fmt: skip
-        for batch in batches:
-            prompts = torch.randint(3, gen.config.vocab_size, (batch, args.prompt_len), generator=g).tolist()
-            params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
-            seconds = time_it(lambda gen=gen, prompts=prompts, params=params: gen.generate(prompts, params),
-                              device, args.repeats)  # fmt: skip
-            achieved = step_bytes(gen, batch, args.prompt_len, args.new_tokens) * args.new_tokens / seconds
-            rows.append({"runtime": label, "batch": batch, "tok_s": batch * args.new_tokens / seconds,
-                         "gb_s": achieved / 1e9, "of_copy_bw": achieved / bw})  # fmt: skip
-            print(json.dumps(rows[-1]), flush=True)
-        del gen
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    for quantize in (None, "int8"):
+        for mode in modes:
+            label = f"engine {quantize or args.dtype}, {mode}"
+            engine = build_engine(model_dir, args, device, dtype, quantize, mode, max(batches))
+            t0 = time.perf_counter()
+            compiled = engine.warm_up()
+            if compiled:
+                print(f"{label}: compiled batch sizes {compiled} in {time.perf_counter() - t0:.0f} s")
+            model = engine.executor.model
+            for batch in batches:
+                shape = (batch, args.prompt_len)
+                prompts = torch.randint(3, model.config.vocab_size, shape, generator=g).tolist()
+                params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+                seconds = time_it(lambda e=engine, p=prompts, s=params: run_engine(e, p, s),
+                                  device, args.repeats)  # fmt: skip
+                read = step_bytes(model, batch, args.prompt_len, args.new_tokens)
+                achieved = read * args.new_tokens / seconds
+                rows.append({"runtime": label, "batch": batch, "tok_s": batch * args.new_tokens / seconds,
+                             "gb_s": achieved / 1e9, "of_copy_bw": achieved / bw})  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
+            del engine, model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     if not args.no_transformers:
         import transformers
 

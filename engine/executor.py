@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from engine.compiled import CompiledDecode
 from engine.kv_cache import ContiguousKVCache, PagedKVCache, make_step
 from engine.model import CausalLM
 from engine.sampling import Penalties, Sampled, SamplingBatch, sample_full
@@ -148,16 +149,19 @@ class Plan:
 
 
 class LocalExecutor:
-    """The whole model in this process."""
+    """The whole model in this process. ``decode_mode`` "compiled" runs the decode steps of a
+    paged cache through ``engine.compiled`` (CUDA graphs on a GPU); "eager" runs every step as is."""
 
     distributed = False
     keepalive_s = None  # nobody waits on this executor's plans
 
-    def __init__(self, model: CausalLM, device: torch.device):
+    def __init__(self, model: CausalLM, device: torch.device, decode_mode: str = "eager"):
         self.model, self.device = model, device
         self.windows = set(model.config.sliding_windows)
         self.dtype = next(model.parameters()).dtype
         self.cache = None
+        self.decode_mode = decode_mode
+        self.compiled: CompiledDecode | None = None
         self.results: dict[int, Sampled] = {}
 
     def begin(self, rows: int, length: int) -> None:
@@ -179,6 +183,12 @@ class LocalExecutor:
             self.dtype,
             self.device,
         )
+        if self.decode_mode == "compiled":
+            self.compiled = CompiledDecode(self.model, self.cache, self.model.rotary.max_len, self.device)
+
+    def warm_up(self, max_rows: int) -> list[int]:
+        """Compile the decode steps of every batch size up to ``max_rows`` now (compiled mode)."""
+        return self.compiled.warm_up(max_rows) if self.compiled is not None else []
 
     def keepalive(self) -> None:
         pass
@@ -191,14 +201,27 @@ class LocalExecutor:
             self.begin_paged(plan.cache_rows, plan.cache_len)
 
     def submit(self, plan: Plan) -> None:
-        logits = self.model.gather_logits(forward(self.model, plan, self.cache, self.windows, self.device))
-        self.results[plan.mb] = sample_plan(logits, plan, self.device)
+        if self.compiled is not None and is_decode(plan):
+            logits = self.compiled([t[0] for t in plan.tokens], plan.starts, plan.block_tables)
+        else:
+            logits = forward(self.model, plan, self.cache, self.windows, self.device)
+        self.results[plan.mb] = sample_plan(self.model.gather_logits(logits), plan, self.device)
 
     def result(self, mb: int) -> Sampled:
         return self.results.pop(mb)
 
     def shutdown(self) -> None:
         self.cache = None
+
+
+def is_decode(plan: Plan) -> bool:
+    """A step of one token per row over a paged cache, logits of that token."""
+    return (
+        bool(plan.block_tables)
+        and all(len(t) == 1 for t in plan.tokens)
+        and all(n == 1 for n in plan.lengths or [1])
+        and not any(plan.logit_index)
+    )
 
 
 def sample_plan(logits: torch.Tensor, plan: Plan, device) -> Sampled:

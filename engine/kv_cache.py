@@ -1,16 +1,23 @@
 """Key/value caches and the per-step metadata that addresses them.
 
-A cache exposes one method to the model, ``update(layer_id, k, v, step) -> (k, v)``: it stores the
-new keys and values [B, KV, S, D] at ``step.positions`` of each row and returns what attention
-reads, [B, KV, kv_len, D]. ``ContiguousKVCache`` preallocates one row of ``max_len`` positions per
-sequence (batch generation, and the reference). ``PagedKVCache`` keeps a pool of fixed-size blocks
-that a ``BlockAllocator`` hands out, so that a sequence holds memory for the tokens it has, not for
-the longest it could have; a row's block table says which blocks hold its positions, in order.
+A cache exposes one method to the model, ``attend(layer_id, q, k, v, step, window) -> y``: it
+stores the new keys and values [B, KV, S, D] at ``step.positions`` of each row and returns the
+attention of the queries [B, H, S, D] over each row's cache. By default that is ``update``, which
+returns what attention reads, [B, KV, kv_len, D], and scaled_dot_product_attention over it.
+
+``ContiguousKVCache`` preallocates one row of ``max_len`` positions per sequence (batch
+generation, and the reference). ``PagedKVCache`` keeps a pool of fixed-size blocks that a
+``BlockAllocator`` hands out, so that a sequence holds memory for the tokens it has, not for the
+longest it could have; a row's block table says which blocks hold its positions, in order. In
+compiled decoding (``engine.compiled``) it attends with flex attention over the pool in place,
+visiting only each row's blocks, instead of gathering them.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 
 from engine.model import Step, attention_mask
 
@@ -25,6 +32,11 @@ class _LayerTensors:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k.values(), *self.v.values()))
+
+    def attend(self, layer_id: int, q, k, v, step: Step, window: int | None) -> torch.Tensor:
+        k, v = self.update(layer_id, k, v, step)
+        mask = step.masks[window]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
 class ContiguousKVCache(_LayerTensors):
@@ -114,12 +126,32 @@ class PagedKVCache(_LayerTensors):
         per_block = 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
         return budget_bytes // per_block
 
-    def update(self, layer_id: int, k: torch.Tensor, v: torch.Tensor, step: Step):
+    def write(self, layer_id: int, k: torch.Tensor, v: torch.Tensor, step: Step) -> None:
+        """Store keys and values [B, KV, S, D] at ``step.slots``."""
         kc, vc = self.k[layer_id], self.v[layer_id]
         B, KV, S, D = k.shape
         slots = step.slots.reshape(-1)
         kc.view(-1, KV, D).index_copy_(0, slots, k.transpose(1, 2).reshape(-1, KV, D))
         vc.view(-1, KV, D).index_copy_(0, slots, v.transpose(1, 2).reshape(-1, KV, D))
+
+    def pool(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's whole pool as one sequence per kv head, [1, KV, num_blocks * block_size, D]:
+        a view, no copy (slot s is block s // block_size, offset s % block_size)."""
+        kc, vc = self.k[layer_id], self.v[layer_id]
+        KV, D = kc.shape[2:]
+        return tuple(t.view(-1, KV, D).transpose(0, 1).unsqueeze(0) for t in (kc, vc))
+
+    def attend(self, layer_id: int, q, k, v, step: Step, window: int | None) -> torch.Tensor:
+        if step.block_masks is None:
+            return super().attend(layer_id, q, k, v, step, window)
+        # compiled decoding: flex attention visits only the blocks each row's mask lists, in the pool
+        self.write(layer_id, k, v, step)
+        keys, values = self.pool(layer_id)
+        return flex_attention(q, keys, values, block_mask=step.block_masks[window], enable_gqa=True)
+
+    def update(self, layer_id: int, k: torch.Tensor, v: torch.Tensor, step: Step):
+        kc, vc = self.k[layer_id], self.v[layer_id]
+        self.write(layer_id, k, v, step)
         # [B, blocks, block_size, KV, D] -> [B, KV, blocks * block_size, D], cut to kv_len
         keys = kc[step.block_tables].flatten(1, 2).transpose(1, 2)[:, :, : step.kv_len]
         values = vc[step.block_tables].flatten(1, 2).transpose(1, 2)[:, :, : step.kv_len]

@@ -39,7 +39,9 @@ class Step:
     ``masks`` maps a sliding window (None for full attention) to a boolean mask [B, 1, S, kv_len],
     or to None where every cached position up to kv_len is visible to every query.
     A paged cache also gets ``block_tables`` [B, blocks] (the cache blocks of each row, in order)
-    and ``slots`` [B, S] (where each new token's key and value go).
+    and ``slots`` [B, S] (where each new token's key and value go), and in compiled decoding
+    ``block_masks``: per sliding window, a flex-attention block mask over the cache's whole pool,
+    which attention reads in place instead of a gathered copy of each row's blocks.
     """
 
     tokens: torch.Tensor
@@ -52,6 +54,7 @@ class Step:
     masks: dict[int | None, torch.Tensor | None]
     block_tables: torch.Tensor | None = None
     slots: torch.Tensor | None = None
+    block_masks: dict | None = None
 
 
 def attention_mask(positions: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
@@ -108,7 +111,9 @@ class Linear(nn.Module):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         n_in, n_out = self.weight.shape
         rows = x.numel() // n_in
-        threads = torch.get_num_threads() if x.device.type == "cpu" else 1
+        # (under torch.compile the compiler lays the product out itself)
+        eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
+        threads = torch.get_num_threads() if eager_cpu else 1
         if threads > 1 and n_out % threads == 0 and rows <= self.BLOCKED_MAX_ROWS:
             blocks = self.weight.view(n_in, threads, n_out // threads).transpose(0, 1)
             y = torch.bmm(x.reshape(1, rows, n_in).expand(threads, -1, -1), blocks)
@@ -202,8 +207,7 @@ class Attention(nn.Module):
         q, k = rotary.apply(qk, cos, sin).split((H, KV), dim=2)
         # q: [B, H, S, D]; k, v: [B, KV, T, D] once the cache has them
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        k, v = cache.update(self.layer_id, k, v, step)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.masks[self.window], enable_gqa=KV != H)
+        y = cache.attend(self.layer_id, q, k, v, step, self.window)  # [B, H, S, D]
         y = self.o_proj.matmul(y.transpose(1, 2).reshape(B, S, H * D))  # partial sum over local heads
         y = all_reduce(y, self.tp)  # the attention block's one tensor-parallel all-reduce
         return self.o_proj.add_bias(y)

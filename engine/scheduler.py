@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from engine.compiled import decode_mode
 from engine.config import ModelConfig
 from engine.errors import RequestError, RingleaderError
 from engine.executor import LocalExecutor, Plan
@@ -152,11 +153,14 @@ class Engine:
         executor.begin_paged(num_blocks, block_size)
 
     @classmethod
-    def for_model(cls, model: CausalLM, num_blocks: int, block_size: int, tokenizer=None, **kw) -> Engine:
-        """An engine over ``model`` in this process."""
+    def for_model(
+        cls, model: CausalLM, num_blocks: int, block_size: int, tokenizer=None, decode_mode="eager", **kw
+    ) -> Engine:
+        """An engine over ``model`` in this process; ``decode_mode`` "compiled" compiles its decode
+        steps (``engine.compiled``)."""
         device = next(model.parameters()).device
         return cls(
-            LocalExecutor(model, device),
+            LocalExecutor(model, device, decode_mode),
             model.config,
             num_blocks,
             block_size,
@@ -185,6 +189,7 @@ class Engine:
             config, Checkpoint(model_dir), device, dtype, max_len, progress=progress, quantize=quantize
         )
         tokenizer = Tokenizer(model_dir) if (Path(model_dir) / "tokenizer.model").is_file() else None
+        kw["decode_mode"] = decode_mode(kw.get("decode_mode", "auto"), device)
         blocks = cache_blocks(
             kv_cache_mib,
             len(model.layer_ids),
@@ -194,6 +199,12 @@ class Engine:
             next(model.parameters()).dtype,
         )
         return cls.for_model(model, blocks, block_size, tokenizer, **kw)
+
+    def warm_up(self) -> list[int]:
+        """Compile the decode steps of every batch size the engine can run, where the executor
+        compiles them; the batch sizes compiled."""
+        warm_up = getattr(self.executor, "warm_up", None)
+        return warm_up(self.max_running) if warm_up is not None else []
 
     def add_request(
         self,

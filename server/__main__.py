@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     parser.add_argument("--quantize", choices=["int8"], default=None, help="weight-only quantization at load")
     parser.add_argument("--threads", type=int, default=None, help="intra-op CPU threads per rank")
+    parser.add_argument(
+        "--decode-mode",
+        choices=["auto", "compiled", "eager"],
+        default="auto",
+        help="compiled: decode steps through torch.compile, CUDA graphs on a GPU, batch sizes "
+        "compiled at start; eager: no compilation (debugging); auto: compiled on a GPU with "
+        "tp = pp = 1, eager otherwise",
+    )
     add_parallel_flags(parser)
     add_cluster_flags(parser)
     return parser
@@ -130,6 +138,11 @@ def _serve(args, argv: list[str]) -> int:
         raise RingleaderError(f"{model_dir}: serving needs a tokenizer.model")
     layout = ParallelLayout(tp=args.tp, pp=args.pp, stage_layers=tuple(args.stage_layers or ()))
     check_layout(layout, config)
+    if args.decode_mode == "compiled" and layout.world_size > 1:
+        raise RingleaderError(
+            f"--decode-mode compiled runs a whole model in one process; tp={layout.tp} x pp={layout.pp} "
+            "replicas decode eagerly (--decode-mode auto or eager)"
+        )
     as_rank = launched_as_rank(layout, args.nnodes)
     if not as_rank or int(os.environ.get("RANK", "0")) == 0:
         _check_port(args.host, args.port)  # before minutes of loading, not after
@@ -169,8 +182,12 @@ def _serve_local(args, model_dir: str) -> int:
         block_size=args.block_size,
         progress=True,
         quantize=args.quantize,
+        decode_mode=args.decode_mode,
         **_engine_knobs(args),
     )
+    compiled = engine.warm_up()
+    if compiled:
+        print(f"ringleader: compiled decode steps for batch sizes {compiled}", file=sys.stderr, flush=True)
     _run_server(args, engine, model_dir, engine.executor.model)
     return 0
 

@@ -327,6 +327,11 @@ def test_launch_serve_rejects_bad_flags(tiny_demo):
     run = subprocess.run([str(ROOT / "launch.sh"), "serve", "--model", str(tiny_demo), "--block-size", "0"],
                          capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
     assert run.returncode == 2 and "--block-size must be >= 1" in run.stderr and "Traceback" not in run.stderr
+    flags = ["--model", str(tiny_demo), "--tp", "2", "--decode-mode", "compiled"]
+    run = subprocess.run([str(ROOT / "launch.sh"), "serve", *flags], capture_output=True, text=True, env=env,
+                         timeout=60)  # fmt: skip
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "--decode-mode compiled runs a whole model in one process; tp=2 x pp=1" in run.stderr
 
 
 def test_chat_completion_uses_the_default_template(client, gen):

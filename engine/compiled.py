@@ -1,0 +1,195 @@
+"""Decode steps through ``torch.compile``, at a fixed set of batch sizes.
+
+A decode step over a paged cache has the same shapes whenever its batch size is the same: one token
+per row, a block table as wide as the longest sequence allows, and the cache's pool. So each
+captured batch size (a bucket) is compiled once, and a batch is padded up to the next bucket; its
+padding rows read and write only the reserved block 0. Every per-step input is copied into static
+buffers of its bucket, so the compiled step always reads the same addresses. On CUDA, mode
+"reduce-overhead" records each bucket's step as a CUDA graph and replays it with one launch, with
+no host synchronisation until the sampled ids are read back. On CPU, inductor's generated code
+runs the step without the eager dispatcher.
+
+Attention reads the pool in place through flex attention; it never gathers a copy of each row's
+blocks. A block mask per bucket and sliding window lists each row's blocks (``kv_indices``: its
+block table; ``kv_num_blocks``: how many it uses), so the kernel visits only those. Its mask_mod
+maps a pool slot back to the row's position through ``logical`` [rows, num_blocks] (the logical
+index of each of the row's physical blocks) to apply causality and the window.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+from engine.model import CausalLM, Step
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+MODES = ("auto", "compiled", "eager")
+
+
+def decode_mode(requested: str, device: torch.device) -> str:
+    """``auto`` compiles on CUDA, where the Python overhead of a decode step is most of its time,
+    and stays eager on CPU, where compiling takes minutes for a few percent."""
+    if requested not in MODES:
+        raise ValueError(f"decode mode must be one of {', '.join(MODES)}, got {requested!r}")
+    if requested == "auto":
+        return "compiled" if device.type == "cuda" else "eager"
+    return requested
+
+
+def bucket_for(rows: int) -> int:
+    """The smallest captured batch size that holds ``rows``; past the list, multiples of 64."""
+    for size in BUCKETS:
+        if size >= rows:
+            return size
+    return -(-rows // 64) * 64
+
+
+def _mask_mod(logical: torch.Tensor, positions: torch.Tensor, block_size: int, window: int | None):
+    def mask_mod(b, h, q_idx, kv_idx):
+        position = logical[b, kv_idx // block_size] * block_size + kv_idx % block_size
+        query = positions[b, q_idx]
+        visible = position <= query
+        if window is not None:
+            visible = visible & (query - position < window)
+        return visible
+
+    return mask_mod
+
+
+class _Bucket:
+    """The static inputs of one batch size, and its block masks over them."""
+
+    def __init__(self, rows: int, width: int, num_blocks: int, block_size: int, windows, device):
+        def zeros(*shape, dtype=torch.int64):
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.rows, self.width = rows, width
+        self.tokens, self.positions, self.slots = zeros(rows, 1), zeros(rows, 1), zeros(rows, 1)
+        # a block mask spans the whole pool (flex attention's kernels want its KV extent to cover
+        # the keys'): each row's table in the first ``width`` columns, zeros after
+        self.tables = zeros(rows, 1, 1, num_blocks, dtype=torch.int32)
+        self.used = zeros(rows, 1, 1, dtype=torch.int32)
+        self.logical = zeros(rows, num_blocks, dtype=torch.int32)
+        self.offsets = torch.arange(num_blocks, dtype=torch.int32, device=device).expand(rows, num_blocks)
+        self.masks = {
+            window: BlockMask.from_kv_blocks(
+                self.used,
+                self.tables,
+                BLOCK_SIZE=(block_size, block_size),
+                mask_mod=_mask_mod(self.logical, self.positions, block_size, window),
+                seq_lengths=(1, num_blocks * block_size),
+            )
+            for window in windows
+        }
+        pin = device.type == "cuda"
+        if pin:  # CUDA graphs read (and the step's scatter writes) these at fixed addresses
+            for t in (self.tokens, self.positions, self.slots, self.tables, self.used, self.logical):
+                torch._dynamo.mark_static_address(t)
+        # pinned host copies, so that the inputs of a step go to the device without a sync
+        self.host = {
+            name: torch.zeros(getattr(self, name).shape, dtype=getattr(self, name).dtype, pin_memory=pin)
+            for name in ("tokens", "positions", "slots", "used")
+        }
+        self.host["tables"] = torch.zeros(rows, width, dtype=torch.int32, pin_memory=pin)
+        self.table_view = self.tables[:, 0, 0, :width]
+
+    def load(self, tokens: list[int], starts: list[int], tables: list[list[int]], block_size: int) -> None:
+        """This step's rows into the buffers; rows past ``len(tokens)`` are padding (block 0)."""
+        host = self.host
+        for t in host.values():
+            t.zero_()
+        host["used"].fill_(1)  # padding rows: block 0
+        B = len(tokens)
+        host["tokens"][:B, 0] = torch.tensor(tokens)
+        start = torch.tensor(starts)
+        host["positions"][:B, 0] = start
+        width = self.width
+        blocks = [table[:width] for table in tables]
+        table = torch.tensor([b + [0] * (width - len(b)) for b in blocks], dtype=torch.int32)
+        host["tables"][:B] = table
+        used = start // block_size + 1
+        host["used"][:B, 0, 0] = used.to(torch.int32)
+        host["slots"][:B, 0] = table.gather(1, (start // block_size)[:, None]).long()[:, 0] * block_size
+        host["slots"][:B, 0] += start % block_size
+        for name, t in host.items():
+            (self.table_view if name == "tables" else getattr(self, name)).copy_(t, non_blocking=True)
+
+    def index_blocks(self) -> None:
+        """Each row's physical blocks -> their index in the row, what the masks map slots with.
+        The zeros that pad the tables all land on block 0, which no sequence's mask visits; a
+        padding row visits it as its block 0, so that it sees slot 0 and its values stay finite.
+        (Done before the compiled step: flex attention's CPU kernel takes no buffer the same
+        graph writes.)"""
+        self.logical.scatter_(1, self.tables.view(self.rows, -1).long(), self.offsets)
+        self.logical[:, 0] = 0
+
+
+class CompiledDecode:
+    """Decode steps of ``model`` over the paged ``cache``, compiled per bucket of batch sizes."""
+
+    def __init__(self, model: CausalLM, cache, max_len: int, device: torch.device):
+        if model.tp.size > 1 or model.model.embed_tokens is None or model.lm_head is None:
+            raise ValueError("compiled decoding runs a whole model in one process (tp = pp = 1)")
+        self.model, self.cache, self.device = model, cache, device
+        self.block_size = cache.block_size
+        self.width = -(-max_len // cache.block_size)  # the most blocks any row can use
+        self.windows = sorted(set(model.config.sliding_windows), key=lambda w: (w is not None, w or 0))
+        self.buckets: dict[int, _Bucket] = {}
+        self.steps: collections.Counter[int] = collections.Counter()  # steps run, per bucket
+        cuda = device.type == "cuda"
+        if cuda:  # the pool is written in place by every step: fixed addresses, not graph inputs
+            for t in (*cache.k.values(), *cache.v.values()):
+                torch._dynamo.mark_static_address(t)
+        # one graph per bucket; dynamo's default limit on recompiles would cut off the larger ones
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(BUCKETS))
+        if cuda:
+            self.step = torch.compile(self._step, fullgraph=True, dynamic=False, mode="reduce-overhead")
+        else:  # the CPU flex-attention kernel takes no fused epilogue (the cast before an int8 product)
+            self.step = torch.compile(
+                self._step, fullgraph=True, dynamic=False, options={"epilogue_fusion": False}
+            )
+
+    def _step(self, tokens, positions, slots, masks) -> torch.Tensor:
+        step = Step(
+            tokens=tokens,
+            positions=positions,
+            rows=None,  # a paged step addresses the cache by slots and block masks
+            rows_slice=None,
+            start=None,
+            kv_len=self.width * self.block_size,
+            logit_index=None,
+            masks={},
+            slots=slots,
+            block_masks=masks,
+        )
+        return self.model(tokens, step, self.cache)[:, 0]
+
+    def bucket(self, rows: int) -> _Bucket:
+        size = bucket_for(rows)
+        if size not in self.buckets:
+            n = self.cache.num_blocks
+            self.buckets[size] = _Bucket(size, self.width, n, self.block_size, self.windows, self.device)
+        return self.buckets[size]
+
+    def __call__(self, tokens: list[int], starts: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """Logits [B, vocab / tp] of one decode step: row b feeds ``tokens[b]`` at position
+        ``starts[b]``, its blocks ``tables[b]``."""
+        b = self.bucket(len(tokens))
+        self.steps[b.rows] += 1
+        b.load(tokens, starts, tables, self.block_size)
+        b.index_blocks()
+        logits = self.step(b.tokens, b.positions, b.slots, b.masks)
+        # a CUDA graph's output lives in its memory pool and the next replay overwrites it
+        return logits[: len(tokens)].clone()
+
+    def warm_up(self, max_rows: int) -> list[int]:
+        """Compile every bucket up to ``max_rows`` now rather than on the first batch of its size;
+        the steps write only block 0, which holds no sequence."""
+        sizes = sorted({bucket_for(r) for r in (*[s for s in BUCKETS if s <= max_rows], max_rows)})
+        for size in sizes:
+            self([0] * size, [0] * size, [[0]] * size)
+        self.steps.clear()
+        return sizes
