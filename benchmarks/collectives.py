@@ -17,6 +17,7 @@ import csv
 import dataclasses
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -44,8 +45,9 @@ def _time(x, algorithm, rank, ranks, per_node, ops) -> float:
 
 
 def _sweep(algorithms, n, rank, per_node, trials) -> list[dict]:
-    """Every size, the algorithms interleaved trial by trial; per (size, algorithm) the median over
-    trials of the slowest rank's time."""
+    """Every size, the algorithms interleaved trial by trial, in a new order each trial (the same
+    on every rank), so that none always follows the same one; per (size, algorithm) the median
+    over trials of the slowest rank's time."""
     import torch
     import torch.distributed as dist
 
@@ -59,8 +61,10 @@ def _sweep(algorithms, n, rank, per_node, trials) -> list[dict]:
         for algorithm in algorithms:
             _time(x, algorithm, rank, ranks, per_node, 1)  # warm-up
         times = {a: [] for a in algorithms}
-        for _ in range(trials):
-            for algorithm in algorithms:
+        for trial in range(trials):
+            order = list(algorithms)
+            random.Random(trial * 1000 + size).shuffle(order)
+            for algorithm in order:
                 local = _time(x, algorithm, rank, ranks, per_node, ops)
                 everyone = [None] * n
                 dist.all_gather_object(everyone, local)
@@ -74,7 +78,7 @@ def measure(args) -> None:
     import torch.distributed as dist
 
     from comm import cost
-    from comm.allreduce import ring_pieces, tree_chunks
+    from comm.allreduce import chunks_for
     from comm.dist import init
 
     env, _ = init(timeout_s=300)
@@ -84,7 +88,7 @@ def measure(args) -> None:
     rows = _sweep(fixed, n, rank, args.per_node, args.trials)
 
     def chunks(name, nbytes):
-        return {"tree": tree_chunks(nbytes), "ring": ring_pieces(nbytes, n)}.get(name, 1)
+        return chunks_for(name, nbytes, n)
 
     links = {}
     for name in fixed:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from comm.allreduce import ring_pieces, tree_chunks  # noqa: E402
+from comm.allreduce import chunks_for  # noqa: E402
 from comm.cost import Link, predict_two_level  # noqa: E402
 
 TOPOLOGIES = ["star", "tree", "ring", "hier", "hier-scatter"]
@@ -62,7 +62,7 @@ def main() -> None:
             nbytes = batch * args.hidden * 2
             times = {}
             for t in TOPOLOGIES:
-                chunks = {"tree": tree_chunks(nbytes), "ring": ring_pieces(nbytes, n)}.get(t, 1)
+                chunks = chunks_for(t, nbytes, n)
                 times[t] = predict_two_level(t, n, args.per_node, nbytes, intra, inter, chunks)
             best = min(times, key=times.get)
             overhead = 2 * args.layers * times[best]

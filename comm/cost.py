@@ -183,11 +183,10 @@ def choose(nbytes: int, n: int, per_node: int, fitted: Fitted | None = None) -> 
         fitted = _FITTED
     if fitted is None:
         return "native"
-    from comm.allreduce import ring_pieces, tree_chunks
+    from comm.allreduce import chunks_for
 
     def cost(name: str) -> float:
-        chunks = {"tree": tree_chunks(nbytes), "ring": ring_pieces(nbytes, n)}.get(name, 1)
-        return predict(name, n, nbytes, fitted.links[name], per_node, chunks)
+        return predict(name, n, nbytes, fitted.links[name], per_node, chunks_for(name, nbytes, n))
 
     best = min((name for name in CANDIDATES if name in fitted.links), key=cost)
     # a hand-written algorithm must promise a clear gain: within the fit's error the backend's
