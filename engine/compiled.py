@@ -73,7 +73,7 @@ class _Bucket:
         self.tables = zeros(rows, 1, 1, num_blocks, dtype=torch.int32)
         self.used = zeros(rows, 1, 1, dtype=torch.int32)
         self.logical = zeros(rows, num_blocks, dtype=torch.int32)
-        self.offsets = torch.arange(num_blocks, dtype=torch.int32, device=device).expand(rows, num_blocks)
+        self.offsets = torch.arange(width, dtype=torch.int32, device=device).expand(rows, width)
         self.masks = {
             window: BlockMask.from_kv_blocks(
                 self.used,
@@ -85,7 +85,7 @@ class _Bucket:
             for window in windows
         }
         pin = device.type == "cuda"
-        if pin:  # CUDA graphs read (and the step's scatter writes) these at fixed addresses
+        if pin:  # the CUDA graphs read these at fixed addresses
             for t in (self.tokens, self.positions, self.slots, self.tables, self.used, self.logical):
                 torch._dynamo.mark_static_address(t)
         # pinned host copies, so that the inputs of a step go to the device without a sync
@@ -123,7 +123,7 @@ class _Bucket:
         padding row visits it as its block 0, so that it sees slot 0 and its values stay finite.
         (Done before the compiled step: flex attention's CPU kernel takes no buffer the same
         graph writes.)"""
-        self.logical.scatter_(1, self.tables.view(self.rows, -1).long(), self.offsets)
+        self.logical.scatter_(1, self.table_view.long(), self.offsets)
         self.logical[:, 0] = 0
 
 
