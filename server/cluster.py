@@ -9,7 +9,10 @@ Election follows Raft without a log (the only state worth agreeing on is who lea
 monotonic and fence every message, a member votes once per term, and a candidate needs the votes
 of a majority of the members the cluster was started with. A member that has heard from a leader
 within the shortest election timeout refuses to vote (so a live leader is not deposed by a member
-that merely missed a few heartbeats). The leader holds a lease: it serves only while a majority
+that merely missed a few heartbeats). Before it takes a new term, a would-be candidate asks for
+pre-votes (Raft's pre-vote): only when a majority would vote for it does it raise its term. A
+member that was cut off or paused therefore comes back without a higher term, which would make the
+live leader step down at its next heartbeat. The leader holds a lease: it serves only while a majority
 acknowledged a heartbeat that it sent less than ``lease_s`` ago. Since ``lease_s`` is shorter than
 the shortest election timeout, a voter that acknowledged a heartbeat cannot help elect a new
 leader before the old leader's lease has run out: there is never more than one serving leader,
@@ -280,8 +283,20 @@ class Cluster:
         if acks >= self.majority:
             self.lease_until = max(self.lease_until, sent + self.lease_s)
 
+    async def _pre_vote(self) -> bool:
+        """Whether a majority would vote for this member in the next term; nobody's state
+        changes (a member that merely lost touch learns it cannot win, and keeps its term)."""
+        message = {"pre": True, "proposed": self.term + 1}
+        replies = await asyncio.gather(*(self._post(n, "/_control/vote", message) for n in self.peers))
+        return 1 + sum(bool(r and r.get("granted")) for r in replies) >= self.majority
+
     async def _election(self) -> None:
         started = time.monotonic()
+        if not await self._pre_vote():
+            self.deadline = self._new_deadline()
+            return
+        if self.role != "follower" or time.monotonic() - self.last_contact < self.election_timeout_s[0]:
+            return  # a leader was heard (or a vote given) meanwhile
         self._set("candidate", self.term + 1, None)
         self.voted_for = self.me
         self._count("elections")
@@ -326,11 +341,17 @@ class Cluster:
         return {"ok": True, "term": self.term, "replica": self.replica_state()}
 
     def handle_vote(self, message: dict) -> dict:
+        """A vote, or with ``pre`` a pre-vote: whether this member would vote for the sender in
+        the term it ``proposed``, which changes nothing here."""
         term, candidate = message["term"], message["from"]
         now = time.monotonic()
         if candidate not in self.members or self.members[candidate].witness:
             return {"granted": False, "term": self.term}
         heard_recently = self.leader is not None and now - self.last_contact < self.election_timeout_s[0]
+        if message.get("pre"):
+            proposed = message.get("proposed")
+            ok = isinstance(proposed, int) and proposed > self.term and not self.is_leader()
+            return {"granted": ok and not heard_recently, "term": self.term}
         if term < self.term or self.is_leader() or (heard_recently and self.leader != candidate):
             return {"granted": False, "term": self.term}
         if term > self.term:

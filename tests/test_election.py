@@ -1,0 +1,73 @@
+"""The election rules of server/cluster.py, with three members in one process whose messages go
+straight to each other's handlers: a member that comes back from a pause cannot raise its term
+and depose a live leader (pre-vote), and a leader that is gone is replaced."""
+
+import asyncio
+import time
+
+from server.cluster import Cluster, Member, Signer
+
+NAMES = ("n1", "n2", "n3")
+
+
+def make_cluster() -> dict[str, Cluster]:
+    members = [Member(n, f"http://{n}.invalid") for n in NAMES]
+    nodes = {n: Cluster(n, members, Signer("secret")) for n in NAMES}
+    down: set[str] = set()
+
+    async def post(sender: Cluster, name: str, path: str, message: dict):
+        if name in down or sender.me in down:
+            return None  # a dead member answers nothing
+        message = {**message, "from": sender.me, "term": sender.term}
+        target = nodes[name]
+        return target.handle_vote(message) if path.endswith("/vote") else target.handle_heartbeat(message)
+
+    for node in nodes.values():
+        node._post = lambda name, path, message, node=node: post(node, name, path, message)
+    nodes["down"] = down
+    return nodes
+
+
+def elect_n1(nodes) -> None:
+    for name in NAMES:
+        nodes[name].last_contact -= 5  # nobody has heard a leader yet
+    asyncio.run(nodes["n1"]._election())
+    asyncio.run(nodes["n1"]._heartbeat_round())
+    assert nodes["n1"].is_leader() and nodes["n1"].term == 1
+    assert all(nodes[n].leader == "n1" and nodes[n].term == 1 for n in ("n2", "n3"))
+
+
+def test_a_member_back_from_a_pause_does_not_depose_the_leader():
+    nodes = make_cluster()
+    elect_n1(nodes)
+    late = nodes["n3"]
+    late.last_contact = time.monotonic() - 5  # paused past its election timeout, then resumed
+    asyncio.run(late._election())
+    # the others heard n1 recently: no pre-vote majority, so n3 keeps its term and asks no votes
+    assert late.term == 1 and late.role == "follower"
+    assert nodes["n2"].term == 1 and nodes["n2"].voted_for == "n1"  # its vote of term 1 stands
+    asyncio.run(nodes["n1"]._heartbeat_round())
+    assert nodes["n1"].is_leader() and nodes["n1"].term == 1  # n3's answer did not end its term
+    assert late.leader == "n1"
+
+
+def test_a_pre_vote_changes_nothing_and_a_real_vote_is_once_per_term():
+    nodes = make_cluster()
+    voter = nodes["n2"]
+    voter.last_contact -= 5
+    pre = voter.handle_vote({"pre": True, "proposed": 3, "from": "n1", "term": 2})
+    assert pre["granted"] and voter.term == 0 and voter.voted_for is None
+    assert not voter.handle_vote({"pre": True, "proposed": 0, "from": "n1", "term": 0})["granted"]
+    assert voter.handle_vote({"from": "n1", "term": 3})["granted"] and voter.term == 3
+    assert not voter.handle_vote({"from": "n3", "term": 3})["granted"]  # already voted in term 3
+
+
+def test_a_dead_leader_is_replaced_by_a_pre_voted_candidate():
+    nodes = make_cluster()
+    elect_n1(nodes)
+    nodes["down"].add("n1")
+    for name in ("n2", "n3"):
+        nodes[name].last_contact -= 5  # n1's heartbeats stopped
+    asyncio.run(nodes["n2"]._election())
+    assert nodes["n2"].role == "leader" and nodes["n2"].term == 2
+    assert nodes["n3"].term == 2 and nodes["n3"].voted_for == "n2"
