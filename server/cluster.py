@@ -260,16 +260,22 @@ class Cluster:
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             return None
 
+    def _ask(self, path: str, message: dict):
+        """(peer, reply) of every peer as each answers: a majority's answers are acted on without
+        waiting for a peer that hangs until the request times out."""
+
+        async def one(name: str):
+            return name, await self._post(name, path, message)
+
+        return asyncio.as_completed([asyncio.ensure_future(one(n)) for n in self.peers])
+
     async def _heartbeat_round(self) -> None:
         sent, term = time.monotonic(), self.term
-        names = list(self.peers)
-        replies = await asyncio.gather(
-            *(self._post(n, "/_control/heartbeat", {"leader": self.me}) for n in names)
-        )
-        if self.role != "leader" or self.term != term:
-            return
         acks = 1
-        for name, reply in zip(names, replies):
+        for answer in self._ask("/_control/heartbeat", {"leader": self.me}):
+            name, reply = await answer
+            if self.role != "leader" or self.term != term:
+                return
             if reply is None:
                 continue
             if reply.get("term", 0) > self.term:
@@ -280,43 +286,48 @@ class Cluster:
                 acks += 1
                 self.peers[name].last_ack = time.monotonic()
                 self.peers[name].replica = reply.get("replica") or {}
-        if acks >= self.majority:
-            self.lease_until = max(self.lease_until, sent + self.lease_s)
+                if acks >= self.majority:
+                    self.lease_until = max(self.lease_until, sent + self.lease_s)
 
-    async def _pre_vote(self) -> bool:
-        """Whether a majority would vote for this member in the next term; nobody's state
-        changes (a member that merely lost touch learns it cannot win, and keeps its term)."""
-        message = {"pre": True, "proposed": self.term + 1}
-        replies = await asyncio.gather(*(self._post(n, "/_control/vote", message) for n in self.peers))
-        return 1 + sum(bool(r and r.get("granted")) for r in replies) >= self.majority
+    async def _majority_grants(self, message: dict) -> bool | None:
+        """Whether a majority (this member included) grants the vote ``message`` asks for, decided
+        as soon as the answers decide it; None when an answer shows a newer term (adopted)."""
+        granted, undecided = 1, len(self.peers)
+        if granted >= self.majority:
+            return True
+        for answer in self._ask("/_control/vote", message):
+            _, reply = await answer
+            undecided -= 1
+            if reply is not None and reply.get("term", 0) > self.term and not message.get("pre"):
+                self._set("follower", reply["term"], None)
+                return None
+            granted += bool(reply and reply.get("granted"))
+            if granted >= self.majority:
+                return True
+            if granted + undecided < self.majority:
+                return False
+        return False
 
     async def _election(self) -> None:
-        started = time.monotonic()
-        if not await self._pre_vote():
+        # pre-vote: a member that merely lost touch learns it cannot win, and keeps its term
+        if not await self._majority_grants({"pre": True, "proposed": self.term + 1}):
             self.deadline = self._new_deadline()
             return
         if self.role != "follower" or time.monotonic() - self.last_contact < self.election_timeout_s[0]:
             return  # a leader was heard (or a vote given) meanwhile
+        started = time.monotonic()
         self._set("candidate", self.term + 1, None)
         self.voted_for = self.me
         self._count("elections")
         term = self.term
-        replies = await asyncio.gather(*(self._post(n, "/_control/vote", {}) for n in self.peers))
-        if self.role != "candidate" or self.term != term:
+        won = await self._majority_grants({})
+        if self.role != "candidate" or self.term != term:  # a newer term or a leader turned up
+            self.deadline = self._new_deadline()
             return
-        votes = 1
-        for reply in replies:
-            if reply is None:
-                continue
-            if reply.get("term", 0) > self.term:
-                self._set("follower", reply["term"], None)
-                break
-            votes += bool(reply.get("granted"))
-        if self.role == "candidate" and votes >= self.majority:
+        if won:
             self._become_leader(started)
         else:
-            if self.role == "candidate":
-                self._set("follower", self.term, None)
+            self._set("follower", self.term, None)
             self.deadline = self._new_deadline()
 
     def _become_leader(self, since: float) -> None:

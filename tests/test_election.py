@@ -14,17 +14,21 @@ def make_cluster() -> dict[str, Cluster]:
     members = [Member(n, f"http://{n}.invalid") for n in NAMES]
     nodes = {n: Cluster(n, members, Signer("secret")) for n in NAMES}
     down: set[str] = set()
+    hung: set[str] = set()
 
     async def post(sender: Cluster, name: str, path: str, message: dict):
         if name in down or sender.me in down:
             return None  # a dead member answers nothing
+        if name in hung:
+            await asyncio.sleep(1.0)  # a paused member: the request times out
+            return None
         message = {**message, "from": sender.me, "term": sender.term}
         target = nodes[name]
         return target.handle_vote(message) if path.endswith("/vote") else target.handle_heartbeat(message)
 
     for node in nodes.values():
         node._post = lambda name, path, message, node=node: post(node, name, path, message)
-    nodes["down"] = down
+    nodes["down"], nodes["hung"] = down, hung
     return nodes
 
 
@@ -71,3 +75,27 @@ def test_a_dead_leader_is_replaced_by_a_pre_voted_candidate():
     asyncio.run(nodes["n2"]._election())
     assert nodes["n2"].role == "leader" and nodes["n2"].term == 2
     assert nodes["n3"].term == 2 and nodes["n3"].voted_for == "n2"
+
+
+def test_a_majority_decides_without_waiting_for_a_hung_member():
+    """A paused leader holds every request sent to it until it times out; the election and the
+    new leader's first heartbeats go by the majority's answers, so its lease is live at once."""
+    nodes = make_cluster()
+    elect_n1(nodes)
+    nodes["hung"].add("n1")
+    for name in ("n2", "n3"):
+        nodes[name].last_contact -= 5
+
+    async def elect_and_beat():
+        t = time.monotonic()
+        await nodes["n2"]._election()
+        elected = time.monotonic() - t
+        beat = asyncio.create_task(nodes["n2"]._heartbeat_round())
+        await asyncio.sleep(0.1)  # n3 has acknowledged; n1 has not answered
+        leading = nodes["n2"].is_leader() and nodes["n2"].lease_until > time.monotonic() + 0.5
+        await beat
+        return elected, leading
+
+    elected, leading = asyncio.run(elect_and_beat())
+    assert elected < 0.5  # not the 2 x 1 s of waiting on n1 for the pre-vote and the vote
+    assert leading and nodes["n2"].term == 2
