@@ -87,9 +87,6 @@ def measure(args) -> None:
     fixed = [a for a in ALGORITHMS if a != "auto"]
     rows = _sweep(fixed, n, rank, args.per_node, args.trials)
 
-    def chunks(name, nbytes):
-        return chunks_for(name, nbytes, n)
-
     links = {}
     for name in fixed:
         fits = []
@@ -97,7 +94,8 @@ def measure(args) -> None:
             samples = []
             for r in rows:
                 if r["algorithm"] == name:
-                    a, b = cost.coefficients(name, n, args.per_node, chunks(name, r["bytes"]), pipelined)
+                    chunks = chunks_for(name, r["bytes"], n)
+                    a, b = cost.coefficients(name, n, args.per_node, chunks, pipelined)
                     samples.append((a, b, r["seconds"], r["bytes"]))
             link = dataclasses.replace(cost.fit(samples), pipelined=pipelined)
             fits.append((max(cost.relative_errors(link, samples)), link))
@@ -112,7 +110,7 @@ def measure(args) -> None:
             r["algorithm"] if r["algorithm"] != "auto" else cost.choose(r["bytes"], n, args.per_node, fitted)
         )
         r["predicted"] = cost.predict(
-            name, n, r["bytes"], links[name], args.per_node, chunks(name, r["bytes"])
+            name, n, r["bytes"], links[name], args.per_node, chunks_for(name, r["bytes"], n)
         )
         r["auto_picks"] = name if r["algorithm"] == "auto" else ""
     if rank == 0:

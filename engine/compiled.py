@@ -29,7 +29,7 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 MODES = ("auto", "compiled", "eager")
 
 
-def decode_mode(requested: str, device: torch.device) -> str:
+def resolve_decode_mode(requested: str, device: torch.device) -> str:
     """``auto`` compiles on CUDA, where the Python overhead of a decode step is most of its time,
     and stays eager on CPU, where compiling takes minutes for a few percent."""
     if requested not in MODES:

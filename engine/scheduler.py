@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from engine.compiled import decode_mode
+from engine.compiled import resolve_decode_mode
 from engine.config import ModelConfig
 from engine.errors import RequestError, RingleaderError
 from engine.executor import LocalExecutor, Plan
@@ -189,7 +189,7 @@ class Engine:
             config, Checkpoint(model_dir), device, dtype, max_len, progress=progress, quantize=quantize
         )
         tokenizer = Tokenizer(model_dir) if (Path(model_dir) / "tokenizer.model").is_file() else None
-        kw["decode_mode"] = decode_mode(kw.get("decode_mode", "auto"), device)
+        kw["decode_mode"] = resolve_decode_mode(kw.get("decode_mode", "auto"), device)
         blocks = cache_blocks(
             kv_cache_mib,
             len(model.layer_ids),

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hf_models import write_hf_checkpoint
 
-from engine.compiled import BUCKETS, _Bucket, bucket_for, decode_mode
+from engine.compiled import BUCKETS, _Bucket, bucket_for, resolve_decode_mode
 from engine.config import ModelConfig
 from engine.generate import SamplingParams, build_model
 from engine.kv_cache import PagedKVCache, make_step
@@ -29,11 +29,11 @@ def model(tmp_path_factory):
 def test_buckets_and_modes():
     assert [bucket_for(n) for n in (1, 3, 5, 17, 256, 257, 300)] == [1, 4, 8, 24, 256, 320, 320]
     assert all(bucket_for(b) == b for b in BUCKETS)
-    assert decode_mode("auto", torch.device("cpu")) == "eager"
-    assert decode_mode("auto", torch.device("cuda")) == "compiled"
-    assert decode_mode("eager", torch.device("cuda")) == "eager"
+    assert resolve_decode_mode("auto", torch.device("cpu")) == "eager"
+    assert resolve_decode_mode("auto", torch.device("cuda")) == "compiled"
+    assert resolve_decode_mode("eager", torch.device("cuda")) == "eager"
     with pytest.raises(ValueError, match="decode mode must be one of auto, compiled, eager, got 'fast'"):
-        decode_mode("fast", torch.device("cpu"))
+        resolve_decode_mode("fast", torch.device("cpu"))
 
 
 @torch.inference_mode()
