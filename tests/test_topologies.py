@@ -90,3 +90,24 @@ def test_build_by_name():
         _check(build(name, 6, per_node=4, chunks=2), 6, 37)
     with pytest.raises(ValueError, match="unknown topology"):
         build("mesh", 4)
+
+
+def test_resolved_steps_are_the_regions_offsets_without_empty_ranges():
+    s = ring(4)
+    # 2 elements in 4 parts: parts 2 and 3 are empty, so some steps send and receive nothing
+    for rank in range(4):
+        resolved = s.resolved(rank, 2)
+        expected = [
+            [
+                (op.kind, op.peer, *span(op.region, 2))
+                for op in step
+                if span(op.region, 2)[0] < span(op.region, 2)[1]
+            ]
+            for step in s.steps[rank]
+        ]
+        assert [list(step) for step in resolved] == [step for step in expected if step]
+        assert all(a < b for step in resolved for _, _, a, b in step)
+    assert len(s.resolved(0, 2)) < len(s.steps[0])  # empty steps are dropped
+    assert s.resolved(0, 2) is s.resolved(0, 2)  # remembered
+    s.add(0, Op("send", 1))
+    assert len(s.resolved(0, 1000)) == len(s.steps[0])  # a schedule that grows is resolved anew

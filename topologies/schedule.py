@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 Region = tuple[tuple[int, int], ...]
 WHOLE: Region = ()
+# a step resolved for one buffer: (kind, peer, start, stop) per operation, empty ranges left out
+Resolved = tuple[tuple[str, int, int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -36,15 +38,32 @@ class Schedule:
     name: str
     n: int
     steps: list[list[list[Op]]] = field(default_factory=list)  # [rank][step] -> ops
+    _resolved: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if not self.steps:
             self.steps = [[] for _ in range(self.n)]
 
+    def resolved(self, rank: int, numel: int) -> tuple[Resolved, ...]:
+        """``rank``'s steps for a buffer of ``numel`` elements, regions turned into [start, stop)
+        offsets, remembered per (rank, numel): an executor asks on every call, with a handful of
+        sizes. Operations on empty ranges and steps left with none are dropped."""
+        key = (rank, numel)
+        if key not in self._resolved:
+            steps = []
+            for step in self.steps[rank]:
+                ops = tuple((op.kind, op.peer, *span(op.region, numel)) for op in step)
+                ops = tuple(op for op in ops if op[2] < op[3])
+                if ops:
+                    steps.append(ops)
+            self._resolved[key] = tuple(steps)
+        return self._resolved[key]
+
     def add(self, rank: int, *ops: Op) -> None:
         """Append one step of ``ops`` to ``rank``'s list."""
         if ops:
             self.steps[rank].append(list(ops))
+            self._resolved.clear()
 
     def extend(self, other: Schedule, ranks: list[int] | None = None) -> Schedule:
         """Append ``other`` (a schedule over ``len(ranks)`` ranks, numbered 0..) after this one,
