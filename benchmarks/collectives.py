@@ -31,23 +31,35 @@ ALGORITHMS = ["native", "star", "tree", "ring", "hier", "hier-scatter", "auto"]
 SIZES = [8 << (2 * i) for i in range(12)] + [64 << 20]  # 8 B, 32 B, ..., 32 MiB, 64 MiB
 
 
-def _time(x, algorithm, rank, ranks, per_node, ops) -> float:
-    """Seconds per all-reduce over ``ops`` back-to-back calls, started together (a barrier)."""
+def _time(x, algorithm, rank, ranks, per_node, ops, lead) -> list[float]:
+    """Seconds each of ``ops`` back-to-back all-reduces took on this rank, from the return of one
+    to the return of the next, after a barrier and ``lead`` untimed calls."""
     import torch.distributed as dist
 
     from comm.allreduce import all_reduce
 
     dist.barrier()
-    t = time.perf_counter()
+    for _ in range(lead):
+        all_reduce(x, algorithm, rank, ranks, None, per_node)
+    calls, t = [], time.perf_counter()
     for _ in range(ops):
         all_reduce(x, algorithm, rank, ranks, None, per_node)
-    return (time.perf_counter() - t) / ops
+        now = time.perf_counter()
+        calls.append(now - t)
+        t = now
+    return calls
 
 
 def _sweep(algorithms, n, rank, per_node, trials) -> list[dict]:
-    """Every size, the algorithms interleaved trial by trial, in a new order each trial (the same
-    on every rank), so that none always follows the same one; per (size, algorithm) the median
-    over trials of the slowest rank's time."""
+    """Every size, the algorithms interleaved in short timings, in a new order each trial (the
+    same on every rank). Per (size, algorithm): the median of every timed call on each rank, and
+    of those the slowest rank's.
+
+    With more ranks than cores, how fast a run of calls goes depends on how the scheduler happens
+    to place the ranks for a while, tens of milliseconds and more. Long timings of one algorithm
+    (50 calls) then gave one algorithm measured twice medians 18% apart; timings of a few calls,
+    interleaved, spread those spells over every algorithm alike, and the median call leaves out
+    the calls that waited for a core."""
     import torch
     import torch.distributed as dist
 
@@ -55,22 +67,56 @@ def _sweep(algorithms, n, rank, per_node, trials) -> list[dict]:
     rows = []
     for size in SIZES:
         x = torch.zeros(max(1, size // 4), dtype=torch.float32)  # zeros: repeated sums stay finite
-        # enough back-to-back calls that one timing is tens of milliseconds or more: the spread
-        # of a single 64 MiB all-reduce on shared cores is larger than the targets' margins
-        ops = max(3, min(50, (32 << 20) // size))
+        ops = max(1, min(5, (32 << 20) // size))
+        # a barrier lets the ranks go up to a few hundred microseconds apart: one untimed call
+        # brings them into step, where a call takes under a few milliseconds
+        lead = 1 if size < 1 << 20 else 0
+        # large messages: each call is tens of milliseconds, and its time varies less
+        rounds = trials if size < 1 << 20 else max(2, trials // 2)
         for algorithm in algorithms:
-            _time(x, algorithm, rank, ranks, per_node, 1)  # warm-up
-        times = {a: [] for a in algorithms}
-        for trial in range(trials):
+            _time(x, algorithm, rank, ranks, per_node, 1, 0)  # warm-up
+        calls = {a: ([], []) for a in algorithms}  # the calls of even and of odd trials
+        for trial in range(rounds):
             order = list(algorithms)
             random.Random(trial * 1000 + size).shuffle(order)
             for algorithm in order:
-                local = _time(x, algorithm, rank, ranks, per_node, ops)
-                everyone = [None] * n
-                dist.all_gather_object(everyone, local)
-                times[algorithm].append(max(everyone))
-        rows += [{"bytes": size, "algorithm": a, "seconds": statistics.median(times[a])} for a in algorithms]
+                calls[algorithm][trial % 2].extend(_time(x, algorithm, rank, ranks, per_node, ops, lead))
+        medians = {
+            a: {
+                "seconds": statistics.median(even + odd),
+                "even": statistics.median(even),
+                "odd": statistics.median(odd),
+            }
+            for a, (even, odd) in calls.items()
+        }
+        everyone = [None] * n
+        dist.all_gather_object(everyone, medians)
+        for a in algorithms:
+            rows.append(
+                {"bytes": size, "algorithm": a, **{k: max(e[a][k] for e in everyone) for k in medians[a]}}
+            )
     return rows
+
+
+def fit_links(rows, algorithms, n, per_node, key) -> dict:
+    """Each algorithm's link fitted to the times ``key`` of ``rows``."""
+    from comm import cost
+    from comm.allreduce import chunks_for
+
+    links = {}
+    for name in algorithms:
+        fits = []
+        for pipelined in (True, False) if name == "tree" else (True,):
+            samples = []
+            for r in rows:
+                if r["algorithm"] == name:
+                    chunks = chunks_for(name, r["bytes"], n)
+                    a, b = cost.coefficients(name, n, per_node, chunks, pipelined)
+                    samples.append((a, b, r[key], r["bytes"]))
+            link = dataclasses.replace(cost.fit(samples), pipelined=pipelined)
+            fits.append((max(cost.relative_errors(link, samples)), link))
+        links[name] = min(fits, key=lambda f: f[0])[1]  # the tree's pieces overlap here, or not
+    return links
 
 
 def measure(args) -> None:
@@ -87,31 +133,23 @@ def measure(args) -> None:
     fixed = [a for a in ALGORITHMS if a != "auto"]
     rows = _sweep(fixed, n, rank, args.per_node, args.trials)
 
-    links = {}
-    for name in fixed:
-        fits = []
-        for pipelined in (True, False) if name == "tree" else (True,):
-            samples = []
-            for r in rows:
-                if r["algorithm"] == name:
-                    chunks = chunks_for(name, r["bytes"], n)
-                    a, b = cost.coefficients(name, n, args.per_node, chunks, pipelined)
-                    samples.append((a, b, r["seconds"], r["bytes"]))
-            link = dataclasses.replace(cost.fit(samples), pipelined=pipelined)
-            fits.append((max(cost.relative_errors(link, samples)), link))
-        links[name] = min(fits, key=lambda f: f[0])[1]  # the tree's pieces overlap here, or not
+    links = fit_links(rows, fixed, n, args.per_node, "seconds")
     fitted = cost.Fitted(links, "this run")
     cost.use(fitted)  # every rank computed the same fit from the same gathered times
     # a second sweep, every algorithm and auto interleaved: these are the figures reported, and
-    # the predictions of the fit to the first sweep are checked against them
+    # the predictions of the fit to the first sweep are printed beside them. The model itself is
+    # checked within this sweep, fitted to its even trials against its odd ones: in the minutes
+    # between the sweeps the machine may change (an algorithm's time halving for a while as the
+    # scheduler places the ranks otherwise), which no cost model foresees
     rows = _sweep(ALGORITHMS, n, rank, args.per_node, args.trials)
+    check = fit_links(rows, fixed, n, args.per_node, "even")
     for r in rows:
         name = (
             r["algorithm"] if r["algorithm"] != "auto" else cost.choose(r["bytes"], n, args.per_node, fitted)
         )
-        r["predicted"] = cost.predict(
-            name, n, r["bytes"], links[name], args.per_node, chunks_for(name, r["bytes"], n)
-        )
+        chunks = chunks_for(name, r["bytes"], n)
+        r["predicted"] = cost.predict(name, n, r["bytes"], links[name], args.per_node, chunks)
+        r["check_predicted"] = cost.predict(name, n, r["bytes"], check[name], args.per_node, chunks)
         r["auto_picks"] = name if r["algorithm"] == "auto" else ""
     if rank == 0:
         record = {"links": {k: vars(v) for k, v in links.items()}, "ranks": n, "per_node": args.per_node}
@@ -157,18 +195,31 @@ def report(args, rows, links, decode) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "collectives.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["bytes", "algorithm", "seconds", "predicted", "auto_picks"])
+        w = csv.DictWriter(
+            f,
+            fieldnames=[
+                "bytes",
+                "algorithm",
+                "seconds",
+                "even",
+                "odd",
+                "predicted",
+                "check_predicted",
+                "auto_picks",
+            ],
+        )
         w.writeheader()
         w.writerows(rows)
     by = {(r["bytes"], r["algorithm"]): r for r in rows}
     print(f"{n} ranks, {args.per_node} per node (hier), gloo, float32; time in microseconds (predicted)")
     for name, link in links.items():
         overlap = "" if name != "tree" else f", pieces overlap: {link['pipelined']}"
-        alpha, beta = link["alpha"] * 1e6, link["beta"] * 1e9
-        small = ""
-        if link.get("small_alpha") is not None:
-            small = f" (under {link['large_from'] >> 10} KiB: alpha {link['small_alpha'] * 1e6:.1f} us)"
-        print(f"fitted {name:>12}: alpha {alpha:9.1f} us, beta {beta:7.3f} ns/B{small}{overlap}")
+        regimes = [
+            f"alpha {a * 1e6:.1f} us, beta {b * 1e9:.3f} ns/B under {below >> 10} KiB"
+            for below, a, b in link["regimes"]
+        ]
+        regimes.append(f"alpha {link['alpha'] * 1e6:.1f} us, beta {link['beta'] * 1e9:.3f} ns/B above")
+        print(f"fitted {name:>12}: " + "; ".join(regimes) + overlap)
     header = f"{'bytes':>9} " + " ".join(f"{a:>17}" for a in ALGORITHMS) + "  auto picks"
     print(header)
     for size in SIZES:
@@ -196,21 +247,23 @@ def report(args, rows, links, decode) -> None:
     worst_native = min(by[(s, "native")]["seconds"] / by[(s, "auto")]["seconds"] for s in SIZES)
     print(f"  auto time / best time, worst size: {worst_best:.2f} (target <= 1.10)")
     print(f"  auto speed vs native, worst size: {worst_native:.2f}x (target >= 0.95)")
-    errors = [
-        abs(r["predicted"] - r["seconds"]) / r["seconds"]
-        for r in rows
-        if r["bytes"] >= 64 << 10 and r["algorithm"] != "auto"
-    ]
-    print(
-        f"  cost model error at >= 64 KiB: median {statistics.median(errors):.0%}, "
-        f"worst {max(errors):.0%} (target <= 30%)"
+    big = [r for r in rows if r["bytes"] >= 64 << 10 and r["algorithm"] != "auto"]
+    errors = sorted(
+        (abs(r["check_predicted"] - r["odd"]) / r["odd"], r["algorithm"], r["bytes"]) for r in big
     )
-    worst = sorted(
-        (abs(r["predicted"] - r["seconds"]) / r["seconds"], r["algorithm"], r["bytes"])
-        for r in rows
-        if r["bytes"] >= 64 << 10 and r["algorithm"] != "auto"
-    )[-3:]
-    print("  largest errors: " + ", ".join(f"{a} at {b} B {e:.0%}" for e, a, b in reversed(worst)))
+    print(
+        f"  cost model error at >= 64 KiB, fitted to this sweep's even trials, against its odd ones: "
+        f"median {statistics.median(e for e, *_ in errors):.0%}, worst {errors[-1][0]:.0%} (target <= 30%)"
+    )
+    print("    largest: " + ", ".join(f"{a} at {b} B {e:.0%}" for e, a, b in reversed(errors[-3:])))
+    across = sorted(
+        (abs(r["predicted"] - r["seconds"]) / r["seconds"], r["algorithm"], r["bytes"]) for r in big
+    )
+    print(
+        f"  the first sweep's fit (in brackets above) against this sweep: "
+        f"median {statistics.median(e for e, *_ in across):.0%}, worst {across[-1][0]:.0%}"
+    )
+    print("    largest: " + ", ".join(f"{a} at {b} B {e:.0%}" for e, a, b in reversed(across[-3:])))
     if decode:
         rates = ", ".join(f"{a} {t:.1f} tok/s" for a, t in decode.items())
         print(f"\ndecode, tp = {n}, batch 1, {args.decode_tokens} tokens: {rates}")
@@ -248,11 +301,15 @@ def main() -> None:
     parser.add_argument("--per-node", type=int, default=2, help="ranks per emulated node (hier)")
     parser.add_argument("--model", default=None, help="checkpoint for the decode timing (default: demo)")
     parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--trials", type=int, default=105, help="timings per algorithm and size")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--fitted", default=str(ROOT / "topologies" / "fitted.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.trials < 2:
+        parser.error(
+            "--trials must be at least 2 (the cost model is checked on odd trials against even ones)"
+        )
     if args.worker:
         measure(args)
         return

@@ -15,6 +15,7 @@ import functools
 import torch
 import torch.distributed as dist
 
+from comm.cost import auto_choice
 from topologies.schedule import Schedule, build
 
 ALGORITHMS = ("native", "star", "tree", "ring", "hier", "hier-scatter", "auto")
@@ -127,8 +128,6 @@ def all_reduce(
     """Sum ``x`` over the group in place with the named algorithm (``native``: the backend's own)."""
     n = len(ranks)
     if algorithm == "auto":
-        from comm.cost import auto_choice
-
         algorithm = auto_choice(x.numel() * x.element_size(), n, per_node)
     if algorithm == "native":
         dist.all_reduce(x, group=group)

@@ -15,10 +15,11 @@ critical path, ``t = a * alpha + b * S * beta``; ``coefficients`` gives (a, b):
 - native: the backend's own algorithm, measured rather than derived: a = b = 1 on its own
   (alpha, beta).
 
-``fit`` finds alpha and beta from measured times (benchmarks/collectives.py
-writes them to topologies/fitted.json), with the latency of small messages apart from that of
-large ones; ``auto`` picks the algorithm with the lowest predicted
-time, the way NCCL's tuner picks an algorithm per size.
+``fit`` finds alpha and beta from measured times (benchmarks/collectives.py writes them to
+topologies/fitted.json), one pair per protocol regime of the backend: small messages, and the
+large ones in one or two regimes where the measurements show a change of protocol. ``auto`` picks
+the algorithm with the lowest predicted time, the way NCCL's tuner picks an algorithm and a
+protocol per size from per-protocol latencies and bandwidths.
 """
 
 from __future__ import annotations
@@ -37,21 +38,26 @@ NATIVE_MARGIN = 0.15  # auto leaves native only for a predicted gain larger than
 
 @dataclass(frozen=True)
 class Link:
-    """What a message costs on one link: alpha + S * beta for S bytes. Where the fit measured
-    small messages apart (``small_alpha``), messages under ``large_from`` bytes pay that latency
-    instead: backends switch protocols with the size (NCCL's LL against Simple, gloo's algorithms),
-    and a large message's fixed cost is not a small message's."""
+    """What a message costs on one link: alpha + S * beta for S bytes.
+
+    Backends change protocol with the message size, and each protocol has a latency and a
+    bandwidth of its own: NCCL's LL, LL128 and Simple; gloo over TCP, where a message that fits
+    the socket buffers is written without waiting for the receiver, and a small message costs
+    none of a large one's set-up. ``regimes`` holds ``(below, alpha, beta)`` for the messages
+    under ``below`` bytes, smallest first; larger messages pay ``alpha`` and ``beta``."""
 
     alpha: float  # seconds per message
     beta: float  # seconds per byte
     # whether the pieces of a chunked tree overlap on this machine (they need a core per rank)
     pipelined: bool = True
-    small_alpha: float | None = None
-    large_from: int = 0
+    regimes: tuple[tuple[int, float, float], ...] = ()
 
-    def latency(self, nbytes: int) -> float:
-        small = self.small_alpha is not None and nbytes < self.large_from
-        return self.small_alpha if small else self.alpha
+    def at(self, nbytes: int) -> tuple[float, float]:
+        """(alpha, beta) of a message of ``nbytes``."""
+        for below, alpha, beta in self.regimes:
+            if nbytes < below:
+                return alpha, beta
+        return self.alpha, self.beta
 
 
 def coefficients(
@@ -79,7 +85,8 @@ def coefficients(
 
 def predict(topology: str, n: int, nbytes: int, link: Link, per_node: int = 1, chunks: int = 1) -> float:
     a, b = coefficients(topology, n, per_node, chunks, link.pipelined)
-    return a * link.latency(nbytes) + b * nbytes * link.beta
+    alpha, beta = link.at(nbytes)
+    return a * alpha + b * nbytes * beta
 
 
 SMALL_BYTES = 1 << 10  # messages this small measure the latency alone
@@ -92,7 +99,7 @@ Sample = tuple[float, float, float, int]
 def relative_errors(link: Link, samples: list[Sample]) -> list[float]:
     """|predicted - measured| / measured of the samples from 64 KiB up."""
     return [
-        abs(a * link.latency(size) + b * size * link.beta - t) / t
+        abs(a * link.at(size)[0] + b * size * link.at(size)[1] - t) / t
         for a, b, t, size in samples
         if size >= FIT_FROM_BYTES
     ]
@@ -135,21 +142,46 @@ def _minimax(columns: list[list[float]], targets: list[float], measured: list[fl
     return [x0, inner(x0)]
 
 
+# a second regime among the large messages is looked for only where one line misses some size
+# by more than this (less is the noise of a run on shared cores), and kept only where it halves
+# the worst error
+KNEE_FROM = 0.10
+
+
+def _line(samples: list[Sample]) -> tuple[float, float, float]:
+    """alpha and beta minimising the worst relative error over ``samples``, and that error."""
+    columns = [[a for a, *_ in samples], [b * size for _, b, _, size in samples]]
+    measured = [t for _, _, t, _ in samples]
+    alpha, beta = _minimax(columns, measured, measured)
+    worst = max(abs(a * alpha + b * size * beta - t) / t for a, b, t, size in samples)
+    return alpha, beta, worst
+
+
 def fit(samples: list[Sample]) -> Link:
-    """A link fitted to samples of one algorithm in two regimes: ``small_alpha`` is the median
-    per-message latency of the messages of at most 1 KiB, where the bytes cost next to nothing;
-    alpha and beta of the messages from 64 KiB up minimise the worst relative error there, the
-    figure the model is held to."""
+    """A link fitted to samples of one algorithm. Messages of at most 1 KiB, where the bytes cost
+    next to nothing, give the latency of the messages under 64 KiB (their median). From 64 KiB up,
+    alpha and beta minimise the worst relative error, the figure the model is held to; where one
+    line misses by more than ``KNEE_FROM``, the large messages may split at one size into two
+    regimes (two sizes at least on each side), each with its own line."""
     small = [t / a for a, _, t, size in samples if size <= SMALL_BYTES and a > 0]
     if not small:
         raise ValueError(f"fitting alpha needs messages of at most {SMALL_BYTES} bytes")
     big = [(a, b, t, size) for a, b, t, size in samples if size >= FIT_FROM_BYTES and b > 0]
-    if len({size for *_, size in big}) < 2:
+    sizes = sorted({size for *_, size in big})
+    if len(sizes) < 2:
         raise ValueError(f"fitting beta needs messages of two sizes of at least {FIT_FROM_BYTES} bytes")
-    columns = [[a for a, *_ in big], [b * size for _, b, _, size in big]]
-    measured = [t for _, _, t, _ in big]
-    alpha, beta = _minimax(columns, measured, measured)
-    return Link(alpha, beta, small_alpha=statistics.median(small), large_from=FIT_FROM_BYTES)
+    alpha, beta, worst = _line(big)
+    regimes: tuple[tuple[int, float, float], ...] = ()
+    if worst > KNEE_FROM:
+        splits = []
+        for knee in sizes[2:-1]:
+            lower, upper = _line([s for s in big if s[3] < knee]), _line([s for s in big if s[3] >= knee])
+            splits.append((max(lower[2], upper[2]), knee, lower, upper))
+        if splits and min(splits)[0] < worst / 2:
+            _, knee, lower, (alpha, beta, _) = min(splits)
+            regimes = ((knee, lower[0], lower[1]),)
+    below_beta = regimes[0][2] if regimes else beta
+    return Link(alpha, beta, regimes=((FIT_FROM_BYTES, statistics.median(small), below_beta), *regimes))
 
 
 @dataclass(frozen=True)
@@ -163,10 +195,21 @@ class Fitted:
 
 
 def load(path: Path = TOPOLOGY_FILE) -> Fitted | None:
+    """The fit benchmarks/collectives.py wrote to ``path``; None where there is none."""
     if not path.is_file():
         return None
-    raw = json.loads(path.read_text())
-    return Fitted({name: Link(**link) for name, link in raw["links"].items()}, str(path))
+    try:
+        raw = json.loads(path.read_text())
+        links = {}
+        for name, link in raw["links"].items():
+            regimes = tuple((int(below), float(a), float(b)) for below, a, b in link.get("regimes", ()))
+            links[name] = Link(float(link["alpha"]), float(link["beta"]), bool(link["pipelined"]), regimes)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(
+            f"{path}: not a fit of the all-reduce cost model ({type(e).__name__}: {e}); "
+            "rerun benchmarks/collectives.py to write one"
+        ) from e
+    return Fitted(links, str(path))
 
 
 _FITTED: Fitted | None = None
@@ -224,6 +267,7 @@ def predict_two_level(
         inside = predict("star", g, nbytes, intra)
         return inside + predict("ring", m, nbytes, inter)
     if topology == "hier-scatter":
-        inside = 2.0 * (g - 1) * (intra.latency(nbytes // g) + nbytes / g * intra.beta) if g > 1 else 0.0
+        alpha, beta = intra.at(nbytes // g)
+        inside = 2.0 * (g - 1) * (alpha + nbytes / g * beta) if g > 1 else 0.0
         return inside + predict("ring", m, nbytes // g, inter)
     raise ValueError(f"no two-level model for {topology!r}")

@@ -1,5 +1,8 @@
 """The all-reduce cost model: its fit recovers the links that made the times, and auto's choice."""
 
+import dataclasses
+import json
+
 import pytest
 
 from comm import cost
@@ -20,17 +23,18 @@ def samples_from(link: cost.Link, topology: str, n: int = 4, scale=lambda size: 
 def test_fit_recovers_the_link(topology):
     truth = cost.Link(alpha=3e-4, beta=4e-10)
     got = cost.fit(samples_from(truth, topology))
-    assert got.small_alpha == pytest.approx(truth.alpha, rel=1e-3)
+    assert got.at(8)[0] == pytest.approx(truth.alpha, rel=1e-3)
+    assert len(got.regimes) == 1  # small messages only: one line fits the large ones
     assert got.alpha == pytest.approx(truth.alpha, rel=1e-3)
     assert got.beta == pytest.approx(truth.beta, rel=1e-3)
 
 
 def test_fit_separates_small_and_large_message_latency():
     # a backend that switches to a costlier protocol for large messages
-    truth = cost.Link(alpha=2e-3, beta=6e-10, small_alpha=5e-4, large_from=64 << 10)
+    truth = cost.Link(alpha=2e-3, beta=6e-10, regimes=((64 << 10, 5e-4, 6e-10),))
     samples = samples_from(truth, "star")
     got = cost.fit(samples)
-    assert got.small_alpha == pytest.approx(5e-4, rel=1e-3)
+    assert got.at(8)[0] == pytest.approx(5e-4, rel=1e-3)
     assert got.alpha == pytest.approx(2e-3, rel=1e-3)
     assert got.beta == pytest.approx(6e-10, rel=1e-3)
     assert max(cost.relative_errors(got, samples)) < 1e-3
@@ -44,6 +48,33 @@ def test_fit_holds_the_worst_error_down():
     got = cost.fit(samples)
     assert max(cost.relative_errors(got, samples)) <= 0.1 + 1e-6  # the truth itself misses by 10%
     assert got.beta == pytest.approx(truth.beta, rel=0.15)
+    assert len(got.regimes) == 1  # noise of 10% is no change of protocol
+
+
+def test_fit_finds_a_cheaper_regime_below_a_size():
+    # as gloo over TCP: messages under 2 MiB go at a quarter of the cost per byte of larger ones
+    eager = (2 << 20, 1e-4, 1e-10)
+    truth = cost.Link(alpha=5e-4, beta=4e-10, regimes=((64 << 10, 1.5e-4, 1e-10), eager))
+    samples = samples_from(truth, "star")
+    one_line = cost._line([s for s in samples if s[3] >= 64 << 10])[2]
+    assert one_line > 0.3  # a single line cannot follow it
+    got = cost.fit(samples)
+    assert [r[0] for r in got.regimes] == [64 << 10, 2 << 20]
+    assert got.regimes[1] == pytest.approx(eager, rel=1e-3)
+    assert (got.alpha, got.beta) == pytest.approx((5e-4, 4e-10), rel=1e-3)
+    assert max(cost.relative_errors(got, samples)) < 1e-3
+
+
+def test_a_fit_file_round_trips_and_a_bad_one_is_named(tmp_path):
+    link = cost.Link(
+        5e-4, 4e-10, pipelined=False, regimes=((64 << 10, 1.5e-4, 1e-10), (2 << 20, 1e-4, 1e-10))
+    )
+    path = tmp_path / "fitted.json"
+    path.write_text(json.dumps({"links": {"star": dataclasses.asdict(link)}, "ranks": 4}))
+    assert cost.load(path).links["star"] == link
+    path.write_text(json.dumps({"links": {"star": {"alpha": 1e-4, "small_alpha": 1e-4}}}))
+    with pytest.raises(ValueError, match=r"fitted.json: not a fit .*'beta'.*rerun benchmarks/collectives.py"):
+        cost.load(path)
 
 
 def test_fit_names_what_it_lacks():
