@@ -106,8 +106,9 @@ def run_schedule(
 
 def _post_direct(transfers, ranks, group) -> list:
     """Post each transfer straight on the process group (peers are group ranks). Right for gloo,
-    which runs every send and receive on its own; skipping torch.distributed's Python wrappers
-    saves a fifth of a small all-reduce's time with 4 ranks on 2 cores."""
+    which runs every send and receive on its own. Skipping torch.distributed's Python wrappers
+    matters where ranks share cores: a small all-reduce's time is then the CPU time its ranks
+    spend, more than any wire's."""
     pg = group if group is not None else dist.group.WORLD
     return [pg.send([t], peer, 0) if is_send else pg.recv([t], peer, 0) for is_send, t, peer in transfers]
 
