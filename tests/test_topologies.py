@@ -111,3 +111,15 @@ def test_resolved_steps_are_the_regions_offsets_without_empty_ranges():
     assert s.resolved(0, 2) is s.resolved(0, 2)  # remembered
     s.add(0, Op("send", 1))
     assert len(s.resolved(0, 1000)) == len(s.steps[0])  # a schedule that grows is resolved anew
+
+
+def test_resolved_steps_are_remembered_for_a_bounded_number_of_sizes(monkeypatch):
+    import topologies.schedule as schedule
+
+    monkeypatch.setattr(schedule, "RESOLVED_KEPT", 3)
+    s = star(4)
+    first = s.resolved(0, 10)
+    for numel in (11, 12, 13):
+        s.resolved(0, numel)
+    assert len(s._resolved) == 3
+    assert s.resolved(0, 10) is not first and s.resolved(0, 10) == first  # dropped, then resolved anew

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 Region = tuple[tuple[int, int], ...]
 WHOLE: Region = ()
+RESOLVED_KEPT = 1024  # resolved (rank, size) pairs a schedule remembers, the oldest dropped first
 # a step resolved for one buffer: (kind, peer, start, stop) per operation, empty ranges left out
 Resolved = tuple[tuple[str, int, int, int], ...]
 
@@ -50,6 +51,8 @@ class Schedule:
         sizes. Operations on empty ranges and steps left with none are dropped."""
         key = (rank, numel)
         if key not in self._resolved:
+            if len(self._resolved) >= RESOLVED_KEPT:  # a server sees as many sizes as batch shapes
+                self._resolved.pop(next(iter(self._resolved)))
             steps = []
             for step in self.steps[rank]:
                 ops = tuple((op.kind, op.peer, *span(op.region, numel)) for op in step)
