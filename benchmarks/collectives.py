@@ -163,7 +163,9 @@ def measure(args) -> None:
 
 
 def decode_steps(args, env) -> dict:
-    """Tokens/s of greedy batch-1 decoding on a tp = n replica under each algorithm."""
+    """Tokens/s of greedy batch-1 decoding on a tp = n replica under each algorithm: the median of
+    ``args.decode_rounds`` timings, the algorithms interleaved round by round in a new order each
+    round (the same on every rank), as the all-reduce sweeps are."""
     import torch
 
     from comm.layout import ParallelLayout
@@ -171,23 +173,30 @@ def decode_steps(args, env) -> dict:
     from engine.replica import load_stage, make_groups
 
     layout = ParallelLayout(tp=env.world_size)
-    out = {}
     base = make_groups(layout, env.rank, 300, "native", args.per_node)
+    replicas = {}
     for algorithm in ALGORITHMS:
         tp = dataclasses.replace(base, algorithm=algorithm)
-        replica = load_stage(args.model, layout, env, tp, torch.device("cpu"), progress=False)
-        if replica.is_head:
-            replica.tokenizer = None
+        replicas[algorithm] = load_stage(args.model, layout, env, tp, torch.device("cpu"), progress=False)
+        replicas[algorithm].tokenizer = None
+    params = SamplingParams(max_tokens=args.decode_tokens, temperature=0, ignore_eos=True)
+    warm = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    rates = {a: [] for a in ALGORITHMS}
+    for round_ in range(args.decode_rounds):
+        order = list(ALGORITHMS)
+        random.Random(round_).shuffle(order)
+        for algorithm in order:
+            replica = replicas[algorithm]
+            if not replica.is_head:
+                replica.follow()  # until the head closes this round's generator
+                continue
             gen = replica.generator()
-            params = SamplingParams(max_tokens=args.decode_tokens, temperature=0, ignore_eos=True)
-            gen.generate([[1, 2, 3, 4]], params)  # warm-up
+            gen.generate([[1, 2, 3, 4]], warm)
             t = time.perf_counter()
             gen.generate([[1, 2, 3, 4]], params)
-            out[algorithm] = args.decode_tokens / (time.perf_counter() - t)
+            rates[algorithm].append(args.decode_tokens / (time.perf_counter() - t))
             gen.close()
-        else:
-            replica.follow()
-    return out
+    return {a: statistics.median(r) for a, r in rates.items() if r}
 
 
 def report(args, rows, links, decode) -> None:
@@ -266,7 +275,10 @@ def report(args, rows, links, decode) -> None:
     print("    largest: " + ", ".join(f"{a} at {b} B {e:.0%}" for e, a, b in reversed(across[-3:])))
     if decode:
         rates = ", ".join(f"{a} {t:.1f} tok/s" for a, t in decode.items())
-        print(f"\ndecode, tp = {n}, batch 1, {args.decode_tokens} tokens: {rates}")
+        print(
+            f"\ndecode, tp = {n}, batch 1, {args.decode_tokens} tokens, median of {args.decode_rounds} "
+            f"interleaved rounds: {rates}"
+        )
     plot(rows, n, out / "collectives.png")
     print(f"\nwrote {out / 'collectives.csv'}, {out / 'collectives.png'}, {args.fitted}")
 
@@ -301,6 +313,7 @@ def main() -> None:
     parser.add_argument("--per-node", type=int, default=2, help="ranks per emulated node (hier)")
     parser.add_argument("--model", default=None, help="checkpoint for the decode timing (default: demo)")
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--decode-rounds", type=int, default=5, help="timings of each algorithm's decoding")
     parser.add_argument("--trials", type=int, default=105, help="timings per algorithm and size")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--fitted", default=str(ROOT / "topologies" / "fitted.json"))
@@ -319,7 +332,8 @@ def main() -> None:
         args.model = str(ensure_demo(default_demo_dir()))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc)]
     cmd += [__file__, "--worker", "--per-node", str(args.per_node), "--model", args.model]
-    cmd += ["--decode-tokens", str(args.decode_tokens), "--fitted", args.fitted, "--trials", str(args.trials)]
+    cmd += ["--decode-tokens", str(args.decode_tokens), "--decode-rounds", str(args.decode_rounds)]
+    cmd += ["--fitted", args.fitted, "--trials", str(args.trials)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
