@@ -19,7 +19,8 @@ critical path, ``t = a * alpha + b * S * beta``; ``coefficients`` gives (a, b):
 topologies/fitted.json), one pair per protocol regime of the backend: small messages, and the
 large ones in one or two regimes where the measurements show a change of protocol. ``auto`` picks
 the algorithm with the lowest predicted time, the way NCCL's tuner picks an algorithm and a
-protocol per size from per-protocol latencies and bandwidths.
+protocol per size from per-protocol latencies and bandwidths; where the predictions are closer
+than the fit's errors, it keeps the simpler algorithm (``choose``).
 """
 
 from __future__ import annotations
@@ -32,8 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TOPOLOGY_FILE = Path(__file__).resolve().parent.parent / "topologies" / "fitted.json"
+# in order of preference: the backend's own, then the hand-written ones by the number of steps
+# on their critical path (star 2, tree 2 x depth, ring 2(n - 1), the two-level ones more)
 CANDIDATES = ("native", "star", "tree", "ring", "hier", "hier-scatter")
 NATIVE_MARGIN = 0.15  # auto leaves native only for a predicted gain larger than this
+# a hand-written algorithm later in CANDIDATES is taken over an earlier one only for a predicted
+# gain larger than this: the fit's errors are several percent, so a closer call is a coin toss
+TIE_MARGIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -218,7 +224,9 @@ _LOADED = False
 
 def choose(nbytes: int, n: int, per_node: int, fitted: Fitted | None = None) -> str:
     """The algorithm with the lowest predicted all-reduce time for ``nbytes`` over ``n`` ranks,
-    from ``fitted`` or topologies/fitted.json; ``native`` when there is no fit to go by."""
+    from ``fitted`` or topologies/fitted.json, unless an algorithm earlier in ``CANDIDATES`` is
+    predicted within the margins (``NATIVE_MARGIN``, ``TIE_MARGIN``); ``native`` when there is no
+    fit to go by."""
     global _FITTED, _LOADED
     if fitted is None:
         if not _LOADED:
@@ -231,10 +239,13 @@ def choose(nbytes: int, n: int, per_node: int, fitted: Fitted | None = None) -> 
     def cost(name: str) -> float:
         return predict(name, n, nbytes, fitted.links[name], per_node, chunks_for(name, nbytes, n))
 
-    best = min((name for name in CANDIDATES if name in fitted.links), key=cost)
+    best = None
+    for name in CANDIDATES[1:]:
+        if name in fitted.links and (best is None or cost(name) < (1 - TIE_MARGIN) * cost(best)):
+            best = name
     # a hand-written algorithm must promise a clear gain: within the fit's error the backend's
     # own is the safer choice
-    if "native" in fitted.links and cost(best) > (1 - NATIVE_MARGIN) * cost("native"):
+    if best is None or ("native" in fitted.links and cost(best) > (1 - NATIVE_MARGIN) * cost("native")):
         return "native"
     return best
 

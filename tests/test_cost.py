@@ -98,6 +98,15 @@ def test_auto_picks_the_lowest_prediction():
     assert cost.choose(1 << 20, 4, 2, close) == "native"
 
 
+def test_auto_keeps_the_simpler_algorithm_in_a_near_tie():
+    # star 6 x 100 us = 600 us at 8 B; tree (4 ranks: 2 x depth 2 + 1 piece = 5 latencies)
+    star = (1e-4, 0.0)
+    near = fitted(native=(1.0, 0.0), star=star, tree=(0.97 * 6e-4 / 5, 0.0))  # tree 3% faster
+    assert cost.choose(8, 4, 2, near) == "star"
+    clear = fitted(native=(1.0, 0.0), star=star, tree=(0.9 * 6e-4 / 5, 0.0))  # tree 10% faster
+    assert cost.choose(8, 4, 2, clear) == "tree"
+
+
 def test_auto_without_a_fit_is_native():
     cost.use(None)
     try:
