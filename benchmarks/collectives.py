@@ -257,22 +257,15 @@ def report(args, rows, links, decode) -> None:
     print(f"  auto time / best time, worst size: {worst_best:.2f} (target <= 1.10)")
     print(f"  auto speed vs native, worst size: {worst_native:.2f}x (target >= 0.95)")
     big = [r for r in rows if r["bytes"] >= 64 << 10 and r["algorithm"] != "auto"]
-    errors = sorted(
-        (abs(r["check_predicted"] - r["odd"]) / r["odd"], r["algorithm"], r["bytes"]) for r in big
+    _errors(
+        "cost model error at >= 64 KiB, fitted to this sweep's even trials, against its odd ones",
+        [(r["check_predicted"], r["odd"], r) for r in big],
+        " (target <= 30%)",
     )
-    print(
-        f"  cost model error at >= 64 KiB, fitted to this sweep's even trials, against its odd ones: "
-        f"median {statistics.median(e for e, *_ in errors):.0%}, worst {errors[-1][0]:.0%} (target <= 30%)"
+    _errors(
+        "the first sweep's fit (in brackets above) against this sweep",
+        [(r["predicted"], r["seconds"], r) for r in big],
     )
-    print("    largest: " + ", ".join(f"{a} at {b} B {e:.0%}" for e, a, b in reversed(errors[-3:])))
-    across = sorted(
-        (abs(r["predicted"] - r["seconds"]) / r["seconds"], r["algorithm"], r["bytes"]) for r in big
-    )
-    print(
-        f"  the first sweep's fit (in brackets above) against this sweep: "
-        f"median {statistics.median(e for e, *_ in across):.0%}, worst {across[-1][0]:.0%}"
-    )
-    print("    largest: " + ", ".join(f"{a} at {b} B {e:.0%}" for e, a, b in reversed(across[-3:])))
     if decode:
         rates = ", ".join(f"{a} {t:.1f} tok/s" for a, t in decode.items())
         print(
@@ -281,6 +274,15 @@ def report(args, rows, links, decode) -> None:
         )
     plot(rows, n, out / "collectives.png")
     print(f"\nwrote {out / 'collectives.csv'}, {out / 'collectives.png'}, {args.fitted}")
+
+
+def _errors(label, cases, target="") -> None:
+    """Print the median and worst |predicted - measured| / measured of (predicted, measured, row)
+    cases, and the three largest."""
+    errors = sorted((abs(p - t) / t, r["algorithm"], r["bytes"]) for p, t, r in cases)
+    median = statistics.median(e for e, *_ in errors)
+    print(f"  {label}: median {median:.0%}, worst {errors[-1][0]:.0%}{target}")
+    print("    largest: " + ", ".join(f"{a} at {b} B {e:.0%}" for e, a, b in reversed(errors[-3:])))
 
 
 def plot(rows, n, path) -> None:
