@@ -104,11 +104,12 @@ Sample = tuple[float, float, float, int]
 
 def relative_errors(link: Link, samples: list[Sample]) -> list[float]:
     """|predicted - measured| / measured of the samples from 64 KiB up."""
-    return [
-        abs(a * link.at(size)[0] + b * size * link.at(size)[1] - t) / t
-        for a, b, t, size in samples
-        if size >= FIT_FROM_BYTES
-    ]
+    errors = []
+    for a, b, t, size in samples:
+        if size >= FIT_FROM_BYTES:
+            alpha, beta = link.at(size)
+            errors.append(abs(a * alpha + b * size * beta - t) / t)
+    return errors
 
 
 def _golden(f, lo: float, hi: float, steps: int = 60) -> float:
