@@ -325,6 +325,8 @@ def main() -> None:
         parser.error(
             "--trials must be at least 2 (the cost model is checked on odd trials against even ones)"
         )
+    if args.decode_rounds < 1:
+        parser.error("--decode-rounds must be at least 1")
     if args.worker:
         measure(args)
         return
