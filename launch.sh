@@ -7,7 +7,8 @@
 #   ./launch.sh generate [ARGS...]       the generation CLI: ./launch.sh generate --help
 #   ./launch.sh witness [ARGS...]        a cluster member with no model: ./launch.sh witness --help
 #   ./launch.sh demo [PATH]              build the demo checkpoint, print its directory
-#   ./launch.sh info                     this host's CPUs, memory and GPUs (NVML) as JSON
+#   ./launch.sh info [--model DIR]       this host's CPUs, memory and GPUs (NVML) as JSON, or what a
+#                                        checkpoint directory holds
 #
 # The first run creates .venv with the CPU build of torch (see scripts/env.sh); set
 # RINGLEADER_PYTHON to run with an interpreter of your own, e.g. one with a CUDA torch.
@@ -33,7 +34,7 @@ case "$cmd" in
         exec "$PY" -m server.witness "$@"
         ;;
     -h | --help | help)
-        sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
         ;;
     *)
         echo "launch.sh: error: unknown command '$cmd' (expected: serve, generate, witness, demo, info)" >&2

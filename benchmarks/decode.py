@@ -134,9 +134,9 @@ def main() -> int:
     if quantized is not None:
         header += f" {args.quantize + ' tok/s':>11} {args.quantize + '/float':>11}"
     if quantized is not None:
-        from engine.tokenizer import Tokenizer
+        from engine.tokenizer import load_tokenizer
 
-        ids = Tokenizer(model_dir).encode(HELD_OUT)
+        ids = load_tokenizer(model_dir).encode(HELD_OUT)
         p_float, p_quant = perplexity(gen, ids), perplexity(quantized, ids)
         print(
             f"perplexity of a held-out paragraph ({len(ids)} tokens): float {p_float:.3f}, "

@@ -1,8 +1,13 @@
-"""Command line: ``ringleader generate`` (also ``./launch.sh generate``) and ``ringleader demo``.
+"""Command line: ``ringleader generate`` (also ``./launch.sh generate``), ``ringleader info`` and
+``ringleader demo``.
 
     ringleader generate [--model DIR] (--prompt TEXT | --prompt-ids 1,2,3) [--max-tokens N]
                         [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop STR ...]
-                        [--json]
+                        [--dtype auto|float32|bfloat16|float16] [--json]
+    ringleader info [--model DIR]
+
+``info`` prints the host's CPUs, memory and GPUs as JSON, or with ``--model`` what was detected in
+a checkpoint directory (``describe_checkpoint``).
 
 Without ``--model`` it generates with the demo checkpoint (built on first use). With ``--json`` it
 prints one JSON object: token_ids (generated ids only), text, finish_reason, prompt_token_ids,
@@ -16,7 +21,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 from comm.layout import LayoutError
 from engine.errors import RingleaderError
@@ -53,18 +57,33 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     gen.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token to --prompt")
     gen.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
-    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    add_dtype_flag(gen)
     gen.add_argument("--quantize", choices=["int8"], default=None, help="weight-only quantization at load")
     gen.add_argument("--threads", type=int, default=None, help="intra-op CPU threads")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     add_parallel_flags(gen)
 
-    sub.add_parser("info", help="print this host's CPUs, memory and GPUs as JSON")
+    info = sub.add_parser(
+        "info", help="print this host's CPUs, memory and GPUs as JSON; with --model, what the checkpoint is"
+    )
+    info.add_argument("--model", help="describe this checkpoint directory instead of the host")
 
     demo = sub.add_parser("demo", help="build the demo checkpoint and print its path")
     demo.add_argument("path", nargs="?")
     demo.add_argument("--force", action="store_true")
     return parser
+
+
+def add_dtype_flag(parser: argparse.ArgumentParser) -> None:
+    """``--dtype``, shared by ``generate`` and ``serve`` (``engine.config.resolve_dtype``)."""
+    from engine.config import DTYPE_CHOICES
+
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="compute dtype; auto: the checkpoint's on a GPU, float32 on a CPU (default)",
+    )
 
 
 def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
@@ -104,7 +123,7 @@ def _generate(args) -> int:
     from engine.demo import ensure_demo
     from engine.generate import SamplingParams, check_request
     from engine.replica import check_layout
-    from engine.tokenizer import Tokenizer
+    from engine.tokenizer import has_tokenizer, load_tokenizer
 
     if args.threads is not None:
         if args.threads < 1:
@@ -121,10 +140,10 @@ def _generate(args) -> int:
     config = ModelConfig.from_hf(model_dir)
     check_layout(layout, config)
     # token-id prompts run without a tokenizer; the output then has no text
-    has_tokenizer = args.prompt is not None or (Path(model_dir) / "tokenizer.model").is_file()
-    tokenizer = Tokenizer(model_dir) if has_tokenizer else None
+    with_tokenizer = args.prompt is not None or has_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, config.vocab_size) if with_tokenizer else None
     if args.prompt is not None:
-        prompt = tokenizer.encode(args.prompt, add_bos=False if args.no_bos else None)
+        prompt = tokenizer.encode(args.prompt, add_special_tokens=not args.no_bos)
     else:
         prompt = args.prompt_ids
     params = SamplingParams(
@@ -182,7 +201,7 @@ def _run_rank(args, layout, model_dir, prompt, params) -> int:
     import torch.distributed as dist
 
     from comm.dist import DistEnv, env_from, exit_lost_replica, exit_with_launcher, init
-    from engine.config import DTYPES
+    from engine.config import ModelConfig, resolve_dtype
     from engine.replica import load_stage, make_groups
 
     env: DistEnv = env_from()
@@ -201,7 +220,7 @@ def _run_rank(args, layout, model_dir, prompt, params) -> int:
             env,
             tp,
             device,
-            DTYPES[args.dtype] if args.dtype else None,
+            resolve_dtype(args.dtype, ModelConfig.from_hf(model_dir), device),
             progress=not args.json,
             quantize=args.quantize,
         )
@@ -224,13 +243,13 @@ def _run_rank(args, layout, model_dir, prompt, params) -> int:
 def _run_single(args, model_dir, config, tokenizer, prompt, params) -> int:
     import torch
 
-    from engine.config import DTYPES
+    from engine.config import default_device, resolve_dtype
     from engine.generate import Generator, build_model
     from engine.loader import Checkpoint
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device) if args.device else default_device()
     t0 = time.perf_counter()
-    dtype = DTYPES[args.dtype] if args.dtype else None
+    dtype = resolve_dtype(args.dtype, config, device)
     model = build_model(
         config, Checkpoint(model_dir), device, dtype, progress=not args.json, quantize=args.quantize
     )
@@ -275,6 +294,71 @@ def _print_result(args, out, model_dir, load_s, gen_s, layout) -> None:
         )
 
 
+def describe_checkpoint(model_dir: str) -> dict:
+    """What ``info --model`` prints: what was detected in a checkpoint directory, read from its
+    JSON files and safetensors headers (no tensor is loaded)."""
+    import collections
+    import math
+
+    from engine.config import GenerationConfig, ModelConfig, default_device, resolve_dtype
+    from engine.loader import Checkpoint
+    from engine.tokenizer import has_tokenizer, load_tokenizer
+
+    config = ModelConfig.from_hf(model_dir)
+    generation = GenerationConfig.from_hf(model_dir)
+    checkpoint = Checkpoint(model_dir)
+    tokenizer = load_tokenizer(model_dir, config.vocab_size) if has_tokenizer(model_dir) else None
+    device = default_device()
+    files: dict = {}
+    for info in checkpoint.tensors.values():
+        entry = files.setdefault(info.path.name, {"file": info.path.name, "tensors": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["bytes"] += info.nbytes
+        dtypes = entry.setdefault("dtypes", {})
+        dtypes[_dtype_name(info.dtype)] = dtypes.get(_dtype_name(info.dtype), 0) + 1
+    windows = collections.Counter(w for w in config.sliding_windows if w is not None)
+    return {
+        "model": os.path.abspath(model_dir),
+        "architecture": config.architecture,
+        "config_dtype": _dtype_name(config.dtype),
+        "auto_dtype": {"device": str(device), "dtype": _dtype_name(resolve_dtype("auto", config, device))},
+        "parameters": config.param_count(),
+        "layers": config.num_layers,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "heads": config.num_heads,
+        "kv_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rope": {
+            "type": config.rope_type,
+            "theta": config.rope_theta,
+            "rotary_dim": config.rotary_dim,
+            **({"scaling": config.rope_scaling} if config.rope_scaling else {}),
+        },
+        "sliding_windows": {
+            "full_attention_layers": config.sliding_windows.count(None),
+            "sliding_attention_layers": {str(w): n for w, n in sorted(windows.items())},
+        },
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "weights": {
+            "files": [files[name] for name in sorted(files)],
+            "tensors": len(checkpoint.tensors),
+            "parameters": sum(math.prod(t.shape) for t in checkpoint.tensors.values()),
+            "bytes": checkpoint.nbytes(),
+        },
+        "bos_token_id": config.bos_token_id,
+        "stop_token_ids": config.eos_token_ids,
+        "generation_defaults": generation.defaults,
+        "tokenizer": tokenizer.describe() if tokenizer is not None else None,
+    }
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -283,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "info":
             from engine.hardware import describe
 
-            print(json.dumps(describe(), indent=2))
+            print(json.dumps(describe_checkpoint(args.model) if args.model else describe(), indent=2))
             return 0
         from engine.demo import build_demo, default_demo_dir, ensure_demo
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from engine.config import ModelConfig
+from engine.config import ModelConfig, resolve_dtype
 from engine.errors import RequestError
 from engine.executor import LocalExecutor, Plan
 from engine.loader import Checkpoint, load_weights
 from engine.model import CausalLM
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 
 MAX_LOGPROBS = 20
 
@@ -132,19 +132,24 @@ class Sequence:
         return float(p.temperature), max(p.top_k, 0), float(p.top_p), self.seed, len(self.out)
 
     def append(self, token: int, context_limit: int) -> None:
+        """Add a generated token; a stop token (eos, ``stop_token_ids``) ends the sequence and, as
+        in vLLM, adds no text of its own."""
         self.out.append(token)
-        if self.detok is not None:
+        stopped = token in self.stop_ids
+        if self.detok is not None and not stopped:
+            searched = len(self.text)
             self.text += self.detok.push(token)
-            if self.params.stop and self._truncate_at_stop():
+            if self.params.stop and self._truncate_at_stop(searched):
                 self.finish = "stop"
                 return
-        if token in self.stop_ids:
+        if stopped:
             self.finish = "stop"
         elif len(self.out) >= self.params.max_tokens or len(self.prompt) + len(self.out) >= context_limit:
             self.finish = "length"
         if self.finish and self.detok is not None:
+            searched = len(self.text)
             self.text += self.detok.flush()
-            if self.params.stop and self._truncate_at_stop():
+            if self.params.stop and self._truncate_at_stop(searched):
                 self.finish = "stop"
 
     def text_delta(self) -> str:
@@ -158,8 +163,11 @@ class Sequence:
         delta, self.emitted = self.text[self.emitted : end], end
         return delta
 
-    def _truncate_at_stop(self) -> bool:
-        hits = [i for i in (self.text.find(s) for s in self.params.stop) if i >= 0]
+    def _truncate_at_stop(self, searched: int) -> bool:
+        """Cut the text at the first stop string; only text that a stop string ending in the newest
+        delta can start in is searched (``searched``: the text's length before that delta)."""
+        start = max(0, searched - max(len(s) for s in self.params.stop) + 1)
+        hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
         if not hits:
             return False
         self.text = self.text[: min(hits)]
@@ -235,7 +243,7 @@ class Generator:
     ) -> Generator:
         config = ModelConfig.from_hf(model_dir)
         checkpoint = Checkpoint(model_dir)
-        tokenizer = Tokenizer(model_dir) if with_tokenizer else None
+        tokenizer = load_tokenizer(model_dir, config.vocab_size) if with_tokenizer else None
         model = build_model(
             config, checkpoint, torch.device(device), dtype, max_len, progress=progress, quantize=quantize
         )
@@ -325,7 +333,7 @@ def build_model(
     config: ModelConfig,
     checkpoint: Checkpoint,
     device: torch.device,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     max_len: int | None = None,
     layer_ids: list[int] | None = None,
     first: bool = True,
@@ -334,14 +342,16 @@ def build_model(
     progress: bool = False,
     quantize: str | None = None,
 ) -> CausalLM:
-    """A model (or one stage/shard of it) with its weights read from ``checkpoint``; with
-    ``quantize`` ("int8"), its projections quantized once read (``engine.quant``)."""
+    """A model (or one stage/shard of it) with its weights read from ``checkpoint``, in ``dtype``
+    (a torch dtype, a ``--dtype`` name, or None for ``auto``: see ``engine.config.resolve_dtype``);
+    with ``quantize`` ("int8"), its projections quantized once read (``engine.quant``)."""
+    dtype = resolve_dtype(dtype, config, device)
     max_len = min(max_len or config.max_position_embeddings, config.max_position_embeddings)
     with torch.device("meta"):
         model = CausalLM(config, max_len=max_len, layer_ids=layer_ids, first=first, last=last, tp=tp)
-    model.to(dtype or config.dtype)
+    model.to(dtype)
     load_weights(model, checkpoint, device=device, progress=progress)
-    model.rotary.build(device, dtype or config.dtype)
+    model.rotary.build(device, dtype)
     if quantize:
         from engine.quant import quantize as quantize_model
 

@@ -143,11 +143,16 @@ class Checkpoint:
         single = self.dir / "model.safetensors"
         self.tensors: dict[str, TensorInfo] = {}
         if index.is_file():
+            # {"metadata": {"total_size": ...}, "weight_map": {tensor: shard file}}; the metadata
+            # (sizes, parameter counts) is not needed: every shard's header says what it holds
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
                 files = sorted(set(weight_map.values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+            if not all(isinstance(f, str) for f in files):
+                bad = next(f for f in files if not isinstance(f, str))
+                raise CheckpointError(f"{index}: weight_map names shard {bad!r}, which is not a file name")
             for name in files:
                 shard = self.dir / name
                 if not shard.is_file():

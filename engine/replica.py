@@ -22,7 +22,7 @@ from engine.generate import Generator, build_model
 from engine.loader import Checkpoint
 from engine.model import CausalLM
 from engine.quant import weight_bytes
-from engine.tokenizer import Tokenizer
+from engine.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
 
 
 def check_layout(layout: ParallelLayout, config: ModelConfig, world_size: int | None = None) -> None:
@@ -125,5 +125,5 @@ def load_stage(
         file=sys.stderr,
         flush=True,
     )
-    tokenizer = Tokenizer(model_dir) if (Path(model_dir) / "tokenizer.model").is_file() else None
+    tokenizer = load_tokenizer(model_dir, config.vocab_size) if has_tokenizer(model_dir) else None
     return Replica(model, ranks, layout, device, tokenizer, param_bytes, check)

@@ -26,7 +26,6 @@ import collections
 import itertools
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -38,7 +37,7 @@ from engine.generate import SamplingParams, Sequence, build_model, check_request
 from engine.kv_cache import BlockAllocator, PagedKVCache
 from engine.loader import Checkpoint
 from engine.model import CausalLM
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer, has_tokenizer, load_tokenizer
 
 BATCHING = ("continuous", "static")
 
@@ -188,7 +187,7 @@ class Engine:
         model = build_model(
             config, Checkpoint(model_dir), device, dtype, max_len, progress=progress, quantize=quantize
         )
-        tokenizer = Tokenizer(model_dir) if (Path(model_dir) / "tokenizer.model").is_file() else None
+        tokenizer = load_tokenizer(model_dir, config.vocab_size) if has_tokenizer(model_dir) else None
         kw["decode_mode"] = resolve_decode_mode(kw.get("decode_mode", "auto"), device)
         blocks = cache_blocks(
             kv_cache_mib,

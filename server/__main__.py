@@ -25,11 +25,12 @@ import time
 from pathlib import Path
 
 from comm.layout import LayoutError
-from engine.cli import add_parallel_flags, exec_torchrun, launched_as_rank
+from engine.cli import add_dtype_flag, add_parallel_flags, exec_torchrun, launched_as_rank
 from engine.errors import RingleaderError
 from server.cluster import add_cluster_flags
 
 DEFAULT_PORT = 8000
+GENERATION_CONFIG = ("auto", "none")  # --generation-config
 
 
 def _port(value) -> int:
@@ -79,8 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="continuous (requests join every step) or static (a batch runs until all finish)",
     )
     parser.add_argument("--max-len", type=int, default=None, help="context length (default: the model's)")
+    parser.add_argument(
+        "--generation-config",
+        choices=GENERATION_CONFIG,
+        default="auto",
+        help="auto: generation_config.json's temperature, top_p, top_k and repetition_penalty are the "
+        "defaults of requests that leave them out; none: the API's own defaults (its stop ids count "
+        "either way)",
+    )
     parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    add_dtype_flag(parser)
     parser.add_argument("--quantize", choices=["int8"], default=None, help="weight-only quantization at load")
     parser.add_argument("--threads", type=int, default=None, help="intra-op CPU threads per rank")
     parser.add_argument(
@@ -125,6 +134,7 @@ def _serve(args, argv: list[str]) -> int:
     from engine.config import ModelConfig
     from engine.demo import ensure_demo
     from engine.replica import check_layout
+    from engine.tokenizer import has_tokenizer, load_tokenizer
 
     _check_flags(args)
     make_cluster(args)  # its flags are checked before anything is loaded
@@ -134,8 +144,9 @@ def _serve(args, argv: list[str]) -> int:
         raise RingleaderError(f"--device {args.device}: CUDA is not available on this machine")
     model_dir = args.model or str(ensure_demo())
     config = ModelConfig.from_hf(model_dir)
-    if not (Path(model_dir) / "tokenizer.model").is_file():
-        raise RingleaderError(f"{model_dir}: serving needs a tokenizer.model")
+    if not has_tokenizer(model_dir):
+        raise RingleaderError(f"{model_dir}: serving needs a tokenizer.json or a tokenizer.model")
+    load_tokenizer(model_dir, config.vocab_size)  # a bad tokenizer fails here, before any rank starts
     layout = ParallelLayout(tp=args.tp, pp=args.pp, stage_layers=tuple(args.stage_layers or ()))
     check_layout(layout, config)
     if args.decode_mode == "compiled" and layout.world_size > 1:
@@ -150,7 +161,7 @@ def _serve(args, argv: list[str]) -> int:
         return exec_torchrun(args, layout, "server", argv)
     if as_rank:
         return _serve_rank(args, layout, model_dir)
-    return _serve_local(args, model_dir)
+    return _serve_local(args, model_dir, config)
 
 
 def _check_port(host: str, port: int) -> None:
@@ -169,14 +180,17 @@ def _check_port(host: str, port: int) -> None:
             raise RingleaderError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
 
 
-def _serve_local(args, model_dir: str) -> int:
-    from engine.config import DTYPES
+def _serve_local(args, model_dir: str, config) -> int:
+    import torch
+
+    from engine.config import default_device, resolve_dtype
     from engine.scheduler import Engine
 
+    device = torch.device(args.device) if args.device else default_device()
     engine = Engine.from_pretrained(
         model_dir,
-        device=args.device,
-        dtype=DTYPES[args.dtype] if args.dtype else None,
+        device=device,
+        dtype=resolve_dtype(args.dtype, config, device),
         max_len=args.max_len,
         kv_cache_mib=args.kv_cache_mib,
         block_size=args.block_size,
@@ -207,7 +221,7 @@ def _serve_rank(args, layout, model_dir: str) -> int:
     import torch.distributed as dist
 
     from comm.dist import env_from, exit_lost_replica, exit_with_launcher, init
-    from engine.config import DTYPES
+    from engine.config import ModelConfig, resolve_dtype
     from engine.executor import DistributedExecutor
     from engine.replica import load_stage, make_groups
     from engine.scheduler import Engine, cache_blocks
@@ -225,7 +239,7 @@ def _serve_rank(args, layout, model_dir: str) -> int:
         )
         per_node = min(layout.tp, env.local_world_size)
         tp = make_groups(layout, env.rank, args.timeout, args.allreduce, per_node)
-        dtype = DTYPES[args.dtype] if args.dtype else None
+        dtype = resolve_dtype(args.dtype, ModelConfig.from_hf(model_dir), device)
         replica = load_stage(
             model_dir, layout, env, tp, device, dtype, args.max_len, progress=True, quantize=args.quantize
         )
@@ -274,9 +288,11 @@ def make_cluster(args):
 
 
 def _run_server(args, engine, model_dir: str, model, layout=None) -> None:
+    from engine.config import GenerationConfig
     from server.app import ENGINE_LOOP, ServerConfig, create_app
 
     name = args.served_model_name or Path(model_dir).name
+    defaults = GenerationConfig.from_hf(model_dir).defaults if args.generation_config == "auto" else {}
     cfg = engine.config
     per_block = 2 * len(model.layer_ids) * args.block_size * model.kv_heads * cfg.head_dim
     mib = engine.num_blocks * per_block * next(model.parameters()).element_size() / 2**20
@@ -289,8 +305,19 @@ def _run_server(args, engine, model_dir: str, model, layout=None) -> None:
         file=sys.stderr,
         flush=True,
     )
+    tok = engine.tokenizer
+    stops = ", ".join(f"{i} ({tok.id_to_token(i)!r})" for i in sorted(engine.eos_ids)) or "none"
+    taken = ", ".join(f"{k}={v}" for k, v in defaults.items()) or "none"
+    print(
+        f"ringleader: tokenizer {tok.path} ({tok.backend}, {tok.vocab_size} tokens); stop ids: {stops}; "
+        f"chat template: {tok.settings.template_source or 'the default'}; sampling defaults from "
+        f"generation_config.json: {taken}",
+        file=sys.stderr,
+        flush=True,
+    )
     config = ServerConfig(
         model_name=name,
+        sampling_defaults=defaults,
         api_key=args.api_key,
         max_queue=args.max_queue,
         request_timeout_s=args.request_timeout,

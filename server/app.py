@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 import psutil
@@ -59,6 +60,8 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     request_timeout_s: float | None = None  # a request still running after this fails with 504
     drain_timeout_s: float = 20.0  # on shutdown, how long in-flight requests may take to finish
+    # sampling values a request that leaves them out gets (generation_config.json's, as vLLM)
+    sampling_defaults: dict = field(default_factory=dict)
 
 
 class ApiError(Exception):
@@ -314,7 +317,16 @@ COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "s
                  "frequency_penalty", "repetition_penalty", "logprobs", "logit_bias"}  # fmt: skip
 FIELDS = {
     "text_completion": COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"},
-    "chat.completion": COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"},
+    "chat.completion": COMMON_FIELDS
+    | {
+        "messages",
+        "max_completion_tokens",
+        "top_logprobs",
+        "tools",
+        "documents",
+        "chat_template_kwargs",
+        "add_generation_prompt",
+    },
 }
 # accepted only at the value that changes nothing
 NEUTRAL = {"suffix": ("",), "logit_bias": ({},)}
@@ -355,7 +367,13 @@ def _logprobs(body: dict, chat: bool) -> int | None:
     )
 
 
-def _sampling(body: dict, chat: bool) -> tuple[SamplingParams, int]:
+# a stop string written like a special token: one the tokenizer lacks is a mistake, not text
+SPECIAL_LOOKING = re.compile(r"<\|[^<>|\s]+\|>")
+
+
+def _stops(body: dict, tokenizer) -> tuple[list[str], list[int]]:
+    """Stop strings and stop token ids; a stop string that is one special token of the tokenizer
+    (``<|eot_id|>``, which decoding never writes as text) stops on that token's id instead."""
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -366,23 +384,64 @@ def _sampling(body: dict, chat: bool) -> tuple[SamplingParams, int]:
         isinstance(stop_ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids)
     ):
         raise ApiError(400, "'stop_token_ids' must be a list of token ids", param="stop_token_ids")
+    strings, ids = [], list(stop_ids or [])
+    for s in stop or []:
+        token_id = tokenizer.token_to_id(s) if tokenizer is not None else None
+        if token_id is not None and token_id in tokenizer.special_ids:
+            ids.append(token_id)
+        elif SPECIAL_LOOKING.fullmatch(s) and tokenizer is not None and token_id is None:
+            raise ApiError(
+                400,
+                f"'stop': {s!r} is not a special token of this model's tokenizer ({tokenizer.path})",
+                param="stop",
+            )
+        else:
+            strings.append(s)
+    return strings, ids
+
+
+def _sampling(
+    body: dict, chat: bool, tokenizer=None, defaults: dict | None = None
+) -> tuple[SamplingParams, int]:
+    """The request's sampling parameters; ``defaults`` (the checkpoint's generation_config.json)
+    fill in the ones it leaves out."""
+    stop, stop_ids = _stops(body, tokenizer)
+    defaults = defaults or {}
     number = (int, float)
     penalty = (number, 0.0, lambda v: -2 <= v <= 2, "a number in [-2, 2]")
     params = SamplingParams(
         max_tokens=_field(body, "max_tokens", int, 16, lambda v: v >= 1, "an integer >= 1"),
         temperature=float(
-            _field(body, "temperature", number, 1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]")
+            _field(
+                body,
+                "temperature",
+                number,
+                defaults.get("temperature", 1.0),
+                lambda v: 0 <= v <= 2,
+                "a number in [0, 2]",
+            )
         ),
-        top_p=float(_field(body, "top_p", number, 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")),
-        top_k=_field(body, "top_k", int, 0, lambda v: v >= -1, "an integer >= -1"),
+        top_p=float(
+            _field(
+                body, "top_p", number, defaults.get("top_p", 1.0), lambda v: 0 < v <= 1, "a number in (0, 1]"
+            )
+        ),
+        top_k=_field(body, "top_k", int, defaults.get("top_k", 0), lambda v: v >= -1, "an integer >= -1"),
         seed=_field(body, "seed", int, None, None, "an integer"),
-        stop=stop or [],
-        stop_token_ids=stop_ids or [],
+        stop=stop,
+        stop_token_ids=stop_ids,
         ignore_eos=_field(body, "ignore_eos", bool, False, None, "a boolean"),
         presence_penalty=float(_field(body, "presence_penalty", *penalty)),
         frequency_penalty=float(_field(body, "frequency_penalty", *penalty)),
         repetition_penalty=float(
-            _field(body, "repetition_penalty", number, 1.0, lambda v: 0 < v <= 2, "a number in (0, 2]")
+            _field(
+                body,
+                "repetition_penalty",
+                number,
+                defaults.get("repetition_penalty", 1.0),
+                lambda v: 0 < v <= 2,
+                "a number in (0, 2]",
+            )
         ),
         logprobs=_logprobs(body, chat),
     )
@@ -487,7 +546,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await _json_body(request)
     _check_model(request, body)
     try:
-        prompt = request.app[CHAT_FORMATTER].prompt_ids(body.get("messages"))
+        prompt = request.app[CHAT_FORMATTER].prompt_ids(
+            body.get("messages"),
+            add_generation_prompt=_field(body, "add_generation_prompt", bool, True, None, "a boolean"),
+            tools=body.get("tools"),
+            documents=body.get("documents"),
+            template_kwargs=body.get("chat_template_kwargs"),
+        )
     except ChatError as e:
         raise ApiError(400, str(e), param=e.param) from None
     return await _complete(request, body, [prompt], CHAT)
@@ -524,7 +589,7 @@ async def _complete(
         raise ApiError(503, "the server is shutting down", "server_error", code="shutting_down")
     if shape is CHAT and body.get("max_completion_tokens") is not None:
         body = {**body, "max_tokens": body["max_completion_tokens"]}
-    params, n = _sampling(body, shape.chat)
+    params, n = _sampling(body, shape.chat, engine.tokenizer, config.sampling_defaults)
     stream = _field(body, "stream", bool, False, None, "a boolean")
     echo = _field(body, "echo", bool, False, None, "a boolean")
     if echo and params.logprobs is not None:
@@ -695,6 +760,66 @@ async def models(request: web.Request) -> web.Response:
     )
 
 
+TOKENIZE_FIELDS = {"model", "prompt", "messages", "add_generation_prompt", "add_special_tokens", "tools",
+                   "documents", "chat_template_kwargs"}  # fmt: skip
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    """vLLM's ``POST /tokenize``: the token ids of a prompt, or of chat messages rendered with the
+    chat template; ``add_special_tokens`` defaults to true for a prompt and false for messages
+    (the template writes them)."""
+    _check_auth(request)
+    body = await _json_body(request)
+    _check_model(request, body)
+    for name in body:
+        if name not in TOKENIZE_FIELDS:
+            raise ApiError(400, f"unknown field {name!r}", param=name)
+    engine = request.app[ENGINE]
+    chat = "messages" in body
+    if chat == ("prompt" in body):
+        raise ApiError(400, "give either 'prompt' (a string) or 'messages'", param="prompt")
+    special = _field(body, "add_special_tokens", bool, not chat, None, "a boolean")
+    if chat:
+        try:
+            text = request.app[CHAT_FORMATTER].render(
+                body["messages"],
+                add_generation_prompt=_field(body, "add_generation_prompt", bool, True, None, "a boolean"),
+                tools=body.get("tools"),
+                documents=body.get("documents"),
+                template_kwargs=body.get("chat_template_kwargs"),
+            )
+        except ChatError as e:
+            raise ApiError(400, str(e), param=e.param) from None
+    else:
+        for name in ("add_generation_prompt", "tools", "documents", "chat_template_kwargs"):
+            if name in body:
+                raise ApiError(400, f"{name!r} goes with 'messages', not 'prompt'", param=name)
+        text = body["prompt"]
+        if not isinstance(text, str):
+            raise ApiError(400, "'prompt' must be a string", param="prompt")
+    tokens = await asyncio.to_thread(engine.tokenizer.encode, text, special)
+    return web.json_response({"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_len})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    """vLLM's ``POST /detokenize``: the text of token ids (special tokens left out)."""
+    _check_auth(request)
+    body = await _json_body(request)
+    _check_model(request, body)
+    for name in body:
+        if name not in ("model", "tokens"):
+            raise ApiError(400, f"unknown field {name!r}", param=name)
+    engine = request.app[ENGINE]
+    tokens = body.get("tokens")
+    vocab = engine.tokenizer.vocab_size
+    if not (
+        isinstance(tokens, list)
+        and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens)
+    ):
+        raise ApiError(400, f"'tokens' must be a list of token ids in [0, {vocab})", param="tokens")
+    return web.json_response({"prompt": engine.tokenizer.decode(tokens)})
+
+
 async def health(request: web.Request) -> web.Response:
     task = request.app[ENGINE_LOOP].task
     alive = task is not None and not task.done()
@@ -811,6 +936,8 @@ def create_app(
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)

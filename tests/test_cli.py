@@ -98,3 +98,47 @@ def test_a_failing_nvml_is_reported_not_raised(monkeypatch):
     gpus, why = hardware.gpus()
     assert gpus == [] and "NVML unavailable" in why
     assert hardware.describe()["gpus"] == []
+
+
+def test_info_describes_a_checkpoint_as_published(tiny_demo, tmp_path):
+    """A bfloat16, sharded, tied-head checkpoint with the demo's tokenizer and generation defaults:
+    ``info --model`` says what was detected, reading only the files' headers."""
+    import shutil
+
+    import torch
+    from hf_models import make_hf_model
+
+    demo = json.loads((tiny_demo / "config.json").read_text())
+    model = make_hf_model("llama-mqa-tied", vocab_size=demo["vocab_size"], bos_token_id=1, eos_token_id=2)
+    model.to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="100KB")
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(tiny_demo / name, tmp_path / name)
+    generation = {
+        "do_sample": True,
+        "eos_token_id": [2, 5],
+        "temperature": 0.6,
+        "top_p": 0.9,
+        "max_length": 99,
+    }
+    (tmp_path / "generation_config.json").write_text(json.dumps(generation))
+
+    run = _launch("info", "--model", str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    info = json.loads(run.stdout)
+    assert info["architecture"] == "LlamaForCausalLM" and info["config_dtype"] == "bfloat16"
+    auto = "float32" if info["auto_dtype"]["device"] == "cpu" else "bfloat16"
+    assert info["auto_dtype"]["dtype"] == auto
+    params = sum(p.numel() for p in model.parameters())  # the tied head counted once
+    assert info["parameters"] == params == info["weights"]["parameters"]
+    assert (info["layers"], info["heads"], info["kv_heads"], info["head_dim"]) == (2, 4, 1, 16)
+    assert info["vocab_size"] == demo["vocab_size"] and info["max_position_embeddings"] == 256
+    assert info["rope"]["type"] == "default" and info["tie_word_embeddings"] is True
+    assert info["sliding_windows"] == {"full_attention_layers": 2, "sliding_attention_layers": {}}
+    files = info["weights"]["files"]
+    assert len(files) > 1 and all(f["dtypes"] == {"bfloat16": f["tensors"]} for f in files)
+    assert sorted(f["file"] for f in files) == sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert info["stop_token_ids"] == [2, 5]
+    assert info["generation_defaults"] == {"temperature": 0.6, "top_p": 0.9}
+    tok = info["tokenizer"]
+    assert tok["backend"] == "sentencepiece" and tok["eos_token_id"] == 2 and tok["bos_token_id"] == 1
+    assert tok["file"] == str(tmp_path / "tokenizer.model")

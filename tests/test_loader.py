@@ -91,9 +91,22 @@ BAD_CHECKPOINTS = {
     "missing config": (lambda p: (p / "config.json").unlink(), "config.json not found"),
     "config not json": (lambda p: (p / "config.json").write_text("{nope"), "not valid JSON"),
     "missing weights": (lambda p: (p / "model.safetensors").unlink(), "no model.safetensors"),
-    "missing tokenizer": (lambda p: (p / "tokenizer.model").unlink(), "tokenizer.model not found"),
+    "missing tokenizer": (lambda p: (p / "tokenizer.model").unlink(), "no tokenizer.json or tokenizer.model"),
+    "corrupt tokenizer.json": (
+        lambda p: (p / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": 3}}'),
+        "tokenizer.json: not a valid tokenizer.json",
+    ),
+    "tokenizer larger than the embedding": (
+        lambda p: _edit_config(p, vocab_size=50),
+        "more than the model's embedding holds (vocab_size=50 in config.json)",
+    ),
     "shape mismatch": (lambda p: _edit_config(p, intermediate_size=100), "config.json implies"),
     "wrong type": (lambda p: _edit_config(p, hidden_size="64"), "'hidden_size' must be int"),
+    "generation config wrong type": (
+        lambda p: (p / "generation_config.json").write_text('{"top_p": "0.9"}'),
+        "generation_config.json: key 'top_p' must be a number in (0, 1]",
+    ),
+    "mixture of experts": (lambda p: _edit_config(p, num_local_experts=8), "'num_local_experts'=8"),
     "truncated": (
         lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:-1000]),
         "truncated",

@@ -376,18 +376,22 @@ def test_bad_chat_messages_are_400(server, messages):
     assert code == 400 and json.loads(text)["error"]["param"] == "messages"
 
 
-def test_a_checkpoint_chat_template_is_rendered(gen, tmp_path):
+def test_a_checkpoint_chat_template_is_rendered(gen, tiny_demo, tmp_path):
+    import shutil
+
+    from engine.tokenizer import load_tokenizer
     from server.chat import ChatFormatter
 
-    class WithTemplate:
-        sp, bos_id, eos_id = gen.tokenizer.sp, gen.tokenizer.bos_id, gen.tokenizer.eos_id
-        chat_template = (
-            "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}>"
-        )
-        encode = gen.tokenizer.encode
-
-    formatter = ChatFormatter(WithTemplate())
+    model_dir = tmp_path / "with-template"
+    shutil.copytree(tiny_demo, model_dir)
+    settings = json.loads((model_dir / "tokenizer_config.json").read_text())
+    settings["chat_template"] = (
+        "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}>"
+    )
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(settings))
+    formatter = ChatFormatter(load_tokenizer(model_dir))
     ids = formatter.prompt_ids([{"role": "user", "content": "hey"}])
+    # the BOS the template writes is one token, the special one, and nothing adds a second
     assert ids[0] == gen.tokenizer.bos_id and ids.count(gen.tokenizer.bos_id) == 1
     assert gen.tokenizer.decode(ids) == "[user] hey>"
 

@@ -3,7 +3,7 @@
 import pytest
 
 from engine.generate import Generator, SamplingParams
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 TEXTS = [
     "plain words",
@@ -18,12 +18,12 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tok(tiny_demo):
-    return Tokenizer(tiny_demo)
+    return load_tokenizer(tiny_demo)
 
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_exact_round_trip(tok, text):
-    ids = tok.encode(text, add_bos=False)
+    ids = tok.encode(text, add_special_tokens=False)
     assert tok.decode(ids) == text
     assert tok.encode(text)[0] == tok.bos_id
     assert tok.decode(tok.encode(text)) == text
@@ -31,7 +31,7 @@ def test_exact_round_trip(tok, text):
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_incremental_detokenization_emits_whole_characters(tok, text):
-    ids = tok.encode(text, add_bos=False)
+    ids = tok.encode(text, add_special_tokens=False)
     detok = IncrementalDetokenizer(tok, [tok.bos_id])
     deltas = [detok.push(i) for i in ids]
     deltas.append(detok.flush())
