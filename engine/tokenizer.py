@@ -168,6 +168,7 @@ class Tokenizer:
     # byte tokens whose runs decode as a whole (a byte-fallback decoder writes an invalid run as
     # one U+FFFD per byte, valid characters in it included)
     run_byte_ids: frozenset[int] = frozenset()
+    byte_piece_ids: frozenset[int] = frozenset()  # byte-fallback tokens (<0xE4>), of either backend
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         raise NotImplementedError
@@ -183,9 +184,25 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         raise NotImplementedError
 
-    def piece(self, token_id: int) -> str:
-        """What one token reads as in a text (for log-probabilities)."""
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes one token stands for (a byte-fallback token: its one byte; a byte-level token:
+        its bytes, which may be part of a character); None for ids past the vocabulary."""
         raise NotImplementedError
+
+    def token_text(self, token_id: int) -> str:
+        """One token as log-probabilities show it: its text when its bytes are whole characters
+        (a special token: its name); ``bytes:\\xe4\\xb8`` when they are not, or when it is a
+        byte-fallback token (whose text alone would collide with the ordinary token of the same
+        character); ``token_id:N`` for an id past the tokenizer's vocabulary."""
+        data = self.token_bytes(token_id)
+        if data is None:
+            return f"token_id:{token_id}"
+        if token_id not in self.byte_piece_ids:
+            try:
+                return data.decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
 
     @property
     def bos_token(self) -> str | None:
@@ -262,10 +279,13 @@ class HFTokenizer(Tokenizer):
         # ignores tokenizer_config.json's add_bos_token and add_eos_token
         pipeline = json.loads(self.tok.to_str())
         byte_level = "ByteLevel" in json.dumps([pipeline.get("pre_tokenizer"), pipeline.get("decoder")])
+        self._byte_of = {c: b for b, c in _bytes_to_unicode().items()} if byte_level else None
+        self._added = {i: t.content for i, t in self.tok.get_added_tokens_decoder().items()}
         if (s.tokenizer_class or "").removesuffix("Fast") == "LlamaTokenizer" and not byte_level:
             self._as_llama_tokenizer(model_dir)
         if "ByteFallback" in json.dumps(json.loads(self.tok.to_str()).get("decoder")):
             self.run_byte_ids = frozenset(i for t, i in vocab.items() if BYTE_PIECE.fullmatch(t))
+        self.byte_piece_ids = self.run_byte_ids
         # transformers skips the clean-up for BPE models: it was made for WordPiece and corrupts BPE text
         self.clean_up = s.clean_up_spaces and type(self.tok.model).__name__ != "BPE"
         self.tok.no_truncation()
@@ -310,10 +330,19 @@ class HFTokenizer(Tokenizer):
     def id_to_token(self, token_id: int) -> str | None:
         return self.tok.id_to_token(token_id) if 0 <= token_id < self.vocab_size else None
 
-    def piece(self, token_id: int) -> str:
-        if token_id in self.special_ids:
-            return self.id_to_token(token_id) or ""
-        return self.decode([token_id])
+    def token_bytes(self, token_id: int) -> bytes | None:
+        token = self.id_to_token(token_id)
+        if token is None:
+            return None
+        if token_id in self._added:
+            return self._added[token_id].encode()
+        if self._byte_of is not None:
+            if all(c in self._byte_of for c in token):
+                return bytes(self._byte_of[c] for c in token)
+            return token.encode()
+        if BYTE_PIECE.fullmatch(token):
+            return bytes([int(token[3:5], 16)])
+        return token.replace("\u2581", " ").encode()
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -340,6 +369,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.add_bos = (True if s.add_bos is None else s.add_bos) and self.bos_id is not None
         self.add_eos = bool(s.add_eos) and self.eos_id is not None
         controls = {i for i in range(self.vocab_size) if self.sp.is_control(i)}
+        self.byte_piece_ids = frozenset(i for i in range(self.vocab_size) if self.sp.is_byte(i))
         self.special_ids = frozenset(controls | {i for i in (self.bos_id, self.eos_id) if i is not None})
         # special tokens written in a text (a chat template's "<s>") are matched whole, as
         # transformers' tokenizers match added tokens
@@ -378,12 +408,25 @@ class SentencePieceTokenizer(Tokenizer):
     def id_to_token(self, token_id: int) -> str | None:
         return self.sp.id_to_piece(token_id) if 0 <= token_id < self.vocab_size else None
 
-    def piece(self, token_id: int) -> str:
-        """The word-boundary mark reads as a space; byte-fallback pieces stay as written
-        (``<0xE4>``); ids past the tokenizer's vocabulary read as empty."""
+    def token_bytes(self, token_id: int) -> bytes | None:
         if not 0 <= token_id < self.vocab_size:
-            return ""
-        return self.sp.id_to_piece(token_id).replace("\u2581", " ")
+            return None
+        piece = self.sp.id_to_piece(token_id)
+        if self.sp.is_byte(token_id):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """Byte-level BPE's table (GPT-2's): each byte is written as one printable character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1)]
+    printable += range(ord("\xae"), ord("\xff") + 1)
+    table, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
 
 
 def clean_up_tokenization(text: str) -> str:

@@ -134,7 +134,7 @@ def _serve(args, argv: list[str]) -> int:
     from engine.config import ModelConfig
     from engine.demo import ensure_demo
     from engine.replica import check_layout
-    from engine.tokenizer import has_tokenizer, load_tokenizer
+    from engine.tokenizer import load_tokenizer
 
     _check_flags(args)
     make_cluster(args)  # its flags are checked before anything is loaded
@@ -144,9 +144,9 @@ def _serve(args, argv: list[str]) -> int:
         raise RingleaderError(f"--device {args.device}: CUDA is not available on this machine")
     model_dir = args.model or str(ensure_demo())
     config = ModelConfig.from_hf(model_dir)
-    if not has_tokenizer(model_dir):
-        raise RingleaderError(f"{model_dir}: serving needs a tokenizer.json or a tokenizer.model")
-    load_tokenizer(model_dir, config.vocab_size)  # a bad tokenizer fails here, before any rank starts
+    load_tokenizer(
+        model_dir, config.vocab_size
+    )  # a missing or bad tokenizer fails here, before any rank starts
     layout = ParallelLayout(tp=args.tp, pp=args.pp, stage_layers=tuple(args.stage_layers or ()))
     check_layout(layout, config)
     if args.decode_mode == "compiled" and layout.world_size > 1:

@@ -37,6 +37,7 @@ from engine.errors import RequestError
 from engine.generate import MAX_LOGPROBS, SamplingParams, check_request
 from engine.hardware import gpus
 from engine.scheduler import Engine, StepOutput
+from engine.tokenizer import IncrementalDetokenizer
 from server.chat import ChatError, ChatFormatter
 from server.cluster import (
     SIGNATURE,
@@ -244,6 +245,7 @@ CONFIG = web.AppKey("config", ServerConfig)
 ENGINE = web.AppKey("engine", Engine)
 METRICS = web.AppKey("metrics", dict)
 CHAT_FORMATTER = web.AppKey("chat_formatter", ChatFormatter)
+STARTED = web.AppKey("started", int)  # when the server started (Unix time): /v1/models' "created"
 FRONT = web.AppKey("front", object)  # where requests go: the engine loop, or a cluster's router
 CLUSTER = web.AppKey("cluster", Cluster)
 ROUTER = web.AppKey("router", Router)
@@ -314,7 +316,8 @@ def _prompts(body: dict, engine: Engine) -> list[list[int]]:
 
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "stop_token_ids",
                  "seed", "stream", "stream_options", "priority", "user", "presence_penalty", "ignore_eos",
-                 "frequency_penalty", "repetition_penalty", "logprobs", "logit_bias"}  # fmt: skip
+                 "frequency_penalty", "repetition_penalty", "logprobs", "logit_bias",
+                 "return_tokens_as_token_ids"}  # fmt: skip
 FIELDS = {
     "text_completion": COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"},
     "chat.completion": COMMON_FIELDS
@@ -451,42 +454,68 @@ def _sampling(
 
 class Logprobs:
     """Log-probabilities of one choice in the API's shape: the legacy completions layout (tokens,
-    token_logprobs, top_logprobs, text_offset) or chat's (a content list of token entries)."""
+    token_logprobs, top_logprobs, text_offset) or chat's (a content list of token entries).
 
-    def __init__(self, tokenizer, chat: bool, offset: int):
-        self.tok, self.chat, self.offset = tokenizer, chat, offset
+    A token is shown as ``Tokenizer.token_text`` writes it (its text; ``bytes:\\xNN`` for bytes
+    that are no whole character and for byte-fallback tokens; ``token_id:N`` past the vocabulary,
+    and for every token with ``return_tokens_as_token_ids``), so that the entries of one position
+    never collide (a collision that remains is shown as ``token_id:N``). ``bytes`` are the token's
+    own bytes. ``text_offset`` is where each token's text starts in the choice's text: a token
+    whose character is completed by a later one contributes nothing and the later one the whole
+    character, as the detokenizer hands the text out; offsets past a text cut by a stop string
+    are that text's length."""
 
-    def piece(self, token_id: int) -> str:
-        return self.tok.piece(token_id)
+    def __init__(self, tokenizer, chat: bool, prompt: list[int], stop_ids, offset: int, as_ids: bool):
+        self.tok, self.chat, self.stop_ids, self.as_ids = tokenizer, chat, stop_ids, as_ids
+        self.detok = IncrementalDetokenizer(tokenizer, prompt)
+        self.position = offset  # where the next token's text starts in the choice's text
+        self.handed_out = offset  # characters of the choice's text sent so far (the echo included)
+
+    def name(self, token_id: int) -> str:
+        return f"token_id:{token_id}" if self.as_ids else self.tok.token_text(token_id)
+
+    def _bytes(self, token_id: int) -> list[int] | None:
+        data = self.tok.token_bytes(token_id)
+        return None if data is None else list(data)
+
+    def _top(self, top) -> list[tuple[str, int, float]]:
+        seen, out = set(), []
+        for t, v in top:
+            name = self.name(t)
+            name = f"token_id:{t}" if name in seen else name
+            seen.add(name)
+            out.append((name, t, v))
+        return out
 
     def render(self, out: StepOutput) -> dict | None:
+        self.handed_out += len(out.text)
+        offsets = []
+        for token in out.token_ids:
+            offsets.append(self.position)
+            if token not in self.stop_ids:  # a stop token ends the sequence and adds no text
+                self.position += len(self.detok.push(token))
+        if out.finish_reason is not None:
+            offsets = [min(o, self.handed_out) for o in offsets]
         if out.logprobs is None:
             return None
         if self.chat:
-            content = []
-            for token, (lp, top) in zip(out.token_ids, out.logprobs):
-                text = self.piece(token)
-                content.append(
-                    {
-                        "token": text,
-                        "logprob": lp,
-                        "bytes": list(text.encode()),
-                        "top_logprobs": [
-                            {"token": self.piece(t), "logprob": v, "bytes": list(self.piece(t).encode())}
-                            for t, v in top
-                        ],
-                    }
-                )
+            content = [
+                {
+                    "token": self.name(token),
+                    "logprob": lp,
+                    "bytes": self._bytes(token),
+                    "top_logprobs": [
+                        {"token": name, "logprob": v, "bytes": self._bytes(t)}
+                        for name, t, v in self._top(top)
+                    ],
+                }
+                for token, (lp, top) in zip(out.token_ids, out.logprobs)
+            ]
             return {"content": content}
-        tokens, offsets = [], []
-        for token in out.token_ids:
-            tokens.append(self.piece(token))
-            offsets.append(self.offset)
-            self.offset += len(tokens[-1])
         return {
-            "tokens": tokens,
+            "tokens": [self.name(t) for t in out.token_ids],
             "token_logprobs": [lp for lp, _ in out.logprobs],
-            "top_logprobs": [{self.piece(t): v for t, v in top} for _, top in out.logprobs],
+            "top_logprobs": [{name: v for name, _, v in self._top(top)} for _, top in out.logprobs],
             "text_offset": offsets,
         }
 
@@ -546,16 +575,20 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await _json_body(request)
     _check_model(request, body)
     try:
-        prompt = request.app[CHAT_FORMATTER].prompt_ids(
-            body.get("messages"),
-            add_generation_prompt=_field(body, "add_generation_prompt", bool, True, None, "a boolean"),
-            tools=body.get("tools"),
-            documents=body.get("documents"),
-            template_kwargs=body.get("chat_template_kwargs"),
-        )
+        prompt = request.app[CHAT_FORMATTER].prompt_ids(body.get("messages"), **_template_fields(body))
     except ChatError as e:
         raise ApiError(400, str(e), param=e.param) from None
     return await _complete(request, body, [prompt], CHAT)
+
+
+def _template_fields(body: dict) -> dict:
+    """What a chat request gives its template besides the messages (ChatFormatter.render's)."""
+    return {
+        "add_generation_prompt": _field(body, "add_generation_prompt", bool, True, None, "a boolean"),
+        "tools": body.get("tools"),
+        "documents": body.get("documents"),
+        "template_kwargs": body.get("chat_template_kwargs"),
+    }
 
 
 def _check_model(request: web.Request, body: dict) -> None:
@@ -577,6 +610,7 @@ class Choice:
     queue: asyncio.Queue
     echo: str  # text put before the completion (the prompt, with echo)
     logprobs: Logprobs | None
+    prompt_index: int  # which prompt of the request (n choices share one)
 
 
 async def _complete(
@@ -599,6 +633,7 @@ async def _complete(
     options = body.get("stream_options") or {}
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
     priority = _field(body, "priority", int, 0, None, "an integer")
+    as_ids = _field(body, "return_tokens_as_token_ids", bool, False, None, "a boolean")
     for prompt in prompts:
         try:
             check_request(prompt, params, engine.config.vocab_size, engine.max_len)
@@ -616,8 +651,11 @@ async def _complete(
         rid = f"{completion_id}-{i}"
         queue = loop.submit(rid, prompt, p, priority, config.request_timeout_s)
         prefix = engine.tokenizer.decode(prompt) if echo else ""
-        lp = Logprobs(engine.tokenizer, shape.chat, len(prefix)) if params.logprobs is not None else None
-        choices.append(Choice(rid, prompt, queue, prefix, lp))
+        lp = None
+        if params.logprobs is not None:
+            stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else engine.eos_ids)
+            lp = Logprobs(engine.tokenizer, shape.chat, prompt, stop_ids, len(prefix), as_ids)
+        choices.append(Choice(rid, prompt, queue, prefix, lp, i // n))
     app[METRICS]["requests"].inc()
     head = {"id": completion_id, "created": created, "model": config.model_name}
     try:
@@ -672,7 +710,8 @@ async def _next(queue: asyncio.Queue, timeout_s) -> StepOutput:
 
 
 def _usage(choices: list[Choice], counts) -> dict:
-    prompt_tokens = sum(len(c.prompt) for c in choices)
+    """OpenAI's usage: each prompt counted once, however many choices (n) it has."""
+    prompt_tokens = sum(len(c.prompt) for c in {c.prompt_index: c for c in choices}.values())
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": sum(counts),
@@ -755,9 +794,14 @@ async def _stream(request, head, shape: Shape, choices: list[Choice], include_us
 async def models(request: web.Request) -> web.Response:
     _check_auth(request)
     name = request.app[CONFIG].model_name
-    return web.json_response(
-        {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "ringleader"}]}
-    )
+    model = {
+        "id": name,
+        "object": "model",
+        "created": request.app[STARTED],
+        "owned_by": "ringleader",
+        "max_model_len": request.app[ENGINE].max_len,
+    }
+    return web.json_response({"object": "list", "data": [model]})
 
 
 TOKENIZE_FIELDS = {"model", "prompt", "messages", "add_generation_prompt", "add_special_tokens", "tools",
@@ -781,13 +825,7 @@ async def tokenize(request: web.Request) -> web.Response:
     special = _field(body, "add_special_tokens", bool, not chat, None, "a boolean")
     if chat:
         try:
-            text = request.app[CHAT_FORMATTER].render(
-                body["messages"],
-                add_generation_prompt=_field(body, "add_generation_prompt", bool, True, None, "a boolean"),
-                tools=body.get("tools"),
-                documents=body.get("documents"),
-                template_kwargs=body.get("chat_template_kwargs"),
-            )
+            text = request.app[CHAT_FORMATTER].render(body["messages"], **_template_fields(body))
         except ChatError as e:
             raise ApiError(400, str(e), param=e.param) from None
     else:
@@ -853,7 +891,7 @@ async def metrics(request: web.Request) -> web.Response:
     free, usable = engine.allocator.num_free, engine.num_blocks - 1
     m["free_blocks"].set(free)
     m["kv_usage"].set(1 - free / usable)
-    process = psutil.Process()
+    process = m["process"]  # one object across scrapes: cpu_percent measures since the last call
     m["cpu"].set(process.cpu_percent(interval=None))
     m["rss"].set(process.memory_info().rss)
     for gpu in gpus()[0]:
@@ -876,8 +914,11 @@ def create_app(
     registry = CollectorRegistry()
     latency_buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
     r = registry
+    process = psutil.Process()
+    process.cpu_percent(interval=None)  # the first call only starts the measurement
     app[METRICS] = {
         "registry": registry,
+        "process": process,
         "requests": Counter("ringleader_requests", "completion requests accepted", registry=r),
         "steps": Counter("ringleader_engine_steps", "engine steps run", registry=r),
         "running": Gauge("ringleader_num_requests_running", "sequences in the running batch", registry=r),
@@ -919,7 +960,7 @@ def create_app(
             "ringleader_gpu_utilization_percent", "GPU utilisation (NVML)", ["gpu"], registry=r
         ),
     }
-    app[CONFIG], app[ENGINE] = config, engine
+    app[CONFIG], app[ENGINE], app[STARTED] = config, engine, int(time.time())
     app[ENGINE_LOOP] = app[FRONT] = EngineLoop(engine, app[METRICS])
     if cluster is not None:
         _add_cluster(app, engine, cluster, signer)

@@ -147,6 +147,7 @@ class Cluster:
         self.majority = len(members) // 2 + 1
         self.can_lead = not self.members[me].witness
         self.term, self.role, self.voted_for, self.leader = 0, "follower", None, None
+        self.last_leader: str | None = None  # the latest leader known, through elections
         self.lease_until = 0.0
         self.last_contact = time.monotonic()  # from a leader, or a vote granted
         self.deadline = self._new_deadline()
@@ -201,8 +202,12 @@ class Cluster:
 
     def _set(self, role: str, term: int, leader: str | None) -> None:
         changed = (role, term) != (self.role, self.term)
-        if leader != self.leader and leader is not None and self.leader is not None:
+        # a change of leader passes through an election with no leader known: count it when the
+        # next leader is known and is not the one before
+        if leader is not None and self.last_leader is not None and leader != self.last_leader:
             self._count("leader_changes")
+        if leader is not None:
+            self.last_leader = leader
         if changed or leader != self.leader:
             who = f"; leader {leader}" if leader else ""
             print(f"ringleader: member {self.me}: {role} in term {term}{who}", file=sys.stderr, flush=True)

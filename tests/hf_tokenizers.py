@@ -679,3 +679,15 @@ STYLES: dict[str, Callable[..., Path]] = {
 def write_tokenizer(style: str, directory, **options) -> Path:
     """The tokenizer directory of one of ``STYLES``."""
     return STYLES[style](directory, **options)
+
+
+def check_text_offsets(decode, text: str, ids: list[int], offsets: list[int]) -> None:
+    """Completions' ``text_offset`` indexes ``text``: each offset is the length of the decoding of
+    some whole run of the tokens before it (a token whose character a later one completes adds
+    nothing), and exactly theirs when those decode to whole characters."""
+    assert offsets[0] == 0 and offsets == sorted(offsets) and offsets[-1] <= len(text)
+    for i, offset in enumerate(offsets):
+        cuts = {len(d) for d in (decode(ids[:j]) for j in range(i + 1)) if text.startswith(d)}
+        assert offset in cuts, (i, offset, cuts)
+        if "\ufffd" not in decode(ids[:i]):
+            assert offset == len(decode(ids[:i]))

@@ -142,3 +142,21 @@ def test_info_describes_a_checkpoint_as_published(tiny_demo, tmp_path):
     tok = info["tokenizer"]
     assert tok["backend"] == "sentencepiece" and tok["eos_token_id"] == 2 and tok["bos_token_id"] == 1
     assert tok["file"] == str(tmp_path / "tokenizer.model")
+
+
+def test_the_bench_script_runs_a_benchmark_as_benchmarks_md_writes_it():
+    """``scripts/bench.sh`` runs any script of benchmarks/ (here the quick planner) with the bench
+    extras; a benchmark file named like a standard-library module would break every one of them."""
+    env = {**os.environ, "RINGLEADER_PYTHON": sys.executable}
+    run = subprocess.run(
+        [str(ROOT / "scripts" / "bench.sh"), "benchmarks/plan.py"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd="/",
+    )
+    assert run.returncode == 0, run.stderr
+    assert "1024" in run.stdout
+    stdlib = set(sys.stdlib_module_names)
+    assert not [p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem in stdlib]

@@ -99,3 +99,26 @@ def test_a_majority_decides_without_waiting_for_a_hung_member():
     elected, leading = asyncio.run(elect_and_beat())
     assert elected < 0.5  # not the 2 x 1 s of waiting on n1 for the pre-vote and the vote
     assert leading and nodes["n2"].term == 2
+
+
+def test_a_change_of_leader_is_counted_on_every_member_that_sees_it():
+    from prometheus_client import CollectorRegistry
+
+    from server.cluster import cluster_metrics
+
+    nodes = make_cluster()
+    for name in NAMES:
+        nodes[name].metrics = cluster_metrics(CollectorRegistry())
+    elect_n1(nodes)
+
+    def changes(name):
+        return nodes[name].metrics["leader_changes"]._value.get()
+
+    assert [changes(n) for n in NAMES] == [0, 0, 0]  # a first leader is no change
+    nodes["down"].add("n1")
+    for name in ("n2", "n3"):
+        nodes[name].last_contact -= 5
+    asyncio.run(nodes["n2"]._election())  # n3 passes through "no leader" while it votes
+    asyncio.run(nodes["n2"]._heartbeat_round())
+    assert nodes["n3"].leader == "n2"
+    assert changes("n2") == 1 and changes("n3") == 1

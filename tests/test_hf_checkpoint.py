@@ -14,7 +14,7 @@ import openai
 import pytest
 import torch
 from hf_models import make_hf_model
-from hf_tokenizers import write_llama3_tokenizer
+from hf_tokenizers import check_text_offsets, write_llama3_tokenizer
 from servers import LaunchedServer
 
 PROMPTS = ["The quick brown fox", "def add(a, b):", "数字 12345 和", "Once upon a time 🎉"]
@@ -196,3 +196,78 @@ def test_generation_config_defaults_fill_only_what_a_request_leaves_out(checkpoi
     assert (params.temperature, params.top_p) == (0, 1)
     params, _ = _sampling({}, False, None, {})  # --generation-config none
     assert (params.temperature, params.top_p, params.repetition_penalty) == (1.0, 1.0, 1.0)
+
+
+def _token_bytes_oracle(tok, token_id: int) -> bytes | None:
+    """A token's bytes from transformers' own token string (byte-level: GPT-2's table)."""
+    from test_hf_tokenizer import _bytes_to_unicode
+
+    if token_id >= len(tok):
+        return None
+    if token_id in tok.added_tokens_decoder:
+        return tok.added_tokens_decoder[token_id].content.encode()
+    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+    return bytes(byte_of[c] for c in tok.convert_ids_to_tokens(token_id))
+
+
+def test_logprobs_name_every_entry_index_the_text_and_carry_the_real_bytes(server, checkpoint):
+    _, tok, *_ = checkpoint
+    client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=120)
+    partial = past_vocab = False
+    for text in PROMPTS:
+        kwargs = dict(model="llama3-json", prompt=text, max_tokens=NEW_TOKENS, temperature=0, logprobs=20)
+        got = client.completions.create(**kwargs, extra_body={"ignore_eos": True}).choices[0]
+        as_ids = client.completions.create(
+            **kwargs, extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True}
+        ).choices[0]
+        ids = [int(t.removeprefix("token_id:")) for t in as_ids.logprobs.tokens]
+        assert as_ids.text == got.text and len(ids) == NEW_TOKENS
+        lp = got.logprobs
+        # every one of the 20 entries is there, each under a name of its own
+        assert all(len(top) == 20 for top in lp.top_logprobs)
+        past_vocab |= any(k.startswith("token_id:") for top in lp.top_logprobs for k in top)
+        for token_id, name in zip(ids, lp.tokens):
+            data = _token_bytes_oracle(tok, token_id)
+            try:
+                assert name == data.decode()
+            except UnicodeDecodeError:
+                partial = True
+                assert name == "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+        check_text_offsets(tok.decode, got.text, ids, lp.text_offset)
+        chat = client.chat.completions.create(
+            model="llama3-json",
+            messages=[{"role": "user", "content": text}],
+            max_tokens=NEW_TOKENS,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=3,
+            extra_body={"ignore_eos": True},
+        ).choices[0]
+        specials = {t.content for t in tok.added_tokens_decoder.values() if t.special}
+        entries = [e for e in chat.logprobs.content if e.token not in specials]  # decoding skips those
+        # the bytes rebuild the text, as transformers writes bytes that form no character
+        assert b"".join(bytes(e.bytes) for e in entries).decode("utf-8", "replace") == chat.message.content
+    # the random model produces both cases, so that the checks above meet them
+    assert partial and past_vocab
+
+
+def test_usage_counts_each_prompt_once_whatever_n(server, checkpoint):
+    _, tok, _, prompts, *_ = checkpoint
+    client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=120)
+    got = client.completions.create(model="llama3-json", prompt=PROMPTS[0], max_tokens=2, n=3)
+    assert got.usage.prompt_tokens == len(prompts[0]) and got.usage.completion_tokens == 6
+    got = client.completions.create(model="llama3-json", prompt=PROMPTS[:2], max_tokens=2, n=2)
+    assert got.usage.prompt_tokens == len(prompts[0]) + len(prompts[1])
+    chunks = list(
+        client.completions.create(
+            model="llama3-json",
+            prompt=PROMPTS[:2],
+            max_tokens=2,
+            n=2,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].usage.prompt_tokens == len(prompts[0]) + len(prompts[1])
+    model = client.models.list().data[0]
+    assert isinstance(model.created, int) and model.created > 1_700_000_000

@@ -158,3 +158,14 @@ def test_bad_request_ends_with_one_clear_message(tiny_demo, capsys, case):
     code, err = _run_cli(capsys, "--model", str(tiny_demo), *args)
     assert code == 2
     assert expected in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_generate_and_serve_name_a_missing_tokenizer_alike(ckpt, capsys):
+    from server.__main__ import main as serve_main
+
+    (ckpt / "tokenizer.model").unlink()
+    code, generate_err = _run_cli(capsys, "--model", str(ckpt), "--prompt", "hi")
+    assert code == 2
+    assert serve_main(["--model", str(ckpt), "--port", "1"]) == 2
+    serve_err = capsys.readouterr().err
+    assert generate_err == serve_err and "no tokenizer.json or tokenizer.model" in serve_err

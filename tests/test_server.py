@@ -12,6 +12,7 @@ import urllib.request
 import openai
 import pytest
 from aiohttp import web
+from hf_tokenizers import check_text_offsets
 
 from engine.generate import Generator, SamplingParams
 from engine.scheduler import Engine
@@ -155,6 +156,8 @@ def test_metrics_count_tokens_and_latencies(server, client):
     )
     assert 'ringleader_request_success_total{finished_reason="length"}' in after
     assert value(after, "ringleader_process_resident_memory_bytes") > 0
+    # the engine ran the request in this process: CPU use since the scrape before is not zero
+    assert value(after, "ringleader_process_cpu_percent") > 0
     assert 0 <= value(after, "ringleader_kv_cache_usage_perc") <= 1
 
 
@@ -432,13 +435,12 @@ def test_logprobs_echo_and_penalties(client, gen):
     assert out.text == ref.text
     lp = out.logprobs
     assert lp.token_logprobs == pytest.approx([v for v, _ in ref.logprobs], abs=1e-4)
-    # top_logprobs maps token text to log-probability: tokens with the same text share an entry
-    assert len(lp.top_logprobs) == 6 and all(1 <= len(top) <= 3 for top in lp.top_logprobs)
+    # top_logprobs maps each token's name to its log-probability: every entry has a name of its own
+    assert len(lp.top_logprobs) == 6 and all(len(top) == 3 for top in lp.top_logprobs)
     assert [max(top.values()) for top in lp.top_logprobs] == pytest.approx(
         [top[0][1] for _, top in ref.logprobs]
     )
-    assert lp.tokens == [gen.tokenizer.piece(t) for t in ref.token_ids]
-    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    assert lp.tokens == [gen.tokenizer.token_text(t) for t in ref.token_ids]
     echoed = client.completions.create(
         model="tiny", prompt="Log me", max_tokens=6, temperature=0, echo=True, extra_body={"ignore_eos": True}
     )
@@ -450,7 +452,48 @@ def test_logprobs_echo_and_penalties(client, gen):
     )
     entries = chat.choices[0].logprobs.content
     assert len(entries) == chat.usage.completion_tokens and all(len(e.top_logprobs) == 2 for e in entries)
-    assert all(e.logprob <= 0 and e.bytes == list(e.token.encode()) for e in entries)
+    assert all(e.logprob <= 0 for e in entries)
+
+
+def test_byte_fallback_and_padded_ids_in_logprobs(client, gen):
+    """A byte-fallback token is shown as its byte (``bytes:\\xNN``) with that one byte; text_offset
+    indexes the returned text; none of the 20 entries of a position is lost (ids past the
+    vocabulary: tests/test_hf_checkpoint.py, whose model has a padded embedding)."""
+    tok = gen.tokenizer
+    seen_byte = False
+    for text in ("Log me", "数字", "emoji 🎉", "The leader"):
+        prompt = tok.encode(text)
+        ref = gen.generate([prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+        got = client.completions.create(
+            model="tiny",
+            prompt=text,
+            max_tokens=24,
+            temperature=0,
+            logprobs=20,
+            extra_body={"ignore_eos": True},
+        ).choices[0]
+        lp = got.logprobs
+        assert got.text == ref.text and all(len(top) == 20 for top in lp.top_logprobs)
+        for token_id, name in zip(ref.token_ids, lp.tokens):
+            if tok.sp.is_byte(token_id):
+                seen_byte = True
+                assert name == f"bytes:\\x{int(tok.sp.id_to_piece(token_id)[3:5], 16):02x}"
+        check_text_offsets(tok.decode, got.text, ref.token_ids, lp.text_offset)
+        chat = client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": text}],
+            max_tokens=24,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=1,
+            extra_body={"ignore_eos": True},
+        ).choices[0]
+        for e in chat.logprobs.content:
+            if e.token.startswith("bytes:"):
+                assert len(e.bytes) == 1 and e.token == f"bytes:\\x{e.bytes[0]:02x}"
+            else:
+                assert bytes(e.bytes).decode() == e.token
+    assert seen_byte
 
 
 def test_a_request_past_the_timeout_fails_with_504_and_a_stream_ends_with_an_error_event(gen):
