@@ -101,7 +101,7 @@ def _sweep(algorithms, n, rank, per_node, trials) -> list[dict]:
 def fit_links(rows, algorithms, n, per_node, key) -> dict:
     """Each algorithm's link fitted to the times ``key`` of ``rows``."""
     from comm import cost
-    from comm.allreduce import chunks_for
+    from topologies.schedule import chunks_for
 
     links = {}
     for name in algorithms:
@@ -124,8 +124,8 @@ def measure(args) -> None:
     import torch.distributed as dist
 
     from comm import cost
-    from comm.allreduce import chunks_for
     from comm.dist import init
+    from topologies.schedule import chunks_for
 
     env, _ = init(timeout_s=300)
     n, rank = env.world_size, env.rank
@@ -169,8 +169,8 @@ def decode_steps(args, env) -> dict:
     import torch
 
     from comm.layout import ParallelLayout
-    from engine.generate import SamplingParams
     from engine.replica import load_stage, make_groups
+    from engine.request import SamplingParams
 
     layout = ParallelLayout(tp=env.world_size)
     base = make_groups(layout, env.rank, 300, "native", args.per_node)

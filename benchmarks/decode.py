@@ -28,8 +28,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.demo import default_demo_dir, ensure_demo  # noqa: E402
-from engine.generate import Generator, SamplingParams  # noqa: E402
+from engine.generate import Generator  # noqa: E402
 from engine.loader import Checkpoint  # noqa: E402
+from engine.quant import MODES as QUANT_MODES  # noqa: E402
+from engine.request import SamplingParams  # noqa: E402
 
 HELD_OUT = (
     "The operators of a small cluster keep one replica of the model on every node. When a node stops "
@@ -95,7 +97,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("--quantize", choices=["int8"], help="also time the engine with weight-only int8")
+    parser.add_argument("--quantize", choices=QUANT_MODES, help="also time the engine with weight-only int8")
     args = parser.parse_args()
 
     import transformers

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.generate import SamplingParams  # noqa: E402
+from engine.request import SamplingParams  # noqa: E402
 from engine.scheduler import Engine  # noqa: E402
 
 SHAPES = {

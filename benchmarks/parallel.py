@@ -75,8 +75,8 @@ def worker(args) -> None:
 
     from comm.dist import init
     from comm.layout import ParallelLayout
-    from engine.generate import SamplingParams
     from engine.replica import load_stage, make_groups
+    from engine.request import SamplingParams
 
     env, device = init(timeout_s=120)
     layout = ParallelLayout(tp=args.tp, pp=2 if args.role == "pipeline" else 1)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from comm.allreduce import chunks_for  # noqa: E402
 from comm.cost import Link, predict_two_level  # noqa: E402
+from topologies.schedule import chunks_for  # noqa: E402
 
 TOPOLOGIES = ["star", "tree", "ring", "hier", "hier-scatter"]
 SOURCES = """link figures (per GPU, one direction) and where they come from:

@@ -349,7 +349,7 @@ def engine_worker(args) -> None:
     in flight would see), or from the start where the engine does not record admissions."""
     import torch
 
-    from engine.generate import SamplingParams
+    from engine.request import SamplingParams
     from engine.scheduler import Engine
 
     torch.set_num_threads(args.threads)
@@ -644,6 +644,8 @@ def single(args, model_dir: str | None, requests: list[Request], info: dict) -> 
 
 
 def main() -> int:
+    from engine.scheduler import BATCHING
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="checkpoint directory (default: the demo checkpoint)")
     parser.add_argument("--base-url", help="benchmark this running server instead of starting one")
@@ -675,7 +677,7 @@ def main() -> int:
     parser.add_argument("--save-detailed", action="store_true", help="put every request's times in the JSON")
     server_flags = parser.add_argument_group("the servers this script starts (and the bare engine)")
     server_flags.add_argument("--threads", type=int, default=os.cpu_count())
-    server_flags.add_argument("--batching", choices=["continuous", "static"], help="server default if unset")
+    server_flags.add_argument("--batching", choices=BATCHING, help="server default if unset")
     server_flags.add_argument("--port", type=int, default=None, help="default: a free one")
     server_flags.add_argument("--kv-cache-mib", type=int, default=512)
     server_flags.add_argument("--block-size", type=int, default=16)

@@ -16,38 +16,12 @@ import torch
 import torch.distributed as dist
 
 from comm.cost import auto_choice
-from topologies.schedule import Schedule, build
-
-ALGORITHMS = ("native", "star", "tree", "ring", "hier", "hier-scatter", "auto")
-TREE_CHUNK_BYTES = 1 << 20
-MAX_TREE_CHUNKS = 8
-# a ring message goes in pieces of this size: pieces overlap transfer and addition where every
-# rank has a core of its own; where ranks share cores (4 on 2 here) they do not, and 1 MiB pieces
-# ran the ring at 0.81-0.82x of gloo's own at 16-32 MiB against 0.89-0.92x for 4 MiB ones
-RING_PIECE_BYTES = 4 << 20
-MAX_RING_PIECES = 8
+from topologies.schedule import Schedule, build, chunks_for
 
 
 @functools.lru_cache(maxsize=256)
 def schedule_for(name: str, n: int, per_node: int, chunks: int = 1) -> Schedule:
     return build(name, n, per_node=per_node, chunks=chunks)
-
-
-def tree_chunks(nbytes: int) -> int:
-    """Pieces a tree all-reduce pipelines a message of ``nbytes`` in."""
-    return max(1, min(MAX_TREE_CHUNKS, nbytes // TREE_CHUNK_BYTES))
-
-
-def ring_pieces(nbytes: int, n: int) -> int:
-    """Pieces each ring message of a ``nbytes`` all-reduce over n ranks goes in."""
-    return max(1, min(MAX_RING_PIECES, nbytes // (n * RING_PIECE_BYTES)))
-
-
-def chunks_for(algorithm: str, nbytes: int, n: int) -> int:
-    """The pieces the named algorithm splits an ``nbytes`` all-reduce over n ranks into."""
-    if algorithm == "tree":
-        return tree_chunks(nbytes)
-    return ring_pieces(nbytes, n) if algorithm == "ring" else 1
 
 
 _scratch: dict[tuple, torch.Tensor] = {}

@@ -32,10 +32,14 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from topologies.schedule import TOPOLOGIES, chunks_for
+
 TOPOLOGY_FILE = Path(__file__).resolve().parent.parent / "topologies" / "fitted.json"
-# in order of preference: the backend's own, then the hand-written ones by the number of steps
-# on their critical path (star 2, tree 2 x depth, ring 2(n - 1), the two-level ones more)
-CANDIDATES = ("native", "star", "tree", "ring", "hier", "hier-scatter")
+# in order of preference: the backend's own, then the hand-written ones in TOPOLOGIES' order (by
+# the number of steps on their critical path)
+CANDIDATES = ("native", *TOPOLOGIES)
+# what ``comm.allreduce.all_reduce`` (and ``--allreduce``) takes: a candidate, or auto's choice
+ALGORITHMS = (*CANDIDATES, "auto")
 NATIVE_MARGIN = 0.15  # auto leaves native only for a predicted gain larger than this
 # a hand-written algorithm later in CANDIDATES is taken over an earlier one only for a predicted
 # gain larger than this: the fit's errors are several percent, so a closer call is a coin toss
@@ -235,7 +239,6 @@ def choose(nbytes: int, n: int, per_node: int, fitted: Fitted | None = None) -> 
         fitted = _FITTED
     if fitted is None:
         return "native"
-    from comm.allreduce import chunks_for
 
     def cost(name: str) -> float:
         return predict(name, n, nbytes, fitted.links[name], per_node, chunks_for(name, nbytes, n))

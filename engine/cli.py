@@ -22,6 +22,7 @@ import os
 import sys
 import time
 
+from comm.cost import ALGORITHMS
 from comm.layout import LayoutError
 from engine.errors import RingleaderError
 
@@ -39,6 +40,8 @@ def _ids(value: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.quant import MODES as QUANT_MODES
+
     parser = argparse.ArgumentParser(prog="ringleader", description="ringleader inference runtime")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -58,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token to --prompt")
     gen.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     add_dtype_flag(gen)
-    gen.add_argument("--quantize", choices=["int8"], default=None, help="weight-only quantization at load")
+    gen.add_argument("--quantize", choices=QUANT_MODES, default=None, help="weight-only quantization at load")
     gen.add_argument("--threads", type=int, default=None, help="intra-op CPU threads")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     add_parallel_flags(gen)
@@ -95,7 +98,7 @@ def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
     par.add_argument("--timeout", type=float, default=60.0, help="seconds before a silent peer is an error")
     par.add_argument(
         "--allreduce",
-        choices=["native", "star", "tree", "ring", "hier", "hier-scatter", "auto"],
+        choices=ALGORITHMS,
         default="native",
         help="tensor-parallel all-reduce: the backend's own (native), a topology, or auto by size",
     )
@@ -121,8 +124,8 @@ def _generate(args) -> int:
     from comm.layout import ParallelLayout
     from engine.config import ModelConfig
     from engine.demo import ensure_demo
-    from engine.generate import SamplingParams, check_request
     from engine.replica import check_layout
+    from engine.request import SamplingParams, check_request
     from engine.tokenizer import has_tokenizer, load_tokenizer
 
     if args.threads is not None:
@@ -244,8 +247,8 @@ def _run_single(args, model_dir, config, tokenizer, prompt, params) -> int:
     import torch
 
     from engine.config import default_device, resolve_dtype
-    from engine.generate import Generator, build_model
-    from engine.loader import Checkpoint
+    from engine.generate import Generator
+    from engine.loader import Checkpoint, build_model
 
     device = torch.device(args.device) if args.device else default_device()
     t0 = time.perf_counter()

@@ -4,7 +4,8 @@ Parameters are allocated once, empty, on the target device, and each tensor's by
 the file straight into its parameter (through a bounded bounce buffer), so loading never holds a
 second copy of the model: not a state dict, not a memory map of the whole file. Reading a slice
 (rows of a tensor, or columns) touches only the bytes of that slice, which is what lets every
-tensor-parallel rank read just its own shard.
+tensor-parallel rank read just its own shard. ``build_model`` makes a model (or one stage or shard
+of it) on the meta device and loads its weights this way.
 
 The safetensors format is an 8-byte little-endian header length, a JSON header mapping each tensor
 name to its dtype, shape and byte range, then the raw bytes.
@@ -21,7 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.config import ModelConfig, resolve_dtype
 from engine.errors import CheckpointError
+from engine.model import CausalLM
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -264,3 +267,33 @@ def _fill(param: torch.Tensor, source, checkpoint: Checkpoint) -> None:
     if param.dim() and offset < param.shape[out_dim]:
         with torch.no_grad():
             param.narrow(out_dim, offset, param.shape[out_dim] - offset).zero_()
+
+
+def build_model(
+    config: ModelConfig,
+    checkpoint: Checkpoint,
+    device: torch.device,
+    dtype: torch.dtype | str | None = None,
+    max_len: int | None = None,
+    layer_ids: list[int] | None = None,
+    first: bool = True,
+    last: bool = True,
+    tp=None,
+    progress: bool = False,
+    quantize: str | None = None,
+) -> CausalLM:
+    """A model (or one stage/shard of it) with its weights read from ``checkpoint``, in ``dtype``
+    (a torch dtype, a ``--dtype`` name, or None for ``auto``: see ``engine.config.resolve_dtype``);
+    with ``quantize`` ("int8"), its projections quantized once read (``engine.quant``)."""
+    dtype = resolve_dtype(dtype, config, device)
+    max_len = min(max_len or config.max_position_embeddings, config.max_position_embeddings)
+    with torch.device("meta"):
+        model = CausalLM(config, max_len=max_len, layer_ids=layer_ids, first=first, last=last, tp=tp)
+    model.to(dtype)
+    load_weights(model, checkpoint, device=device, progress=progress)
+    model.rotary.build(device, dtype)
+    if quantize:
+        from engine.quant import quantize as quantize_model
+
+        quantize_model(model, quantize)
+    return model.eval()

@@ -18,8 +18,8 @@ from comm.dist import DistEnv, new_group
 from comm.layout import LayoutError, ParallelLayout
 from engine.config import ModelConfig
 from engine.executor import DistributedExecutor, ReplicaRanks, follow
-from engine.generate import Generator, build_model
-from engine.loader import Checkpoint
+from engine.generate import Generator
+from engine.loader import Checkpoint, build_model
 from engine.model import CausalLM
 from engine.quant import weight_bytes
 from engine.tokenizer import Tokenizer, has_tokenizer, load_tokenizer

@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import itertools
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -33,10 +32,10 @@ from engine.compiled import resolve_decode_mode
 from engine.config import ModelConfig
 from engine.errors import RequestError, RingleaderError
 from engine.executor import LocalExecutor, Plan
-from engine.generate import SamplingParams, Sequence, build_model, check_request, sampling_fields
 from engine.kv_cache import BlockAllocator, PagedKVCache
-from engine.loader import Checkpoint
+from engine.loader import Checkpoint, build_model
 from engine.model import CausalLM
+from engine.request import EngineStats, SamplingParams, Sequence, StepOutput, check_request, sampling_fields
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer, has_tokenizer, load_tokenizer
 
 BATCHING = ("continuous", "static")
@@ -54,16 +53,6 @@ def cache_blocks(
             f"--kv-cache-mib {kv_cache_mib} holds fewer than 2 blocks of {block_size} tokens"
         )
     return blocks
-
-
-@dataclass
-class StepOutput:
-    request_id: str
-    token_ids: list[int]  # generated this step (zero or one)
-    text: str  # text delta
-    finish_reason: str | None  # "stop" | "length" | "abort" | "timeout" once finished
-    # per token of token_ids, when the request asked: (log-probability, [(id, log-probability)])
-    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 class _Seq(Sequence):
@@ -204,6 +193,39 @@ class Engine:
         compiles them; the batch sizes compiled."""
         warm_up = getattr(self.executor, "warm_up", None)
         return warm_up(self.max_running) if warm_up is not None else []
+
+    @property
+    def keepalive_s(self) -> float | None:
+        """How long the engine may sit idle before ``keepalive`` must be called (the other ranks of a
+        replica wait at most so long for the head); None: never."""
+        return self.executor.keepalive_s
+
+    def keepalive(self) -> None:
+        """Tell the other ranks of a replica that the head is alive (nothing in one process)."""
+        self.executor.keepalive()
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the replica spans ranks (a failed step then means a lost rank)."""
+        return self.executor.distributed
+
+    def admitted_at(self, request_id: str) -> float | None:
+        """When a request was first admitted to the running batch (monotonic), if it was."""
+        return self.admitted.get(request_id)
+
+    def forget(self, request_id: str) -> None:
+        """Drop what is kept of a finished request for metrics."""
+        self.admitted.pop(request_id, None)
+
+    def stats(self) -> EngineStats:
+        """The engine's load now: its batch, its queue and its KV cache."""
+        return EngineStats(
+            running=len(self.running),
+            waiting=len(self.waiting),
+            free_blocks=self.allocator.num_free,
+            usable_blocks=self.num_blocks - 1,
+            preemptions=self.preemptions,
+        )
 
     def add_request(
         self,

@@ -44,6 +44,10 @@ def _port(value) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.compiled import MODES as DECODE_MODES
+    from engine.quant import MODES as QUANT_MODES
+    from engine.scheduler import BATCHING
+
     parser = argparse.ArgumentParser(prog="ringleader serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="checkpoint directory (default: the demo checkpoint)")
     parser.add_argument("--served-model-name", default=None, help="the model id clients use")
@@ -75,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--batching",
-        choices=["continuous", "static"],
+        choices=BATCHING,
         default="continuous",
         help="continuous (requests join every step) or static (a batch runs until all finish)",
     )
@@ -90,11 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default=None)
     add_dtype_flag(parser)
-    parser.add_argument("--quantize", choices=["int8"], default=None, help="weight-only quantization at load")
+    parser.add_argument(
+        "--quantize", choices=QUANT_MODES, default=None, help="weight-only quantization at load"
+    )
     parser.add_argument("--threads", type=int, default=None, help="intra-op CPU threads per rank")
     parser.add_argument(
         "--decode-mode",
-        choices=["auto", "compiled", "eager"],
+        choices=DECODE_MODES,
         default="auto",
         help="compiled: decode steps through torch.compile, CUDA graphs on a GPU, batch sizes "
         "compiled at start; eager: no compilation (debugging); auto: compiled on a GPU with "
@@ -289,7 +295,8 @@ def make_cluster(args):
 
 def _run_server(args, engine, model_dir: str, model, layout=None) -> None:
     from engine.config import GenerationConfig
-    from server.app import ENGINE_LOOP, ServerConfig, create_app
+    from server.app import create_app
+    from server.state import ENGINE_LOOP, ServerConfig
 
     name = args.served_model_name or Path(model_dir).name
     defaults = GenerationConfig.from_hf(model_dir).defaults if args.generation_config == "auto" else {}
@@ -336,7 +343,7 @@ def _run_server(args, engine, model_dir: str, model, layout=None) -> None:
 async def _serve_until_signalled(app, host: str, port: int, drain_timeout_s: float) -> None:
     from aiohttp import web
 
-    from server.app import ENGINE_LOOP
+    from server.state import ENGINE_LOOP
 
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import time
 
-from engine.scheduler import StepOutput
+import psutil
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from engine.request import StepOutput
 
 
 class RequestTimings:
@@ -41,3 +44,57 @@ class RequestTimings:
 
     def end(self, request_id: str) -> None:
         self.timing.pop(request_id, None)
+
+
+def make_metrics() -> dict:
+    """The server's Prometheus registry and metrics, with vLLM's names under the ``ringleader_``
+    prefix (the cluster's are added by ``server.cluster.cluster_metrics``)."""
+    registry = CollectorRegistry()
+    latency_buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+    r = registry
+    process = psutil.Process()
+    process.cpu_percent(interval=None)  # the first call only starts the measurement
+    return {
+        "registry": registry,
+        "process": process,
+        "requests": Counter("ringleader_requests", "completion requests accepted", registry=r),
+        "steps": Counter("ringleader_engine_steps", "engine steps run", registry=r),
+        "running": Gauge("ringleader_num_requests_running", "sequences in the running batch", registry=r),
+        "waiting": Gauge("ringleader_num_requests_waiting", "sequences waiting to start", registry=r),
+        "free_blocks": Gauge("ringleader_free_kv_blocks", "free KV cache blocks", registry=r),
+        "kv_usage": Gauge("ringleader_kv_cache_usage_perc", "fraction of KV cache blocks in use", registry=r),
+        "prompt_tokens": Counter("ringleader_prompt_tokens", "prompt tokens received", registry=r),
+        "generation_tokens": Counter("ringleader_generation_tokens", "tokens generated", registry=r),
+        "finished": Counter(
+            "ringleader_request_success", "finished requests", ["finished_reason"], registry=r
+        ),
+        "ttft": Histogram(
+            "ringleader_time_to_first_token_seconds",
+            "time to first token",
+            buckets=latency_buckets,
+            registry=r,
+        ),  # fmt: skip
+        "itl": Histogram(
+            "ringleader_inter_token_latency_seconds",
+            "time between tokens",
+            buckets=latency_buckets,
+            registry=r,
+        ),  # fmt: skip
+        "e2e": Histogram(
+            "ringleader_e2e_request_latency_seconds", "request latency", buckets=latency_buckets, registry=r
+        ),  # fmt: skip
+        "queue_time": Histogram(
+            "ringleader_request_queue_time_seconds",
+            "time before admission",
+            buckets=latency_buckets,
+            registry=r,
+        ),  # fmt: skip
+        "cpu": Gauge("ringleader_process_cpu_percent", "CPU use of the server process", registry=r),
+        "rss": Gauge("ringleader_process_resident_memory_bytes", "resident memory of the server", registry=r),
+        "gpu_memory": Gauge(
+            "ringleader_gpu_memory_used_bytes", "GPU memory in use (NVML)", ["gpu"], registry=r
+        ),
+        "gpu_util": Gauge(
+            "ringleader_gpu_utilization_percent", "GPU utilisation (NVML)", ["gpu"], registry=r
+        ),
+    }

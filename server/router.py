@@ -3,7 +3,8 @@
 Every member of a cluster serves one model replica (its node's tp x pp ranks). The leader routes
 each request to the replica with the fewest requests it has routed there and not seen finish
 (least outstanding work), its own through an in-process call, the others' over
-``POST /_control/generate``: a signed request that streams token ids back as JSON lines.
+``POST /_control/generate``: a signed request that streams token ids back as JSON lines
+(``encode_line`` on the replica's side, ``decode_line`` here).
 
 The leader keeps, for every request, the prompt, the seed it fixed, and the tokens generated so
 far, and makes the text itself (incremental detokenization and stop strings), so the text a client
@@ -26,18 +27,38 @@ import time
 import aiohttp
 
 from engine.errors import RequestError
-from engine.generate import SamplingParams, Sequence
-from engine.scheduler import StepOutput
+from engine.request import SamplingParams, Sequence, StepOutput
 from server.cluster import Cluster, Signer
+from server.engine_loop import ServerShutdown
 from server.metrics import RequestTimings
 
 
-class ServerShutdown(Exception):
-    """Delivered to requests still running when the server's drain time is over."""
+class LineError(Exception):
+    """A control stream's error line: ``request`` (the replica refused the request) or
+    ``replica`` (it failed running it)."""
 
-    @classmethod
-    def after(cls, drain_s: float) -> ServerShutdown:
-        return cls(f"the server shut down before the request finished (drain time {drain_s:g} s)")
+    def __init__(self, message: str, kind: str, param: str | None = None):
+        super().__init__(message)
+        self.kind, self.param = kind, param
+
+
+def encode_line(item) -> bytes:
+    """One queue item of a sequence run for a leader, as a line of its control stream."""
+    if isinstance(item, RequestError):
+        line = {"error": str(item), "kind": "request", "param": item.param}
+    elif isinstance(item, Exception):
+        line = {"error": str(item), "kind": "replica"}
+    else:
+        line = {"t": item.token_ids, "f": item.finish_reason, "lp": item.logprobs}
+    return json.dumps(line).encode() + b"\n"
+
+
+def decode_line(request_id: str, line: bytes) -> StepOutput:
+    """A control stream's line as the step output it carries; an error line raises LineError."""
+    item = json.loads(line)
+    if "error" in item:
+        raise LineError(item["error"], item.get("kind", "replica"), item.get("param"))
+    return StepOutput(request_id, item["t"], "", item.get("f"), item.get("lp"))
 
 
 class ReplicaLost(Exception):
@@ -114,12 +135,12 @@ class RemoteReplica:
                 line = await self._watch(response.content.readline())
                 if not line:
                     raise ReplicaLost(f"{self.name} ended the stream early")
-                item = json.loads(line)
-                if "error" in item:
-                    if item.get("kind") == "request":
-                        raise RequestError(item["error"], param=item.get("param"))
-                    raise ReplicaLost(f"{self.name}: {item['error']}")
-                out = StepOutput(rid, item["t"], "", item.get("f"), item.get("lp"))
+                try:
+                    out = decode_line(rid, line)
+                except LineError as e:
+                    if e.kind == "request":
+                        raise RequestError(str(e), param=e.param) from None
+                    raise ReplicaLost(f"{self.name}: {e}") from None
                 yield out
                 if out.finish_reason is not None:
                     return

@@ -240,7 +240,8 @@ class Load:
 
 def expected_outputs(model_dir) -> dict[str, str]:
     """The greedy text of every load prompt, from the model in this process."""
-    from engine.generate import Generator, SamplingParams
+    from engine.generate import Generator
+    from engine.request import SamplingParams
 
     gen = Generator.from_pretrained(model_dir)
     return {

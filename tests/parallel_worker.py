@@ -12,8 +12,8 @@ import torch.distributed as dist
 
 from comm.dist import init
 from comm.layout import ParallelLayout
-from engine.generate import SamplingParams
 from engine.replica import load_stage, make_groups
+from engine.request import SamplingParams
 
 
 def main():

@@ -12,8 +12,9 @@ from engine.cli import build_parser
 from engine.cli import main as cli_main
 from engine.config import DTYPE_CHOICES, GenerationConfig, ModelConfig, resolve_dtype
 from engine.errors import CheckpointError, RingleaderError
-from engine.generate import Generator, SamplingParams
+from engine.generate import Generator
 from engine.loader import Checkpoint, read_header
+from engine.request import SamplingParams
 
 # config.json as published (hidden sizes shrunk; every other key as the Hub has it)
 LLAMA_3_2 = {

@@ -10,9 +10,9 @@ from hf_models import write_hf_checkpoint
 
 from engine.compiled import BUCKETS, _Bucket, bucket_for, resolve_decode_mode
 from engine.config import ModelConfig
-from engine.generate import SamplingParams, build_model
 from engine.kv_cache import PagedKVCache, make_step
-from engine.loader import Checkpoint
+from engine.loader import Checkpoint, build_model
+from engine.request import SamplingParams
 from engine.scheduler import Engine
 
 BLOCK = 4

@@ -175,26 +175,26 @@ def test_bad_tokenize_and_stop_input_is_400(server, route, body, param):
 
 def test_a_special_token_stop_string_becomes_its_stop_id(checkpoint):
     from engine.tokenizer import load_tokenizer
-    from server.app import _stops
+    from server.protocol import stops
 
     path, tok, *_ = checkpoint
     ours = load_tokenizer(path)
     # '<|eot_id|>' decodes to no text, so as a stop string it could never match: it stops on its id
-    strings, ids = _stops({"stop": ["<|eot_id|>", "fox"], "stop_token_ids": [5]}, ours)
+    strings, ids = stops({"stop": ["<|eot_id|>", "fox"], "stop_token_ids": [5]}, ours)
     assert strings == ["fox"] and ids == [5, tok.convert_tokens_to_ids("<|eot_id|>")]
 
 
 def test_generation_config_defaults_fill_only_what_a_request_leaves_out(checkpoint):
     from engine.config import GenerationConfig
-    from server.app import _sampling
+    from server.protocol import sampling
 
     defaults = GenerationConfig.from_hf(checkpoint[0]).defaults
     assert defaults == {"temperature": 0.6, "top_p": 0.9}
-    params, _ = _sampling({"top_k": 5}, False, None, defaults)
+    params, _ = sampling({"top_k": 5}, False, None, defaults)
     assert (params.temperature, params.top_p, params.top_k) == (0.6, 0.9, 5)
-    params, _ = _sampling({"temperature": 0, "top_p": 1}, False, None, defaults)
+    params, _ = sampling({"temperature": 0, "top_p": 1}, False, None, defaults)
     assert (params.temperature, params.top_p) == (0, 1)
-    params, _ = _sampling({}, False, None, {})  # --generation-config none
+    params, _ = sampling({}, False, None, {})  # --generation-config none
     assert (params.temperature, params.top_p, params.repetition_penalty) == (1.0, 1.0, 1.0)
 
 
@@ -254,7 +254,9 @@ def test_logprobs_name_every_entry_index_the_text_and_carry_the_real_bytes(serve
 def test_usage_counts_each_prompt_once_whatever_n(server, checkpoint):
     _, tok, _, prompts, *_ = checkpoint
     client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=120)
-    got = client.completions.create(model="llama3-json", prompt=PROMPTS[0], max_tokens=2, n=3)
+    got = client.completions.create(
+        model="llama3-json", prompt=PROMPTS[0], max_tokens=2, n=3, extra_body={"ignore_eos": True}
+    )
     assert got.usage.prompt_tokens == len(prompts[0]) and got.usage.completion_tokens == 6
     got = client.completions.create(model="llama3-json", prompt=PROMPTS[:2], max_tokens=2, n=2)
     assert got.usage.prompt_tokens == len(prompts[0]) + len(prompts[1])

@@ -20,8 +20,9 @@ from hf_models import write_hf_checkpoint
 
 from comm.layout import ParallelLayout
 from engine.config import ModelConfig
-from engine.generate import Generator, SamplingParams
+from engine.generate import Generator
 from engine.model import CausalLM
+from engine.request import SamplingParams
 
 LAYOUTS = [(2, 1), (4, 1), (1, 2), (2, 2), (1, 4)]
 # llama-mqa-tied: one kv head (tp > kv heads: replicated), tied embeddings, odd vocabulary (97);

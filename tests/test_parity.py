@@ -4,8 +4,9 @@ import pytest
 import torch
 from hf_models import CASES, write_hf_checkpoint
 
-from engine.generate import Generator, SamplingParams
+from engine.generate import Generator
 from engine.kv_cache import ContiguousKVCache, make_step
+from engine.request import SamplingParams
 
 TOL = 1e-4
 DECODE_STEPS = 32

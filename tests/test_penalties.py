@@ -6,7 +6,8 @@ import torch
 from hf_models import write_hf_checkpoint
 
 from engine.executor import ALLOC_PAGED, Plan
-from engine.generate import Generator, SamplingParams
+from engine.generate import Generator
+from engine.request import SamplingParams
 from engine.sampling import Penalties, SamplingBatch, sample, sample_full
 from engine.scheduler import Engine, drain
 

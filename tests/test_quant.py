@@ -12,9 +12,10 @@ import pytest
 import torch
 from conftest import ROOT
 
-from engine.generate import Generator, SamplingParams
+from engine.generate import Generator
 from engine.model import Linear
 from engine.quant import Int8Linear, quantize_channels, weight_bytes
+from engine.request import SamplingParams
 
 HELD_OUT = (
     "Heartbeats travel between the members of the cluster every two hundred milliseconds; when one "

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from engine.generate import Generator, SamplingParams
+from engine.generate import Generator
+from engine.request import SamplingParams
 from engine.sampling import SamplingBatch, sample, uniform_noise
 
 

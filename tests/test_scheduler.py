@@ -4,7 +4,8 @@ tokens and text it gets alone."""
 import pytest
 
 from engine.errors import RequestError
-from engine.generate import Generator, SamplingParams
+from engine.generate import Generator
+from engine.request import SamplingParams
 from engine.scheduler import Engine, drain
 
 

@@ -12,7 +12,8 @@ import psutil
 import pytest
 from servers import LaunchedServer
 
-from engine.generate import Generator, SamplingParams
+from engine.generate import Generator
+from engine.request import SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,11 @@ import pytest
 from aiohttp import web
 from hf_tokenizers import check_text_offsets
 
-from engine.generate import Generator, SamplingParams
+from engine.generate import Generator
+from engine.request import SamplingParams
 from engine.scheduler import Engine
-from server.app import ServerConfig, create_app
+from server.app import create_app
+from server.state import ServerConfig
 
 KEY = "test-key"
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from engine.generate import Generator, SamplingParams
+from engine.generate import Generator
+from engine.request import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 TEXTS = [

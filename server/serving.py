@@ -1,0 +1,367 @@
+"""OpenAI completions and chat completions over a request front: the answer's shape, whole or
+streamed (server-sent events), log-probabilities, usage.
+
+``complete`` runs a request whose prompts are token ids; ``TEXT`` and ``CHAT`` are the two
+renderings, one class each. Requests go to ``app[FRONT]`` (``server.engine_loop.RequestFront``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from engine.errors import RequestError
+from engine.request import SamplingParams, StepOutput, check_request
+from engine.tokenizer import IncrementalDetokenizer
+from server.engine_loop import ServerShutdown
+from server.protocol import ProtocolError, check_fields, field_value, sampling
+from server.router import NoReplica
+from server.state import CLUSTER, CONFIG, ENGINE, FRONT, METRICS, ApiError
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One generated token's log-probabilities, API-neutral."""
+
+    name: str  # the token as shown (Logprobs.name)
+    logprob: float
+    bytes: list[int] | None
+    offset: int  # where its text starts in the choice's text
+    top: list[tuple[str, float, list[int] | None]]  # (name, log-probability, bytes)
+
+
+class Logprobs:
+    """A choice's log-probabilities, token by token.
+
+    A token is shown as ``Tokenizer.token_text`` writes it (its text; ``bytes:\\xNN`` for bytes
+    that are no whole character and for byte-fallback tokens; ``token_id:N`` past the vocabulary,
+    and for every token with ``return_tokens_as_token_ids``), so that the entries of one position
+    never collide (a collision that remains is shown as ``token_id:N``). ``bytes`` are the token's
+    own bytes. The offset is where a token's text starts in the choice's text: a token whose
+    character is completed by a later one contributes nothing and the later one the whole
+    character, as the detokenizer hands the text out; offsets past a text cut by a stop string
+    are that text's length."""
+
+    def __init__(self, tokenizer, prompt: list[int], stop_ids, offset: int, as_ids: bool):
+        self.tok, self.stop_ids, self.as_ids = tokenizer, stop_ids, as_ids
+        self.detok = IncrementalDetokenizer(tokenizer, prompt)
+        self.position = offset  # where the next token's text starts in the choice's text
+        self.handed_out = offset  # characters of the choice's text sent so far (the echo included)
+
+    def name(self, token_id: int) -> str:
+        return f"token_id:{token_id}" if self.as_ids else self.tok.token_text(token_id)
+
+    def _bytes(self, token_id: int) -> list[int] | None:
+        data = self.tok.token_bytes(token_id)
+        return None if data is None else list(data)
+
+    def _top(self, top) -> list[tuple[str, float, list[int] | None]]:
+        seen, out = set(), []
+        for t, v in top:
+            name = self.name(t)
+            name = f"token_id:{t}" if name in seen else name
+            seen.add(name)
+            out.append((name, v, self._bytes(t)))
+        return out
+
+    def entries(self, out: StepOutput) -> list[Entry] | None:
+        self.handed_out += len(out.text)
+        offsets = []
+        for token in out.token_ids:
+            offsets.append(self.position)
+            if token not in self.stop_ids:  # a stop token ends the sequence and adds no text
+                self.position += len(self.detok.push(token))
+        if out.finish_reason is not None:
+            offsets = [min(o, self.handed_out) for o in offsets]
+        if out.logprobs is None:
+            return None
+        return [
+            Entry(self.name(token), lp, self._bytes(token), offset, self._top(top))
+            for token, (lp, top), offset in zip(out.token_ids, out.logprobs, offsets)
+        ]
+
+
+class Rendering:
+    """How one API shapes its answers."""
+
+    prefix: str  # of the completion id
+    object: str
+    chunk_object: str
+    chat: bool
+
+    def normalise(self, body: dict) -> dict:
+        return body
+
+    def choice(self, index: int, text: str, reason: str | None, logprobs: dict | None) -> dict:
+        raise NotImplementedError
+
+    def delta(self, index: int, text: str, reason: str | None, first: bool, logprobs: dict | None) -> dict:
+        raise NotImplementedError
+
+    def logprobs(self, entries: list[Entry] | None) -> dict | None:
+        raise NotImplementedError
+
+    def merge_logprobs(self, parts: list[dict | None]) -> dict:
+        raise NotImplementedError
+
+
+class TextRendering(Rendering):
+    """``/v1/completions``: text choices, the legacy log-probabilities layout."""
+
+    prefix, object, chunk_object, chat = "cmpl", "text_completion", "text_completion", False
+    KEYS = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+
+    def choice(self, index, text, reason, logprobs):
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+
+    def delta(self, index, text, reason, first, logprobs):
+        return self.choice(index, text, reason, logprobs)
+
+    def logprobs(self, entries):
+        if entries is None:
+            return None
+        return {
+            "tokens": [e.name for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{name: v for name, v, _ in e.top} for e in entries],
+            "text_offset": [e.offset for e in entries],
+        }
+
+    def merge_logprobs(self, parts):
+        parts = [p for p in parts if p is not None]
+        return {k: [v for p in parts for v in p[k]] for k in self.KEYS}
+
+
+class ChatRendering(Rendering):
+    """``/v1/chat/completions``: assistant messages, log-probabilities as a content list."""
+
+    prefix, object, chunk_object, chat = "chatcmpl", "chat.completion", "chat.completion.chunk", True
+
+    def normalise(self, body):
+        if body.get("max_completion_tokens") is not None:
+            return {**body, "max_tokens": body["max_completion_tokens"]}
+        return body
+
+    def choice(self, index, text, reason, logprobs):
+        message = {"role": "assistant", "content": text}
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
+
+    def delta(self, index, text, reason, first, logprobs):
+        delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+
+    def logprobs(self, entries):
+        if entries is None:
+            return None
+        content = [
+            {
+                "token": e.name,
+                "logprob": e.logprob,
+                "bytes": e.bytes,
+                "top_logprobs": [{"token": name, "logprob": v, "bytes": b} for name, v, b in e.top],
+            }
+            for e in entries
+        ]
+        return {"content": content}
+
+    def merge_logprobs(self, parts):
+        return {"content": [c for p in parts if p is not None for c in p["content"]]}
+
+
+TEXT = TextRendering()
+CHAT = ChatRendering()
+
+
+@dataclass
+class Choice:
+    request_id: str
+    prompt: list[int]
+    queue: asyncio.Queue
+    echo: str  # text put before the completion (the prompt, with echo)
+    logprobs: Logprobs | None
+    prompt_index: int  # which prompt of the request (n choices share one)
+
+
+async def complete(
+    request: web.Request, body: dict, prompts: list[list[int]], shape: Rendering
+) -> web.StreamResponse:
+    """Run a completions or chat request's prompts (``n`` choices each) and answer it, whole or
+    streamed as server-sent events; every choice is cancelled when the answer ends, so a client
+    that went away frees its blocks."""
+    app = request.app
+    engine, loop, config = app[ENGINE], app[FRONT], app[CONFIG]
+    check_fields(body, shape.object)
+    if loop.draining:
+        raise ApiError(503, "the server is shutting down", "server_error", code="shutting_down")
+    body = shape.normalise(body)
+    params, n = sampling(body, shape.chat, engine.tokenizer, config.sampling_defaults)
+    stream = field_value(body, "stream", bool, False, None, "a boolean")
+    echo = field_value(body, "echo", bool, False, None, "a boolean")
+    if echo and params.logprobs is not None:
+        raise ProtocolError(
+            "'echo' with 'logprobs' (prompt log-probabilities) is not supported", param="echo"
+        )
+    options = body.get("stream_options") or {}
+    include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+    priority = field_value(body, "priority", int, 0, None, "an integer")
+    as_ids = field_value(body, "return_tokens_as_token_ids", bool, False, None, "a boolean")
+    for prompt in prompts:
+        check_request(prompt, params, engine.config.vocab_size, engine.max_len)
+    if loop.outstanding() + len(prompts) * n > config.max_queue:
+        raise ApiError(429, "the server's queue is full; retry later", "rate_limit_error")
+    completion_id = f"{shape.prefix}-{uuid.uuid4().hex}"
+    created = int(time.time())
+    # choice i: prompt i // n, its (i % n)-th sample; seeded samples differ per choice
+    choices = []
+    for i, prompt in enumerate(itertools.chain.from_iterable([p] * n for p in prompts)):
+        seed = params.seed + i if params.seed is not None and n > 1 else params.seed
+        p = SamplingParams(**{**params.__dict__, "seed": seed})
+        rid = f"{completion_id}-{i}"
+        queue = loop.submit(rid, prompt, p, priority, config.request_timeout_s)
+        prefix = engine.tokenizer.decode(prompt) if echo else ""
+        lp = None
+        if params.logprobs is not None:
+            stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else engine.eos_ids)
+            lp = Logprobs(engine.tokenizer, prompt, stop_ids, len(prefix), as_ids)
+        choices.append(Choice(rid, prompt, queue, prefix, lp, i // n))
+    app[METRICS]["requests"].inc()
+    head = {"id": completion_id, "created": created, "model": config.model_name}
+    try:
+        if stream:
+            return await _stream(request, head, shape, choices, include_usage)
+        answer = await _collect(head, shape, choices, config.request_timeout_s)
+        if not _may_answer(request):
+            _cut(request)
+        return answer
+    finally:
+        for c in choices:
+            loop.cancel(c.request_id)  # no-op for finished ones; a disconnected client's work stops here
+
+
+def _may_answer(request: web.Request) -> bool:
+    """A clustered member answers requests only while it leads with a live lease: a leader that
+    lost its lease (partitioned, or paused past it) must not answer in a term that has ended."""
+    cluster = request.app.get(CLUSTER)
+    return cluster is None or cluster.is_leader()
+
+
+def _cut(request: web.Request):
+    """Drop the connection without an answer; the client sees a connection error and retries."""
+    if request.transport is not None:
+        request.transport.abort()
+    raise ConnectionResetError("no longer the leader")
+
+
+def _failure(item, timeout_s) -> ApiError | None:
+    """The API error a queue item stands for, if it is not a normal output."""
+    if isinstance(item, RequestError):
+        return ApiError(400, str(item), param=item.param)
+    if isinstance(item, ServerShutdown):
+        return ApiError(503, str(item), "server_error", code="shutting_down")
+    if isinstance(item, NoReplica):
+        return ApiError(503, str(item), "server_error", code="no_replica")
+    if isinstance(item, Exception):
+        return ApiError(500, f"generation failed: {item}", "server_error")
+    if item.finish_reason == "timeout":
+        return ApiError(
+            504, f"the request did not finish within {timeout_s:g} s", "timeout_error", code="timeout"
+        )
+    return None
+
+
+async def _next(queue: asyncio.Queue, timeout_s) -> StepOutput:
+    item = await queue.get()
+    error = _failure(item, timeout_s)
+    if error is not None:
+        raise error
+    return item
+
+
+def _usage(choices: list[Choice], counts) -> dict:
+    """OpenAI's usage: each prompt counted once, however many choices (n) it has."""
+    prompt_tokens = sum(len(c.prompt) for c in {c.prompt_index: c for c in choices}.values())
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": sum(counts),
+        "total_tokens": prompt_tokens + sum(counts),
+    }
+
+
+async def _collect(head, shape: Rendering, choices: list[Choice], timeout: float | None) -> web.Response:
+    out, counts = [], []
+    for index, c in enumerate(choices):
+        text, count, reason, logprobs = [c.echo], 0, None, []
+        while reason is None:
+            item = await _next(c.queue, timeout)
+            text.append(item.text)
+            count += len(item.token_ids)
+            reason = item.finish_reason
+            if c.logprobs is not None:
+                logprobs.append(shape.logprobs(c.logprobs.entries(item)))
+        counts.append(count)
+        merged = shape.merge_logprobs(logprobs) if c.logprobs is not None else None
+        out.append(shape.choice(index, "".join(text), reason, merged))
+    return web.json_response(
+        {**head, "object": shape.object, "choices": out, "usage": _usage(choices, counts)}
+    )
+
+
+async def _stream(
+    request, head, shape: Rendering, choices: list[Choice], include_usage
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+
+    async def send(payload) -> None:
+        if not _may_answer(request):
+            _cut(request)
+        await response.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
+
+    async def chunk(choice_list, **extra) -> None:
+        await send({**head, "object": shape.chunk_object, "choices": choice_list, **extra})
+
+    timeout = request.app[CONFIG].request_timeout_s
+    pending = {i: asyncio.ensure_future(choices[i].queue.get()) for i in range(len(choices))}
+    counts = [0] * len(choices)
+    started = [False] * len(choices)
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED)
+            for index in [i for i, f in pending.items() if f in done]:
+                item = pending.pop(index).result()
+                error = _failure(item, timeout)
+                if error is not None:
+                    # the status line has gone out: the error is the stream's last event
+                    body = {
+                        "message": error.message,
+                        "type": error.type,
+                        "param": error.param,
+                        "code": error.code,
+                    }
+                    await send({"error": body})
+                    await response.write(b"data: [DONE]\n\n")
+                    return response
+                c = choices[index]
+                counts[index] += len(item.token_ids)
+                logprobs = shape.logprobs(c.logprobs.entries(item)) if c.logprobs is not None else None
+                text = (c.echo + item.text) if not started[index] else item.text
+                if text or item.finish_reason or not started[index] or logprobs:
+                    await chunk([shape.delta(index, text, item.finish_reason, not started[index], logprobs)])
+                    started[index] = True
+                if item.finish_reason is None:
+                    pending[index] = asyncio.ensure_future(c.queue.get())
+        if include_usage:
+            await chunk([], usage=_usage(choices, counts))
+        await response.write(b"data: [DONE]\n\n")
+    except ConnectionResetError:
+        pass  # the client went away; the caller cancels its requests
+    finally:
+        for f in pending.values():
+            f.cancel()
+    return response
