@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default=os.environ.get("RINGLEADER_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=_port, default=os.environ.get("RINGLEADER_PORT", DEFAULT_PORT))
     parser.add_argument("--api-key", default=os.environ.get("RINGLEADER_API_KEY"))
+    parser.add_argument(
+        "--grpc-port",
+        type=_port,
+        default=os.environ.get("RINGLEADER_GRPC_PORT"),
+        help="also serve the gateway's gRPC worker service (vllm.grpc.engine.VllmEngine) on this port "
+        "(default: off)",
+    )
     parser.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache memory per rank")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     parser.add_argument("--max-running", type=int, default=64, help="sequences in the running batch")
@@ -163,6 +170,8 @@ def _serve(args, argv: list[str]) -> int:
     as_rank = launched_as_rank(layout, args.nnodes)
     if not as_rank or int(os.environ.get("RANK", "0")) == 0:
         _check_port(args.host, args.port)  # before minutes of loading, not after
+        if args.grpc_port is not None:
+            _check_port(args.host, args.grpc_port)
     if (layout.world_size > 1 or args.nnodes > 1) and not as_rank:
         return exec_torchrun(args, layout, "server", argv)
     if as_rank:
@@ -333,6 +342,10 @@ def _run_server(args, engine, model_dir: str, model, layout=None) -> None:
     cluster, signer = make_cluster(args)
     app = create_app(engine, config, cluster, signer)
     app[ENGINE_LOOP].step_deadline_s = args.step_deadline
+    if args.grpc_port is not None:
+        from server.grpc_service import add_grpc
+
+        add_grpc(app, args.host, args.grpc_port, model_dir)
     asyncio.run(_serve_until_signalled(app, args.host, args.port, config.drain_timeout_s))
     fatal = app[ENGINE_LOOP].fatal
     if fatal is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -146,3 +148,36 @@ class LaunchedServer:
         except ProcessLookupError:
             pass
         self.proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def app_in_thread(app):
+    """An aiohttp application (``server.app.create_app``'s) on a free loopback port, its event
+    loop in a thread, once ``/health`` answers; yields (base URL, event loop)."""
+    from aiohttp import web
+
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+
+    def serve():
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(base + "/health", timeout=1)
+            break
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.05)
+    try:
+        yield base, loop
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=20)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)

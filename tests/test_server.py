@@ -1,6 +1,5 @@
 """The HTTP front end on a real socket, driven by the official openai client and raw HTTP."""
 
-import asyncio
 import contextlib
 import json
 import socket
@@ -11,8 +10,8 @@ import urllib.request
 
 import openai
 import pytest
-from aiohttp import web
 from hf_tokenizers import check_text_offsets
+from servers import app_in_thread
 
 from engine.generate import Generator
 from engine.request import SamplingParams
@@ -31,33 +30,8 @@ def gen(tiny_demo):
 @contextlib.contextmanager
 def _serving(app):
     """``app`` on a free loopback port, its event loop in a thread; yields the base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app)
-
-    def serve():
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(runner.setup())
-        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
-        loop.run_forever()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(base + "/health", timeout=1)
-            break
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.05)
-    try:
+    with app_in_thread(app) as (base, _):
         yield base
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
