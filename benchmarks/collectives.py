@@ -27,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-ALGORITHMS = ["native", "star", "tree", "ring", "hier", "hier-scatter", "auto"]
+from comm.cost import ALGORITHMS  # noqa: E402
+
 SIZES = [8 << (2 * i) for i in range(12)] + [64 << 20]  # 8 B, 32 B, ..., 32 MiB, 64 MiB
 
 

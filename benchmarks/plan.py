@@ -18,9 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from comm.cost import Link, predict_two_level  # noqa: E402
-from topologies.schedule import chunks_for  # noqa: E402
+from topologies.schedule import TOPOLOGIES, chunks_for  # noqa: E402
 
-TOPOLOGIES = ["star", "tree", "ring", "hier", "hier-scatter"]
 SOURCES = """link figures (per GPU, one direction) and where they come from:
   NVLink: {nv:.0f} GB/s, alpha {nva:.1f} us. NVIDIA's H100 SXM datasheet gives 900 GB/s of NVLink
           bandwidth per GPU, counted both ways (450 GB/s each way). The latency is an assumption
