@@ -19,9 +19,18 @@ static batching, and the engine's own step loop in a separate process with no HT
 added at once, at most the concurrency running); it prints them side by side with the
 continuous/static throughput ratio and the server's overhead against the bare engine.
 
+``--gateway`` runs one workload against one server started with ``--grpc-port``, in one invocation:
+through the server's own HTTP front end, then through the Shepherd Model Gateway (``smg launch
+--backend vllm``, the test extra's ``smg``) over gRPC, side by side. The gateway takes only text
+prompts: each prompt is decoded and encoded again without special tokens with the checkpoint's
+tokenizer.json (converted from tokenizer.model into a linked copy of the checkpoint when it has
+none), so that both front ends get exactly the same token ids (the usage chunk's prompt token count
+is checked against them).
+
     python benchmarks/serving.py --compare --num-prompts 128 --max-concurrency 32 \\
         --input-len 64 --output-len 128 --range-ratio 0.9
     python benchmarks/serving.py --max-concurrency 8 --num-prompts 64 --result-json serving.json
+    python benchmarks/serving.py --gateway --num-prompts 32 --max-concurrency 8 --input-len 64 --output-len 64
     python benchmarks/serving.py --base-url http://127.0.0.1:8000 --request-rate 4 --burstiness 0.5
 """
 
@@ -61,6 +70,7 @@ OTHER_CPU_WARN = 5  # percent of the machine's CPU taken by other processes duri
 class Request:
     prompt: list[int]
     output_len: int
+    text: str | None = None  # the same prompt as text, for a front end that takes only text (--gateway)
 
 
 @dataclass
@@ -154,13 +164,16 @@ def other_cpu_percent(before: tuple[float, float], after: tuple[float, float], w
 # the HTTP client
 
 
-async def send(session, url: str, headers: dict, model: str, req: Request, ignore_eos: bool) -> Result:
-    """One streaming completion; a chunk with choices in it is one that carries tokens."""
+async def send(
+    session, url: str, headers: dict, model: str, req: Request, ignore_eos: bool, text: bool = False
+) -> Result:
+    """One streaming completion (the prompt as token ids, or with ``text`` as text); a chunk with
+    choices in it is one that carries tokens."""
     import aiohttp
 
     body = {
         "model": model,
-        "prompt": req.prompt,
+        "prompt": req.text if text else req.prompt,
         "max_tokens": req.output_len,
         "temperature": 0,
         "stream": True,
@@ -204,6 +217,8 @@ async def send(session, url: str, headers: dict, model: str, req: Request, ignor
         res.error = "the stream carried no tokens"
     elif usage is None or not isinstance(usage.get("completion_tokens"), int):
         res.error = "the stream ended without a usage chunk"
+    elif usage.get("prompt_tokens", res.prompt_len) != res.prompt_len:  # a text prompt tokenized otherwise
+        res.error = f"the server counted {usage['prompt_tokens']} prompt tokens, not {res.prompt_len}"
     else:
         res.output_tokens, res.ok = usage["completion_tokens"], True
     return res
@@ -219,7 +234,12 @@ def served_model(base_url: str, headers: dict) -> str:
 
 
 async def run_load(
-    base_url: str, requests: list[Request], args, concurrency: int | None, server_pid: int | None = None
+    base_url: str,
+    requests: list[Request],
+    args,
+    concurrency: int | None,
+    server_pid: int | None = None,
+    text: bool = False,
 ) -> tuple[list[Result], float, float | None]:
     """Send the workload; (one result per request, in order; seconds from the first send to the
     last response's end; percent of the machine's CPU that other processes took meanwhile, when
@@ -238,7 +258,8 @@ async def run_load(
     ) as session:
         first = requests[0]
         warm = Request(first.prompt, min(WARMUP_TOKENS, first.output_len))
-        check = await send(session, url, headers, model, warm, args.ignore_eos)
+        warm.text = first.text
+        check = await send(session, url, headers, model, warm, args.ignore_eos, text)
         if not check.ok:
             raise SystemExit(f"the warm-up request to {url} failed: {check.error}")
         cpu = cpu_snapshot([server_pid] if server_pid else [])
@@ -248,7 +269,7 @@ async def run_load(
             await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
             async with gate:
                 sent = time.perf_counter() - start
-                res = await send(session, url, headers, model, req, args.ignore_eos)
+                res = await send(session, url, headers, model, req, args.ignore_eos, text)
             res.start = sent
             return res
 
@@ -273,7 +294,7 @@ def child_env() -> dict:
 
 
 @contextlib.contextmanager
-def server(model_dir: str, args, batching: str | None, max_running: int | None):
+def server(model_dir: str, args, batching: str | None, max_running: int | None, extra: tuple = ()):
     """Start ``python -m server`` on a free local port, yield its URL once /ready answers 200, then
     stop it with SIGTERM and wait for it to exit."""
     port = args.port or free_port()
@@ -285,7 +306,7 @@ def server(model_dir: str, args, batching: str | None, max_running: int | None):
         cmd += ["--max-running", str(max_running)]
     if batching:
         cmd += ["--batching", batching]
-    cmd += shlex.split(args.server_args)
+    cmd += [*extra, *shlex.split(args.server_args)]
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
 
@@ -318,6 +339,109 @@ def server(model_dir: str, args, batching: str | None, max_running: int | None):
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+# the gateway (--gateway)
+
+
+def gateway_model_dir(model_dir: str, tmp: str) -> str:
+    """``model_dir`` when it has a tokenizer.json (the gateway tokenizes with it); else a copy in
+    ``tmp`` (its files linked) with the tokenizer.json that transformers converts from the
+    sentencepiece tokenizer.model, as the demo checkpoint has only that."""
+    if (Path(model_dir) / "tokenizer.json").is_file():
+        return model_dir
+    from transformers import AutoTokenizer
+
+    copy = Path(tmp) / Path(model_dir).name
+    copy.mkdir()
+    for f in Path(model_dir).iterdir():
+        (copy / f.name).symlink_to(f.resolve())
+    AutoTokenizer.from_pretrained(model_dir, use_fast=True).backend_tokenizer.save(
+        str(copy / "tokenizer.json")
+    )
+    return str(copy)
+
+
+def as_text(model_dir: str, requests: list[Request]) -> list[Request]:
+    """The workload for a front end that takes only text: each prompt decoded, then encoded again
+    without special tokens as the gateway encodes it (with the same tokenizer.json), so that the
+    token-id requests sent to the replica's own HTTP front end are exactly what the gateway sends."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+    out = []
+    for r in requests:
+        text = tok.decode(r.prompt, skip_special_tokens=True)
+        out.append(Request(tok.encode(text, add_special_tokens=False).ids, r.output_len, text))
+    return out
+
+
+@contextlib.contextmanager
+def gateway(model_dir: str, grpc_port: int, args):
+    """``smg launch --backend vllm`` in front of the replica's gRPC port, on free local ports (the
+    router's and its Prometheus exporter's: the only ones it opens here); yields its URL once
+    ``GET /workers`` lists the worker, then kills it."""
+    smg = Path(sys.executable).with_name("smg")
+    if not smg.exists():
+        raise SystemExit(f"--gateway needs the smg gateway ({smg} is missing): pip install 'smg>=1.13'")
+    port = free_port()
+    cmd = [str(smg), "launch", "--backend", "vllm", "--worker-urls", f"grpc://127.0.0.1:{grpc_port}"]
+    cmd += ["--model-path", model_dir, "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()), "--log-level", "warn"]
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + args.server_timeout
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    tail = log.read().decode(errors="replace")[-3000:]
+                    raise SystemExit(f"the gateway did not come up (status {proc.poll()}):\n{tail}")
+                try:
+                    with urllib.request.urlopen(url + "/workers", timeout=5) as response:
+                        if json.load(response).get("workers"):
+                            break
+                except (urllib.error.URLError, OSError, ValueError):
+                    pass
+                time.sleep(0.25)
+            print(f"  gateway ready: smg {shlex.join(cmd[1:])}", flush=True)
+            yield url
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def gateway_compare(args, model_dir: str, requests: list[Request], info: dict) -> dict:
+    """One replica with ``--grpc-port``; the workload through its own HTTP front end (token ids),
+    then through the gateway over gRPC (the same prompts as text, which the gateway tokenizes to
+    the same ids)."""
+    runs, detail = {}, {}
+    grpc_port = free_port()
+    with server(model_dir, args, args.batching, args.max_running, ("--grpc-port", str(grpc_port))) as (
+        url,
+        pid,
+    ):
+        for name, base, text in (("http", url, False), ("gateway (gRPC)", None, True)):
+            print(f"{name} ...", flush=True)
+            with gateway(model_dir, grpc_port, args) if base is None else contextlib.nullcontext(base) as b:
+                results, duration, other = asyncio.run(
+                    run_load(b, requests, args, args.max_concurrency, pid, text=text)
+                )
+            runs[name], detail[name] = summarize(results, duration, other), results
+            report_line(name, runs[name])
+    http, gw = runs["http"], runs["gateway (gRPC)"]
+    print()
+    print(table(runs))
+    print()
+    if http["output_throughput"]:
+        print(f"gateway / http output throughput: {gw['output_throughput'] / http['output_throughput']:.2f}x")
+    print(
+        f"TTFT mean: http {fmt_ms(http['mean_ttft_ms'])}, gateway {fmt_ms(gw['mean_ttft_ms'])}; "
+        f"ITL mean: http {fmt_ms(http['mean_itl_ms'])}, gateway {fmt_ms(gw['mean_itl_ms'])}"
+    )
+    return {**info, "runs": runs, "_detail": detail}
 
 
 # the bare engine, in its own process
@@ -654,6 +778,13 @@ def main() -> int:
         "--vocab-size", type=int, help="prompt ids come from [4, this) (default: the model's)"
     )
     parser.add_argument("--compare", action="store_true", help="continuous vs static server vs bare engine")
+    parser.add_argument(
+        "--gateway",
+        action="store_true",
+        help="one server: its own HTTP front end vs the smg gateway over gRPC (the model needs "
+        "tokenizer.json, "
+        "or one is converted from tokenizer.model)",
+    )
     parser.add_argument("--num-prompts", type=int, default=128)
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=128)
@@ -695,8 +826,10 @@ def main() -> int:
     if args.role == "engine":
         engine_worker(args)
         return 0
-    if args.compare and args.base_url:
-        parser.error("--compare starts its own servers; it does not take --base-url")
+    if (args.compare or args.gateway) and args.base_url:
+        parser.error("--compare and --gateway start their own servers; they do not take --base-url")
+    if args.compare and args.gateway:
+        parser.error("--compare and --gateway are two different runs")
     if args.compare and args.max_concurrency is None:
         args.max_concurrency = 32
     if args.request_rate <= 0 or args.burstiness <= 0:
@@ -719,10 +852,17 @@ def main() -> int:
         args.seed,
         args.output_dist,
     )
-    info = preamble(args, model_dir, requests, args.max_concurrency)
-    record = (
-        compare(args, model_dir, requests, info) if args.compare else single(args, model_dir, requests, info)
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.gateway:
+            model_dir = gateway_model_dir(model_dir, tmp)
+            requests = as_text(model_dir, requests)
+        info = preamble(args, model_dir, requests, args.max_concurrency)
+        if args.gateway:
+            record = gateway_compare(args, model_dir, requests, info)
+        elif args.compare:
+            record = compare(args, model_dir, requests, info)
+        else:
+            record = single(args, model_dir, requests, info)
     detail = record.pop("_detail")
     record["load_average_1m_end"] = os.getloadavg()[0]
     print(f"load average {record['load_average_1m_end']:.2f} at the end")
