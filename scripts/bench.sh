@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs a benchmark script with the bench extras (transformers, matplotlib, openai) installed in
-# .venv on first use (see scripts/env.sh); extra arguments go to the script:
+# Runs a benchmark script with the bench extras (transformers, matplotlib, openai, protobuf, smg)
+# installed in .venv on first use (see scripts/env.sh); extra arguments go to the script:
 #
 #   ./scripts/bench.sh benchmarks/decode.py --preset demo --repeats 5
 #
