@@ -181,3 +181,16 @@ def app_in_thread(app):
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=20)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
+
+
+def post_json(base: str, path: str, body) -> tuple[int, dict]:
+    """POST ``body`` as JSON to ``base + path``, no retries: (status, the JSON answer)."""
+    import json
+
+    req = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST")
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())

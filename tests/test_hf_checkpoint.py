@@ -7,15 +7,13 @@ it stops at every eos id of generation_config.json, chat prompts are the tokens 
 """
 
 import json
-import urllib.error
-import urllib.request
 
 import openai
 import pytest
 import torch
 from hf_models import make_hf_model
 from hf_tokenizers import check_text_offsets, write_llama3_tokenizer
-from servers import LaunchedServer
+from servers import LaunchedServer, post_json
 
 PROMPTS = ["The quick brown fox", "def add(a, b):", "数字 12345 和", "Once upon a time 🎉"]
 NEW_TOKENS = 24
@@ -82,16 +80,6 @@ def server(checkpoint):
     server.kill()
 
 
-def _post(base, route, body):
-    req = urllib.request.Request(base + route, data=json.dumps(body).encode(), method="POST")
-    req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 def _expected_text(tok, ids: list[int], eos: list[int]) -> tuple[str, str]:
     stopped = bool(ids) and ids[-1] in eos and len(ids) <= NEW_TOKENS
     return tok.decode(ids[:-1] if stopped else ids, skip_special_tokens=True), "stop" if stopped else "length"
@@ -137,19 +125,19 @@ def test_greedy_completions_equal_transformers_and_stop_at_every_eos_id(server, 
 def test_tokenize_equals_autotokenizer(server, checkpoint):
     _, tok, _, prompts, chat, _ = checkpoint
     for text, ids in zip(PROMPTS, prompts):
-        code, body = _post(server.base, "/tokenize", {"prompt": text})
+        code, body = post_json(server.base, "/tokenize", {"prompt": text})
         assert code == 200 and body["tokens"] == ids and body["count"] == len(ids)
         assert body["max_model_len"] > 0
-        code, body = _post(server.base, "/tokenize", {"prompt": text, "add_special_tokens": False})
+        code, body = post_json(server.base, "/tokenize", {"prompt": text, "add_special_tokens": False})
         assert body["tokens"] == tok(text, add_special_tokens=False)["input_ids"]
-        code, body = _post(server.base, "/detokenize", {"tokens": ids})
+        code, body = post_json(server.base, "/detokenize", {"tokens": ids})
         assert code == 200 and body["prompt"] == tok.decode(ids, skip_special_tokens=True)
-    code, body = _post(server.base, "/tokenize", {"messages": MESSAGES})
+    code, body = post_json(server.base, "/tokenize", {"messages": MESSAGES})
     assert code == 200 and body["tokens"] == chat
     no_prompt = tok.apply_chat_template(
         MESSAGES, add_generation_prompt=False, tokenize=True, return_dict=False
     )
-    code, body = _post(server.base, "/tokenize", {"messages": MESSAGES, "add_generation_prompt": False})
+    code, body = post_json(server.base, "/tokenize", {"messages": MESSAGES, "add_generation_prompt": False})
     assert body["tokens"] == no_prompt
 
 
@@ -166,7 +154,7 @@ def test_tokenize_equals_autotokenizer(server, checkpoint):
     ],
 )
 def test_bad_tokenize_and_stop_input_is_400(server, route, body, param):
-    code, answer = _post(server.base, route, body)
+    code, answer = post_json(server.base, route, body)
     assert code == 400, answer
     assert answer["error"]["param"] == param
     if param == "stop":

@@ -3,14 +3,12 @@ socket) and checked for its effect, not only for being accepted: stop, stop_toke
 a tiny top_p, presence_penalty (against transformers' logits plus the OpenAI rule), priority,
 max_completion_tokens, the seed + i rule for n > 1, and a non-empty suffix refused."""
 
-import json
 import threading
 import time
-import urllib.request
 
 import pytest
 import torch
-from servers import app_in_thread
+from servers import app_in_thread, post_json
 
 from engine.generate import Generator
 from engine.request import SamplingParams
@@ -33,18 +31,8 @@ def base(gen):
         yield url
 
 
-def _post(base, body, path="/v1/completions"):
-    req = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST")
-    req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 def _complete(base, **body):
-    status, answer = _post(base, {"prompt": PROMPT, **body})
+    status, answer = post_json(base, "/v1/completions", {"prompt": PROMPT, **body})
     assert status == 200, answer
     return answer
 
@@ -133,13 +121,13 @@ def test_max_completion_tokens_caps_a_chat_answer(base, gen):
 
     messages = [{"role": "user", "content": "Tell me about heartbeats"}]
     body = {"messages": messages, "temperature": 0, "ignore_eos": True}
-    status, got = _post(base, {**body, "max_completion_tokens": 3}, "/v1/chat/completions")
+    status, got = post_json(base, "/v1/chat/completions", {**body, "max_completion_tokens": 3})
     assert status == 200, got
     assert got["usage"]["completion_tokens"] == 3 and got["choices"][0]["finish_reason"] == "length"
     prompt = ChatFormatter(gen.tokenizer).prompt_ids(messages)
     ref = gen.generate([prompt], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))[0]
     assert got["choices"][0]["message"]["content"] == ref.text
-    status, longer = _post(base, {**body, "max_completion_tokens": 7}, "/v1/chat/completions")
+    status, longer = post_json(base, "/v1/chat/completions", {**body, "max_completion_tokens": 7})
     assert longer["usage"]["completion_tokens"] == 7
 
 
@@ -155,9 +143,9 @@ def test_choice_i_of_n_is_the_single_request_with_seed_plus_i(base):
 
 
 def test_a_non_empty_suffix_is_refused(base):
-    status, got = _post(base, {"prompt": PROMPT, "suffix": "and then?"})
+    status, got = post_json(base, "/v1/completions", {"prompt": PROMPT, "suffix": "and then?"})
     assert status == 400 and got["error"]["param"] == "suffix"
-    assert _post(base, {"prompt": PROMPT, "suffix": "", "max_tokens": 2})[0] == 200
+    assert post_json(base, "/v1/completions", {"prompt": PROMPT, "suffix": "", "max_tokens": 2})[0] == 200
 
 
 @pytest.mark.parametrize("high", [5, 0])
@@ -169,7 +157,9 @@ def test_a_higher_priority_request_queued_behind_a_full_batch_starts_first(gen, 
     done: list[str] = []
 
     def ask(name, body):
-        status, _ = _post(url, {"prompt": PROMPT, "temperature": 0, "ignore_eos": True, **body})
+        status, _ = post_json(
+            url, "/v1/completions", {"prompt": PROMPT, "temperature": 0, "ignore_eos": True, **body}
+        )
         assert status == 200
         done.append(name)
 
