@@ -112,6 +112,7 @@ class Sequence:
         self.text = ""
         self.emitted = 0  # characters of text already handed out (text_delta)
         self.finish: str | None = None
+        self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it
         self.logits: list[torch.Tensor] = []
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []  # per generated token
 
@@ -132,7 +133,7 @@ class Sequence:
                 self.finish = "stop"
                 return
         if stopped:
-            self.finish = "stop"
+            self.finish, self.stop_reason = "stop", token
         elif len(self.out) >= self.params.max_tokens or len(self.prompt) + len(self.out) >= context_limit:
             self.finish = "length"
         if self.finish and self.detok is not None:
@@ -156,10 +157,11 @@ class Sequence:
         """Cut the text at the first stop string; only text that a stop string ending in the newest
         delta can start in is searched (``searched``: the text's length before that delta)."""
         start = max(0, searched - max(len(s) for s in self.params.stop) + 1)
-        hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
+        hits = [(i, s) for s in self.params.stop if (i := self.text.find(s, start)) >= 0]
         if not hits:
             return False
-        self.text = self.text[: min(hits)]
+        at, self.stop_reason = min(hits)
+        self.text = self.text[:at]
         return True
 
 
@@ -194,6 +196,7 @@ class StepOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" | "timeout" once finished
     # per token of token_ids, when the request asked: (log-probability, [(id, log-probability)])
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    stop_reason: int | str | None = None  # with finish_reason "stop": the stop token id or string
 
 
 @dataclass(frozen=True)

@@ -334,7 +334,8 @@ class Engine:
                 continue
             token, lp = sampled[id(seq)]
             seq.append(token, self.max_len)
-            out = StepOutput(seq.request_id, [token], seq.text_delta(), seq.finish, [lp] if lp else None)
+            lps = [lp] if lp else None
+            out = StepOutput(seq.request_id, [token], seq.text_delta(), seq.finish, lps, seq.stop_reason)
             outputs.append(out)
             if seq.finish:
                 self.running.remove(seq)

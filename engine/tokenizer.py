@@ -267,7 +267,9 @@ class HFTokenizer(Tokenizer):
                     f"{s.path}: added_tokens_decoder gives id {token_id} to {content!r}, which "
                     f"{self.path} {actual}"
                 )
-        specials = {t.content for t in self.tok.get_added_tokens_decoder().values() if t.special}
+        added = self.tok.get_added_tokens_decoder()
+        self._added = {i: t.content for i, t in added.items()}
+        specials = {t.content for t in added.values() if t.special}
         specials |= {c for c, special in s.added.values() if special}
         specials |= {v for v in s.special.values() if v is not None and v in vocab}
         self.special_ids = frozenset(vocab[t] for t in specials if t in vocab)
@@ -275,15 +277,13 @@ class HFTokenizer(Tokenizer):
         for key in ("bos_token", "eos_token"):
             if s.special.get(key) is not None and self._id_of(key) is None:
                 raise CheckpointError(f"{s.path}: {key} {s.special[key]!r} is not a token of {self.path}")
-        # the post-processor of tokenizer.json decides the BOS: with a tokenizer.json, transformers
-        # ignores tokenizer_config.json's add_bos_token and add_eos_token
-        pipeline = json.loads(self.tok.to_str())
-        byte_level = "ByteLevel" in json.dumps([pipeline.get("pre_tokenizer"), pipeline.get("decoder")])
+        # the post-processor of tokenizer.json decides the BOS, as it is: with a tokenizer.json,
+        # transformers ignores tokenizer_config.json's add_bos_token and add_eos_token
+        byte_level = "ByteLevel" in _component(self.tok.pre_tokenizer) + _component(self.tok.decoder)
         self._byte_of = {c: b for b, c in _bytes_to_unicode().items()} if byte_level else None
-        self._added = {i: t.content for i, t in self.tok.get_added_tokens_decoder().items()}
         if (s.tokenizer_class or "").removesuffix("Fast") == "LlamaTokenizer" and not byte_level:
             self._as_llama_tokenizer(model_dir)
-        if "ByteFallback" in json.dumps(json.loads(self.tok.to_str()).get("decoder")):
+        if "ByteFallback" in _component(self.tok.decoder):
             self.run_byte_ids = frozenset(i for t, i in vocab.items() if BYTE_PIECE.fullmatch(t))
         self.byte_piece_ids = self.run_byte_ids
         # transformers skips the clean-up for BPE models: it was made for WordPiece and corrupts BPE text
@@ -415,6 +415,12 @@ class SentencePieceTokenizer(Tokenizer):
         if self.sp.is_byte(token_id):
             return bytes([int(piece[3:5], 16)])
         return piece.replace("\u2581", " ").encode()
+
+
+def _component(part) -> str:
+    """One part of a tokenizer's pipeline (pre-tokenizer, decoder) as its JSON, without serialising
+    the whole tokenizer and its vocabulary; "" for none."""
+    return part.__getstate__().decode() if part is not None else ""
 
 
 def _bytes_to_unicode() -> dict[int, str]:

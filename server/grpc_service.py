@@ -7,8 +7,9 @@ checked by ``check_request`` and submitted to ``app[FRONT]`` (``server.engine_lo
 an HTTP request is, so both front ends share one engine loop. Every field the engine cannot honour
 is refused with INVALID_ARGUMENT naming it (``sampling_params.min_p``, ``mm_inputs``, ...); none is
 ignored. Stop strings are honoured as HTTP honours them (``engine.request.Sequence`` decodes the
-output and stops at the first one; the token ids are not cut, as in vLLM, and the match is
-reported as ``matched_stop_str``). A client that cancels its call, and ``Abort``, cancel the
+output and stops at the first one; the token ids are not cut, as in vLLM, and the match the
+sequence records, ``StepOutput.stop_reason``, is reported as ``matched_stop_str`` or
+``matched_token_id``). A client that cancels its call, and ``Abort``, cancel the
 request at once: its cache blocks are free before the next step.
 
 Streaming: one ``chunk`` per engine step with that step's tokens (``completion_tokens``: how many,
@@ -49,7 +50,6 @@ from smg_grpc_proto.generated import common_pb2
 
 from engine.errors import RequestError, RingleaderError
 from engine.request import SamplingParams, StepOutput, check_request
-from engine.tokenizer import IncrementalDetokenizer
 from server.engine_loop import ServerShutdown
 from server.protocol import stops
 from server.router import NoReplica
@@ -175,8 +175,6 @@ class Choice:
     queue: asyncio.Queue
     tokens: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
-    detok: IncrementalDetokenizer | None = None  # with stop strings: which one matched
-    text: str = ""
 
 
 def _output_logprobs(tokens: list[int], logprobs, top: int) -> pb.OutputLogProbs:
@@ -253,8 +251,7 @@ class VllmEngineService(pb_grpc.VllmEngineServicer):
                 engine_id = f"grpc-{request_id}-{i}"
                 self.active[request_id].append(engine_id)
                 queue = front.submit(engine_id, parsed.prompt, p, 0, config.request_timeout_s)
-                detok = IncrementalDetokenizer(engine.tokenizer, parsed.prompt) if p.stop else None
-                choices.append(Choice(engine_id, i, p, queue, detok=detok))
+                choices.append(Choice(engine_id, i, p, queue))
             self.app[METRICS]["requests"].inc()
             async with contextlib.aclosing(self._outputs(choices)) as outputs:
                 async for choice, item in outputs:
@@ -288,10 +285,6 @@ class VllmEngineService(pb_grpc.VllmEngineServicer):
         c.tokens.extend(out.token_ids)
         if out.logprobs:
             c.logprobs.extend(out.logprobs)
-        if c.detok is not None:
-            for token in out.token_ids:
-                if token not in self._stop_ids(c.params):
-                    c.text += c.detok.push(token)
         top = c.params.logprobs or 0
         prompt_tokens = len(parsed.prompt)
         messages = []
@@ -315,19 +308,12 @@ class VllmEngineService(pb_grpc.VllmEngineServicer):
             )
             if c.params.logprobs is not None and not parsed.stream:
                 complete.output_logprobs.CopyFrom(_output_logprobs(c.tokens, c.logprobs, top))
-            if out.finish_reason == "stop" and c.tokens:
-                if c.tokens[-1] in self._stop_ids(c.params):
-                    complete.matched_token_id = c.tokens[-1]
-                elif c.detok is not None:
-                    c.text += c.detok.flush()
-                    hits = [(c.text.find(s), s) for s in c.params.stop if c.text.find(s) >= 0]
-                    if hits:
-                        complete.matched_stop_str = min(hits)[1]
+            if isinstance(out.stop_reason, int):  # the engine's Sequence says what stopped it
+                complete.matched_token_id = out.stop_reason
+            elif isinstance(out.stop_reason, str):
+                complete.matched_stop_str = out.stop_reason
             messages.append(pb.GenerateResponse(complete=complete))
         return messages
-
-    def _stop_ids(self, params: SamplingParams) -> set[int]:
-        return set(params.stop_token_ids) | (set() if params.ignore_eos else self.engine.eos_ids)
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         """Cancel requests by the gateway's ids (unknown ones: nothing to do); their streams end

@@ -299,7 +299,7 @@ class Router:
                         for i, token in enumerate(out.token_ids):
                             seq.append(token, self.max_len)
                             lp = [out.logprobs[i]] if out.logprobs else None
-                            put(StepOutput(rid, [token], seq.text_delta(), seq.finish, lp))
+                            put(StepOutput(rid, [token], seq.text_delta(), seq.finish, lp, seq.stop_reason))
                             if seq.finish is not None:
                                 return
                         if out.finish_reason is not None:
