@@ -11,9 +11,19 @@ generation, and the reference). ``PagedKVCache`` keeps a pool of fixed-size bloc
 longest it could have; a row's block table says which blocks hold its positions, in order. In
 compiled decoding (``engine.compiled``) it attends with flex attention over the pool in place,
 visiting only each row's blocks, instead of gathering them.
+
+The allocator is also the prefix cache: a block full of computed tokens is known by a hash chained
+over its token ids and its parent's hash (``block_hash``), reference-counted while sequences use
+it, and kept findable after its last user lets it go until the space is needed (least recently
+released first). A new sequence starts on the longest chain of cached blocks of its tokens.
 """
 
 from __future__ import annotations
+
+import array
+import collections
+import hashlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -69,30 +79,162 @@ class ContiguousKVCache(_LayerTensors):
         return kc[step.rows, :, : step.kv_len], vc[step.rows, :, : step.kv_len]
 
 
-class BlockAllocator:
-    """Hands out cache block ids from a free list. Block 0 is never handed out: a paged step
-    writes the keys of padding tokens there."""
+def block_hash(parent: int | None, tokens) -> int:
+    """The identity of a full block: a 64-bit hash chained over its parent's hash and its token
+    ids, the same in every process (an int64, as the gateway's KV events carry it)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(b"root" if parent is None else parent.to_bytes(8, "little", signed=True))
+    h.update(array.array("q", tokens).tobytes())
+    return int.from_bytes(h.digest(), "little", signed=True)
 
-    def __init__(self, num_blocks: int):
+
+@dataclass(frozen=True)
+class KVEvent:
+    """A change to the set of cached blocks: "stored" (``hashes`` with ``parent`` and each block's
+    ``tokens``), "removed" (``hashes``) or "cleared"."""
+
+    kind: str
+    hashes: tuple[int, ...] = ()
+    parent: int | None = None
+    tokens: tuple[tuple[int, ...], ...] = ()
+
+
+class BlockAllocator:
+    """The KV cache manager: hands out cache block ids and, with ``prefix_caching``, keeps the
+    blocks that hold a full block of computed tokens findable by their ``block_hash``.
+
+    Each block has a reference count (the sequences using it). A block whose count drops to 0
+    goes back to the free blocks; if it is cached it stays findable there, and such blocks are
+    evicted least recently released first, only when no never-cached free block is left. A
+    sequence releases its blocks tail first, so the end of a prefix is evicted before its start.
+    Block 0 is never handed out: a paged step writes the keys of padding tokens there.
+
+    ``events``, when not None, collects a ``KVEvent`` for every block stored, evicted or cleared
+    (whoever reads it empties it)."""
+
+    def __init__(self, num_blocks: int, prefix_caching: bool = False):
         if num_blocks < 2:
             raise ValueError(f"a paged cache needs at least 2 blocks, got {num_blocks}")
-        self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, 0, -1))
+        self.num_blocks, self.prefix_caching = num_blocks, prefix_caching
+        self._fresh = list(range(num_blocks - 1, 0, -1))  # free, holding nothing cached
+        self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()  # free, cached
+        self._refs = [0] * num_blocks
+        self._block_of: dict[int, int] = {}  # hash -> block
+        self._hash_of: dict[int, int] = {}  # block -> hash
+        self._stored: dict[int, tuple[int | None, tuple[int, ...]]] = {}  # hash -> (parent, tokens)
+        self.events: list[KVEvent] | None = None
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks that can be handed out (cached ones among them)."""
+        return len(self._fresh) + len(self._evictable)
+
+    @property
+    def num_cached_free(self) -> int:
+        """Free blocks that still hold a cached prefix."""
+        return len(self._evictable)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks findable by hash, in use or not."""
+        return len(self._block_of)
+
+    def match(self, hashes: list[int]) -> list[int]:
+        """The blocks of the longest run of ``hashes`` (a chain, first block first) that is cached;
+        nothing is taken (``take`` does that)."""
+        blocks = []
+        for h in hashes:
+            block = self._block_of.get(h)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def take(self, blocks: list[int]) -> None:
+        """Add a user to each of ``blocks`` (cached blocks found by ``match``)."""
+        for block in blocks:
+            if self._refs[block] == 0:
+                del self._evictable[block]
+            self._refs[block] += 1
 
     def allocate(self, n: int) -> list[int] | None:
-        """``n`` blocks, or None (and nothing taken) when fewer are free."""
-        if n > len(self._free):
+        """``n`` blocks for one user each, or None (and nothing taken) when fewer are free. Cached
+        free blocks are evicted only when the never-cached ones run out."""
+        if n > self.num_free:
             return None
-        taken = self._free[len(self._free) - n :][::-1]
-        del self._free[len(self._free) - n :]
+        cut = max(0, len(self._fresh) - n)
+        taken = self._fresh[cut:][::-1]
+        del self._fresh[cut:]
+        evicted = []
+        while len(taken) < n:
+            block, _ = self._evictable.popitem(last=False)
+            evicted.append(self._hash_of.pop(block))
+            del self._block_of[evicted[-1]], self._stored[evicted[-1]]
+            taken.append(block)
+        if evicted and self.events is not None:
+            self.events.append(KVEvent("removed", tuple(evicted)))
+        for block in taken:
+            self._refs[block] = 1
         return taken
 
     def release(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        """Drop one user of each of ``blocks`` (a sequence's blocks, in order)."""
+        for block in reversed(blocks):
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                if block in self._hash_of:
+                    self._evictable[block] = None
+                else:
+                    self._fresh.append(block)
+
+    def cache(
+        self, blocks: list[int], hashes: list[int], parent: int | None, tokens: list[list[int]]
+    ) -> None:
+        """Make ``blocks``, whose keys and values are now computed, findable by ``hashes`` (the
+        chain after ``parent``). A hash already cached in another block keeps that block."""
+        if not self.prefix_caching:
+            return
+        runs: list[tuple[int | None, list[int], list[tuple[int, ...]]]] = []  # contiguous stored runs
+        for i, (block, h, toks) in enumerate(zip(blocks, hashes, tokens)):
+            if h in self._block_of or block in self._hash_of:
+                continue
+            before = hashes[i - 1] if i else parent
+            self._block_of[h], self._hash_of[block] = block, h
+            self._stored[h] = (before, tuple(toks))
+            if not runs or runs[-1][1][-1] != before:
+                runs.append((before, [], []))
+            runs[-1][1].append(h)
+            runs[-1][2].append(tuple(toks))
+        if self.events is not None:
+            for before, run, run_tokens in runs:
+                self.events.append(KVEvent("stored", tuple(run), before, tuple(run_tokens)))
+
+    def cached_blocks(self) -> list[tuple[int, int | None, tuple[int, ...]]]:
+        """Every cached block as (hash, parent hash, token ids), each after its parent where the
+        parent is cached too (a snapshot for a subscriber to the events)."""
+        out, done = [], set()
+        for h in self._stored:
+            chain = []  # h and its cached ancestors not yet listed, child first
+            while h in self._stored and h not in done:
+                chain.append(h)
+                done.add(h)
+                h = self._stored[h][0]
+            out += [(c, *self._stored[c]) for c in reversed(chain)]
+        return out
+
+    def reset(self) -> int:
+        """Forget every cached block; blocks in use keep their contents for their users and are
+        no longer findable. Returns how many blocks were cached."""
+        dropped = len(self._block_of)
+        for block in self._evictable:
+            self._fresh.append(block)
+        self._evictable.clear()
+        self._block_of.clear()
+        self._hash_of.clear()
+        self._stored.clear()
+        if self.events is not None:
+            self.events.append(KVEvent("cleared"))
+        return dropped
 
 
 class PagedKVCache(_LayerTensors):
@@ -111,7 +253,6 @@ class PagedKVCache(_LayerTensors):
     ):
         super().__init__(layer_ids, (num_blocks, block_size, num_kv_heads, head_dim), dtype, device)
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.allocator = BlockAllocator(num_blocks)
 
     @staticmethod
     def blocks_for_budget(

@@ -197,6 +197,7 @@ class StepOutput:
     # per token of token_ids, when the request asked: (log-probability, [(id, log-probability)])
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     stop_reason: int | str | None = None  # with finish_reason "stop": the stop token id or string
+    cached_tokens: int | None = None  # prompt tokens found in the prefix cache (None: not admitted yet)
 
 
 @dataclass(frozen=True)
@@ -208,8 +209,11 @@ class EngineStats:
     free_blocks: int  # KV cache blocks free
     usable_blocks: int  # KV cache blocks that can hold tokens (all but the reserved block 0)
     preemptions: int  # sequences preempted since the engine started
+    cached_free_blocks: int = 0  # of free_blocks, those that still hold a cached prefix
+    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache since the engine started
+    prefix_cache_hits: int = 0  # of those, tokens found there
 
     @property
     def kv_usage(self) -> float:
-        """Fraction of the usable KV cache blocks in use."""
+        """Fraction of the usable KV cache blocks in use (cached but free blocks do not count)."""
         return 1 - self.free_blocks / self.usable_blocks

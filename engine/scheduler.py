@@ -9,7 +9,10 @@ Each ``Engine.step``:
 2. prefill: waiting sequences, higher priority first and first come first served within one, are
    admitted while there are free blocks, running slots and step tokens left; a long prompt is
    prefilled in chunks of what the step's token budget leaves after the decodes, so that it never
-   stalls the running sequences for more than one step's budget.
+   stalls the running sequences for more than one step's budget. With prefix caching (on by
+   default) a sequence starts on the cached blocks of the longest prefix of its tokens that some
+   earlier sequence computed (whole blocks, short of its last token) and prefills only the rest;
+   each block it fills is cached in turn when the step that computed it has run.
 
 Decode rows (in up to ``micro_batches`` groups) and prefill chunks run as separate forward passes
 of one step, all handed to the executor before any result is read, so that on a pipeline they are
@@ -32,7 +35,7 @@ from engine.compiled import resolve_decode_mode
 from engine.config import ModelConfig
 from engine.errors import RequestError, RingleaderError
 from engine.executor import LocalExecutor, Plan
-from engine.kv_cache import BlockAllocator, PagedKVCache
+from engine.kv_cache import BlockAllocator, PagedKVCache, block_hash
 from engine.loader import Checkpoint, build_model
 from engine.model import CausalLM
 from engine.request import EngineStats, SamplingParams, Sequence, StepOutput, check_request, sampling_fields
@@ -71,6 +74,9 @@ class _Seq(Sequence):
         self.deadline = deadline  # monotonic time after which it is cut off, or None
         self.blocks: list[int] = []
         self.cached = 0  # tokens whose keys and values are in the cache
+        self.hashes: list[int] = []  # block_hash of each full block of its tokens, as far as computed
+        self.registered = 0  # leading blocks that are in the prefix cache (found there, or put there)
+        self.cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first admitted
         self.admitted = False
 
     @property
@@ -110,6 +116,7 @@ class Engine:
         max_wait_s: float = 0.0,
         micro_batches: int = 1,
         min_micro_batch_rows: int = 32,
+        prefix_caching: bool = True,
     ):
         if max_batched_tokens < 1 or max_running < 1:
             raise ValueError("max_running and max_batched_tokens must be >= 1")
@@ -119,7 +126,8 @@ class Engine:
             raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
         self.executor, self.config, self.tokenizer = executor, config, tokenizer
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = BlockAllocator(num_blocks, prefix_caching)
+        self.prefix_queries = self.prefix_hits = 0  # tokens looked up in the prefix cache, and found
         self.max_running, self.max_batched_tokens = max_running, max_batched_tokens
         self.batching, self.max_wait_s = batching, max_wait_s
         self.micro_batches, self.min_micro_batch_rows = micro_batches, min_micro_batch_rows
@@ -225,7 +233,24 @@ class Engine:
             free_blocks=self.allocator.num_free,
             usable_blocks=self.num_blocks - 1,
             preemptions=self.preemptions,
+            cached_free_blocks=self.allocator.num_cached_free,
+            prefix_cache_queries=self.prefix_queries,
+            prefix_cache_hits=self.prefix_hits,
         )
+
+    @property
+    def prefix_caching(self) -> bool:
+        return self.allocator.prefix_caching
+
+    def reset_prefix_cache(self) -> int | None:
+        """Forget every cached prefix (``POST /reset_prefix_cache``); how many blocks were cached, or
+        None (nothing done) while sequences are running: their blocks could not be forgotten, and
+        would go on being found through the blocks they fill after the reset."""
+        if self.running:
+            return None
+        for seq in self.waiting:
+            seq.registered = 0
+        return self.allocator.reset()
 
     def add_request(
         self,
@@ -329,13 +354,17 @@ class Engine:
                 sampled[id(seq)] = (result.ids[i], lp)
             for seq, start, n in w:
                 seq.cached = start + n
+                if self.allocator.prefix_caching and seq.blocks:
+                    self._cache_blocks(seq)
         for seq in list(self.running):
             if id(seq) not in sampled:
                 continue
             token, lp = sampled[id(seq)]
             seq.append(token, self.max_len)
             lps = [lp] if lp else None
-            out = StepOutput(seq.request_id, [token], seq.text_delta(), seq.finish, lps, seq.stop_reason)
+            out = StepOutput(
+                seq.request_id, [token], seq.text_delta(), seq.finish, lps, seq.stop_reason, seq.cached_tokens
+            )
             outputs.append(out)
             if seq.finish:
                 self.running.remove(seq)
@@ -359,7 +388,39 @@ class Engine:
 
     def _free(self, seq: _Seq) -> None:
         self.allocator.release(seq.blocks)
-        seq.blocks, seq.cached = [], 0
+        seq.blocks, seq.cached, seq.registered = [], 0, 0
+
+    # prefix caching
+
+    def _block_hashes(self, seq: _Seq, n: int) -> list[int]:
+        """The hashes of the sequence's first ``n`` full blocks."""
+        if len(seq.hashes) < n:
+            bs, tokens = self.block_size, seq.tokens
+            for i in range(len(seq.hashes), n):
+                seq.hashes.append(block_hash(seq.hashes[-1] if i else None, tokens[i * bs : (i + 1) * bs]))
+        return seq.hashes[:n]
+
+    def _reuse_prefix(self, seq: _Seq) -> None:
+        """Start a sequence that holds no blocks on the longest chain of cached blocks of its tokens,
+        short of its last token (which is computed, so that there are logits to sample from)."""
+        matched = self.allocator.match(self._block_hashes(seq, (len(seq.tokens) - 1) // self.block_size))
+        self.allocator.take(matched)
+        seq.blocks, seq.registered = matched, len(matched)
+        seq.cached = len(matched) * self.block_size
+
+    def _cache_blocks(self, seq: _Seq) -> None:
+        """Put the sequence's blocks that are now full of computed tokens in the prefix cache."""
+        full, bs = seq.cached // self.block_size, self.block_size
+        if full <= seq.registered:
+            return
+        first, hashes, tokens = seq.registered, self._block_hashes(seq, full), seq.tokens
+        self.allocator.cache(
+            seq.blocks[first:full],
+            hashes[first:],
+            hashes[first - 1] if first else None,
+            [tokens[i * bs : (i + 1) * bs] for i in range(first, full)],
+        )
+        seq.registered = full
 
     def _victim_order(self):
         # lowest priority first, newest first within a priority
@@ -406,9 +467,19 @@ class Engine:
             new = seq not in self.running
             if new and len(self.running) >= self.max_running:
                 break
+            lookup = self.allocator.prefix_caching and not seq.blocks
+            if lookup:
+                self._reuse_prefix(seq)
             n = min(budget, len(seq.tokens) - seq.cached)
             if not self._grow(seq, seq.cached + n):
+                if new:
+                    self._free(seq)
                 break
+            if lookup:
+                self.prefix_queries += len(seq.tokens)
+                self.prefix_hits += seq.cached
+            if seq.cached_tokens is None:
+                seq.cached_tokens = min(seq.cached, len(seq.prompt))
             if new:
                 self._admit(seq)
             chunks.append((seq, seq.cached, n))

@@ -3,6 +3,7 @@
     ./launch.sh serve [--model DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
                       [--tp T] [--pp P] [--kv-cache-mib 512] [--block-size 16]
                       [--max-running 64] [--max-batched-tokens 512] [--max-wait-ms 0]
+                      [--no-prefix-caching]
                       [--max-queue 256] [--request-timeout S] [--batching continuous|static]
 
 Without ``--model`` it serves the demo checkpoint. The API key may also come from
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.compiled import MODES as DECODE_MODES
     from engine.quant import MODES as QUANT_MODES
     from engine.scheduler import BATCHING
+    from server.response_cache import add_response_cache_flags
 
     parser = argparse.ArgumentParser(prog="ringleader serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="checkpoint directory (default: the demo checkpoint)")
@@ -63,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache memory per rank")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    parser.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="compute every prompt in full instead of reusing the cached blocks of a prefix computed before",
+    )
     parser.add_argument("--max-running", type=int, default=64, help="sequences in the running batch")
     parser.add_argument("--max-batched-tokens", type=int, default=512, help="tokens per engine step")
     parser.add_argument(
@@ -115,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_parallel_flags(parser)
     add_cluster_flags(parser)
+    add_response_cache_flags(parser)
     return parser
 
 
@@ -148,9 +157,11 @@ def _serve(args, argv: list[str]) -> int:
     from engine.demo import ensure_demo
     from engine.replica import check_layout
     from engine.tokenizer import load_tokenizer
+    from server.response_cache import check_response_cache_flags
 
     _check_flags(args)
     make_cluster(args)  # its flags are checked before anything is loaded
+    check_response_cache_flags(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -227,6 +238,7 @@ def _engine_knobs(args) -> dict:
         "max_batched_tokens": args.max_batched_tokens,
         "batching": args.batching,
         "max_wait_s": args.max_wait_ms / 1000,
+        "prefix_caching": args.prefix_caching,
     }
 
 
@@ -341,6 +353,11 @@ def _run_server(args, engine, model_dir: str, model, layout=None) -> None:
     )
     cluster, signer = make_cluster(args)
     app = create_app(engine, config, cluster, signer)
+    if args.response_cache is not None:
+        from server.response_cache import add_response_cache, model_identity, store_from_flags
+
+        dtype = str(next(model.parameters()).dtype)
+        add_response_cache(app, store_from_flags(args), model_identity(model_dir, dtype, args.quantize))
     app[ENGINE_LOOP].step_deadline_s = args.step_deadline
     if args.grpc_port is not None:
         from server.grpc_service import add_grpc

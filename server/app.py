@@ -7,8 +7,9 @@ cluster ``server.cluster_face`` adds the member's routes. A client that disconne
 request, whose cache blocks are free before the next step.
 
 Routes: POST /v1/completions and /v1/chat/completions (streaming as server-sent events),
-GET /v1/models, POST /tokenize and /detokenize, GET /health, GET /ready, GET /metrics
-(Prometheus). Every error is one JSON shape: ``{"error": {"message", "type", "param", "code"}}``.
+GET /v1/models, POST /tokenize and /detokenize, POST /reset_prefix_cache, GET /health,
+GET /ready, GET /metrics (Prometheus). Every error is one JSON shape:
+``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from server import protocol
 from server.chat import ChatFormatter
 from server.cluster import Cluster, Signer
 from server.cluster_face import add_cluster, leader_middleware
-from server.engine_loop import EngineLoop
+from server.engine_loop import EngineLoop, ServerShutdown
 from server.metrics import make_metrics
 from server.serving import CHAT, TEXT, complete
 from server.state import (
@@ -161,13 +162,35 @@ async def ready(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready"})
 
 
+async def reset_prefix_cache(request: web.Request) -> web.Response:
+    """Forget every prefix this member's replica has cached; refused (409) while requests run on
+    cached blocks, as the reset could not take those back."""
+    if not request.app[ENGINE].prefix_caching:
+        raise ApiError(400, "prefix caching is off (--no-prefix-caching): there is no cache to reset")
+    try:
+        dropped = await request.app[ENGINE_LOOP].between_steps(lambda engine: engine.reset_prefix_cache())
+    except ServerShutdown as e:
+        raise ApiError(503, str(e), "server_error") from None
+    if dropped is None:
+        raise ApiError(
+            409, "requests are running on cached blocks; reset the prefix cache when they have finished",
+            "conflict_error", code="requests_running",
+        )  # fmt: skip
+    return web.json_response({"reset": True, "cached_blocks_dropped": dropped})
+
+
 async def metrics(request: web.Request) -> web.Response:
     m = request.app[METRICS]
     stats = request.app[ENGINE].stats()
     m["running"].set(stats.running)
     m["waiting"].set(stats.waiting)
     m["free_blocks"].set(stats.free_blocks)
+    m["cached_free_blocks"].set(stats.cached_free_blocks)
     m["kv_usage"].set(stats.kv_usage)
+    seen = m["engine_totals"]  # the engine counts from its start; the counters move by the difference
+    for name in ("prefix_cache_queries", "prefix_cache_hits"):
+        m[name].inc(getattr(stats, name) - seen.get(name, 0))
+        seen[name] = getattr(stats, name)
     process = m["process"]  # one object across scrapes: cpu_percent measures since the last call
     m["cpu"].set(process.cpu_percent(interval=None))
     m["rss"].set(process.memory_info().rss)
@@ -208,6 +231,7 @@ def create_app(
     app.router.add_get("/v1/models", models)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
+    app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)

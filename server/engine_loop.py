@@ -59,6 +59,8 @@ class EngineLoop:
         self.engine, self.metrics = engine, metrics
         self.incoming: list[tuple[str, list[int], SamplingParams, int]] = []
         self.cancels: list[str] = []
+        self.calls: list[tuple] = []  # (function, future): run on the engine between two steps
+        self.after_step: list = []  # functions called (no arguments) after every step, between steps
         self.queues: dict[str, asyncio.Queue] = {}
         self.wake = asyncio.Event()
         self.steps = 0
@@ -117,6 +119,15 @@ class EngineLoop:
     def outstanding(self) -> int:
         return len(self.queues)
 
+    async def between_steps(self, fn):
+        """Run ``fn(engine)`` between two steps (never while one runs) and return what it returns."""
+        if self.stopping or self.fatal is not None or self.task is None or self.task.done():
+            raise ServerShutdown("the engine loop is not running")
+        future = asyncio.get_running_loop().create_future()
+        self.calls.append((fn, future))
+        self.wake.set()
+        return await future
+
     def stop(self) -> None:
         """End the loop after the step in progress (a step is never cut off halfway: on a
         multi-rank replica the other ranks are in the middle of it too)."""
@@ -133,9 +144,19 @@ class EngineLoop:
             return False
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            for _, future in self.calls:
+                if not future.done():
+                    future.set_exception(ServerShutdown("the engine loop has stopped"))
+            self.calls.clear()
+
+    async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         keepalive = self.engine.keepalive_s
         while not self.stopping:
+            self._run_calls()
             idle = not (self.incoming or self.cancels or self.engine.has_work())
             held = 0.0 if idle or self.incoming or self.cancels else self.engine.idle_for()
             if idle or held > 0:
@@ -179,6 +200,21 @@ class EngineLoop:
             self.metrics["steps"].inc()
             for out in outputs:
                 self._deliver(out.request_id, out)
+            for fn in self.after_step:
+                fn()
+
+    def _run_calls(self) -> None:
+        calls, self.calls = self.calls, []
+        for fn, future in calls:
+            if future.done():
+                continue
+            try:
+                future.set_result(fn(self.engine))
+            except Exception as e:
+                future.set_exception(e)
+        if calls:
+            for fn in self.after_step:
+                fn()
 
     def _deliver(self, request_id: str, item) -> None:
         queue = self.queues.get(request_id)

@@ -175,6 +175,7 @@ class Choice:
     queue: asyncio.Queue
     tokens: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
+    cached: int = 0  # prompt tokens found in the prefix cache
 
 
 def _output_logprobs(tokens: list[int], logprobs, top: int) -> pb.OutputLogProbs:
@@ -283,6 +284,8 @@ class VllmEngineService(pb_grpc.VllmEngineServicer):
 
     def _answer(self, c: Choice, out: StepOutput, parsed: Parsed) -> list[pb.GenerateResponse]:
         c.tokens.extend(out.token_ids)
+        if out.cached_tokens is not None and not c.cached:
+            c.cached = out.cached_tokens
         if out.logprobs:
             c.logprobs.extend(out.logprobs)
         top = c.params.logprobs or 0
@@ -293,6 +296,7 @@ class VllmEngineService(pb_grpc.VllmEngineServicer):
                 token_ids=out.token_ids,
                 prompt_tokens=prompt_tokens,
                 completion_tokens=len(out.token_ids),
+                cached_tokens=c.cached,
                 index=c.index,
             )
             if c.params.logprobs is not None and out.logprobs:
@@ -304,6 +308,7 @@ class VllmEngineService(pb_grpc.VllmEngineServicer):
                 finish_reason=out.finish_reason,
                 prompt_tokens=prompt_tokens,
                 completion_tokens=len(c.tokens),
+                cached_tokens=c.cached,
                 index=c.index,
             )
             if c.params.logprobs is not None and not parsed.stream:
@@ -425,9 +430,24 @@ class VllmEngineService(pb_grpc.VllmEngineServicer):
             )
 
     async def FlushCache(self, request, context) -> common_pb2.FlushCacheResponse:
-        return common_pb2.FlushCacheResponse(
-            success=True, message="this server keeps no prefix cache: nothing to flush"
-        )
+        """Empty the prefix cache (``POST /reset_prefix_cache``), waiting up to ``timeout_s`` for the
+        requests running on cached blocks to finish (0: only if none runs now)."""
+        if not self.engine.prefix_caching:
+            return common_pb2.FlushCacheResponse(success=False, message="prefix caching is off")
+        loop = self.app[ENGINE_LOOP]
+        deadline = time.monotonic() + max(0.0, request.timeout_s)
+        while True:
+            try:
+                dropped = await loop.between_steps(lambda engine: engine.reset_prefix_cache())
+            except ServerShutdown as e:
+                return common_pb2.FlushCacheResponse(success=False, message=str(e))
+            if dropped is not None:
+                return common_pb2.FlushCacheResponse(success=True, message=f"dropped {dropped} cached blocks")
+            if time.monotonic() >= deadline:
+                return common_pb2.FlushCacheResponse(
+                    success=False, message="requests are running on cached blocks; nothing was flushed"
+                )
+            await asyncio.sleep(0.05)
 
     async def SubscribeKvEvents(self, request, context):
         await context.abort(

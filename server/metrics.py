@@ -62,11 +62,33 @@ def make_metrics() -> dict:
         "running": Gauge("ringleader_num_requests_running", "sequences in the running batch", registry=r),
         "waiting": Gauge("ringleader_num_requests_waiting", "sequences waiting to start", registry=r),
         "free_blocks": Gauge("ringleader_free_kv_blocks", "free KV cache blocks", registry=r),
+        "cached_free_blocks": Gauge(
+            "ringleader_cached_free_kv_blocks", "free KV cache blocks that hold a cached prefix", registry=r
+        ),
+        "prefix_cache_queries": Counter(
+            "ringleader_prefix_cache_queries", "tokens looked up in the prefix cache", registry=r
+        ),
+        "prefix_cache_hits": Counter(
+            "ringleader_prefix_cache_hits", "tokens found in the prefix cache", registry=r
+        ),
+        "engine_totals": {},
         "kv_usage": Gauge("ringleader_kv_cache_usage_perc", "fraction of KV cache blocks in use", registry=r),
         "prompt_tokens": Counter("ringleader_prompt_tokens", "prompt tokens received", registry=r),
         "generation_tokens": Counter("ringleader_generation_tokens", "tokens generated", registry=r),
         "finished": Counter(
             "ringleader_request_success", "finished requests", ["finished_reason"], registry=r
+        ),
+        # server.response_cache: every deterministic request's lookup is one of hit, miss or error
+        "response_cache_hits": Counter(
+            "ringleader_response_cache_hits", "requests answered from the response cache", registry=r
+        ),
+        "response_cache_misses": Counter(
+            "ringleader_response_cache_misses", "deterministic requests computed, then stored", registry=r
+        ),
+        "response_cache_errors": Counter(
+            "ringleader_response_cache_errors",
+            "response cache lookups and stores that failed or were skipped after a failure",
+            registry=r,
         ),
         "ttft": Histogram(
             "ringleader_time_to_first_token_seconds",

@@ -49,7 +49,7 @@ def encode_line(item) -> bytes:
     elif isinstance(item, Exception):
         line = {"error": str(item), "kind": "replica"}
     else:
-        line = {"t": item.token_ids, "f": item.finish_reason, "lp": item.logprobs}
+        line = {"t": item.token_ids, "f": item.finish_reason, "lp": item.logprobs, "c": item.cached_tokens}
     return json.dumps(line).encode() + b"\n"
 
 
@@ -58,7 +58,7 @@ def decode_line(request_id: str, line: bytes) -> StepOutput:
     item = json.loads(line)
     if "error" in item:
         raise LineError(item["error"], item.get("kind", "replica"), item.get("param"))
-    return StepOutput(request_id, item["t"], "", item.get("f"), item.get("lp"))
+    return StepOutput(request_id, item["t"], "", item.get("f"), item.get("lp"), cached_tokens=item.get("c"))
 
 
 class ReplicaLost(Exception):
@@ -299,7 +299,8 @@ class Router:
                         for i, token in enumerate(out.token_ids):
                             seq.append(token, self.max_len)
                             lp = [out.logprobs[i]] if out.logprobs else None
-                            put(StepOutput(rid, [token], seq.text_delta(), seq.finish, lp, seq.stop_reason))
+                            put(StepOutput(rid, [token], seq.text_delta(), seq.finish, lp, seq.stop_reason,
+                                           out.cached_tokens))  # fmt: skip
                             if seq.finish is not None:
                                 return
                         if out.finish_reason is not None:

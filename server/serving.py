@@ -22,7 +22,7 @@ from engine.tokenizer import IncrementalDetokenizer
 from server.engine_loop import ServerShutdown
 from server.protocol import ProtocolError, check_fields, field_value, sampling
 from server.router import NoReplica
-from server.state import CLUSTER, CONFIG, ENGINE, FRONT, METRICS, ApiError
+from server.state import CLUSTER, CONFIG, ENGINE, FRONT, METRICS, RESPONSE_CACHE, ApiError
 
 
 @dataclass(frozen=True)
@@ -186,6 +186,12 @@ class Choice:
     echo: str  # text put before the completion (the prompt, with echo)
     logprobs: Logprobs | None
     prompt_index: int  # which prompt of the request (n choices share one)
+    cached: int = 0  # prompt tokens found in the prefix cache
+
+    def took(self, item: StepOutput) -> None:
+        """Note what an output says of the choice (its first admission's cached prompt tokens)."""
+        if item.cached_tokens is not None and not self.cached:
+            self.cached = item.cached_tokens
 
 
 async def complete(
@@ -213,6 +219,8 @@ async def complete(
     as_ids = field_value(body, "return_tokens_as_token_ids", bool, False, None, "a boolean")
     for prompt in prompts:
         check_request(prompt, params, engine.config.vocab_size, engine.max_len)
+    if app.get(RESPONSE_CACHE) is not None:  # a hit replays a stored answer, a miss is recorded for it
+        loop = await app[RESPONSE_CACHE].front(request, loop, prompts, params, n)
     if loop.outstanding() + len(prompts) * n > config.max_queue:
         raise ApiError(429, "the server's queue is full; retry later", "rate_limit_error")
     completion_id = f"{shape.prefix}-{uuid.uuid4().hex}"
@@ -284,12 +292,15 @@ async def _next(queue: asyncio.Queue, timeout_s) -> StepOutput:
 
 
 def _usage(choices: list[Choice], counts) -> dict:
-    """OpenAI's usage: each prompt counted once, however many choices (n) it has."""
-    prompt_tokens = sum(len(c.prompt) for c in {c.prompt_index: c for c in choices}.values())
+    """OpenAI's usage: each prompt counted once, however many choices (n) it has; of its tokens,
+    those its first choice found in the prefix cache."""
+    firsts = {c.prompt_index: c for c in reversed(choices)}.values()
+    prompt_tokens = sum(len(c.prompt) for c in firsts)
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": sum(counts),
         "total_tokens": prompt_tokens + sum(counts),
+        "prompt_tokens_details": {"cached_tokens": sum(c.cached for c in firsts)},
     }
 
 
@@ -299,6 +310,7 @@ async def _collect(head, shape: Rendering, choices: list[Choice], timeout: float
         text, count, reason, logprobs = [c.echo], 0, None, []
         while reason is None:
             item = await _next(c.queue, timeout)
+            c.took(item)
             text.append(item.text)
             count += len(item.token_ids)
             reason = item.finish_reason
@@ -348,6 +360,7 @@ async def _stream(
                     await response.write(b"data: [DONE]\n\n")
                     return response
                 c = choices[index]
+                c.took(item)
                 counts[index] += len(item.token_ids)
                 logprobs = shape.logprobs(c.logprobs.entries(item)) if c.logprobs is not None else None
                 text = (c.echo + item.text) if not started[index] else item.text

@@ -102,6 +102,11 @@ def test_compiled_engine_generates_what_the_eager_one_does(model):
     assert set(steps) == {1, 2, 4} and sum(steps.values()) >= 12  # the decodes ran compiled
     assert counters["stats"]["unique_graphs"] == graphs  # every step found its graph compiled
     assert eager.allocator.num_free == compiled.allocator.num_free == 39
+    # the same requests again start from their cached prompts, and decode compiled the same
+    hits = compiled.stats().prefix_cache_hits
+    assert run(compiled, prompts, params, arrivals) == want
+    assert compiled.stats().prefix_cache_hits - hits == sum((len(p) - 1) // BLOCK * BLOCK for p in prompts)
+    assert compiled.allocator.num_free == 39
 
 
 def test_compiled_decoding_needs_a_whole_model(model):

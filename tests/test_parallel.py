@@ -96,6 +96,20 @@ def test_logits_match_transformers_at_every_step(run, checkpoints):
             assert (got - ref_logits).abs().max().item() <= TOL, f"{name} prompt {i}"
 
 
+def test_prefix_caching_on_the_replica_gives_what_no_caching_gives(run):
+    tp, pp, ranks = run
+    plain, cached = ranks[0]["engine"][False], ranks[0]["engine"][True]
+    assert plain["hits"] == 0 and cached["hits"] >= 2 * 20  # the last two find all 5 shared blocks
+    assert cached["free"] == plain["free"] == 63  # every block back
+    assert plain["outputs"].keys() == cached["outputs"].keys() and len(plain["outputs"]) == 5
+    for rid, ref in plain["outputs"].items():
+        got = cached["outputs"][rid]
+        assert [t for t, _ in got] == [t for t, _ in ref], rid
+        flat = [(lp, *(v for _, v in top)) for _, lps in ref for lp, top in lps]
+        flat_got = [(lp, *(v for _, v in top)) for _, lps in got for lp, top in lps]
+        assert torch.tensor(flat_got).sub(torch.tensor(flat)).abs().max() < 1e-5, rid
+
+
 def test_each_rank_holds_its_share_of_the_parameters(run, checkpoints):
     root, _ = checkpoints
     tp, pp, ranks = run

@@ -76,6 +76,20 @@ def test_completions_and_chat_equal_one_process(server, client, gen):
     assert chat.usage.completion_tokens == 6
 
 
+def test_a_shared_prefix_is_found_in_the_replicas_cache_and_changes_nothing(client, gen):
+    prefix = "the leader of the cluster sends each rank the plan of every step, " * 3
+    for i, suffix in enumerate(("and then waits", "while the ranks compute")):
+        ref = _greedy(gen, prefix + suffix, 10)
+        body = {"ignore_eos": True}
+        out = client.completions.create(
+            model="tiny", prompt=prefix + suffix, max_tokens=10, temperature=0, extra_body=body
+        )
+        assert out.choices[0].text == ref.text
+        cached = out.usage.prompt_tokens_details.cached_tokens
+        # the second finds the first's full blocks (16 tokens each) of the shared prefix
+        assert cached == 0 if i == 0 else cached >= 16 * (len(gen.tokenizer.encode(prefix)) // 16 - 1)
+
+
 def test_sampling_features_equal_one_process(client, gen):
     params = SamplingParams(max_tokens=10, temperature=0.8, seed=11, repetition_penalty=1.4, logprobs=2,
                             ignore_eos=True)  # fmt: skip
