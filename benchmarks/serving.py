@@ -84,6 +84,7 @@ class Result:
     e2e: float = 0.0
     start: float = 0.0  # when it was sent, seconds after the run began
     error: str = ""
+    token_ids: list[int] = field(default_factory=list)  # what it generated (with ``ids`` in send)
 
 
 # workload
@@ -119,6 +120,41 @@ def sample_workload(
             new = min(4 * output_len, max(1, round(rng.expovariate(1 / output_len))))
         requests.append(Request([rng.randrange(FIRST_ID, vocab_size) for _ in range(prompt_len)], new))
     return requests
+
+
+def shared_prefix_workload(
+    groups: int,
+    per_group: int,
+    system_len: int,
+    question_len: int,
+    output_len: int,
+    vocab_size: int,
+    seed: int,
+) -> list[Request]:
+    """``groups`` long system prompts, each followed by ``per_group`` questions of its own (as
+    SGLang's generated-shared-prefix benchmark builds them), in a seeded random order."""
+    rng = random.Random(f"shared prefix {seed}")
+
+    def ids(n):
+        return [rng.randrange(FIRST_ID, vocab_size) for _ in range(n)]
+
+    systems = [ids(system_len) for _ in range(groups)]
+    requests = [
+        Request(system + ids(question_len), output_len) for system in systems for _ in range(per_group)
+    ]
+    rng.shuffle(requests)
+    return requests
+
+
+def conversation_workload(
+    conversations: int, turns: int, message_len: int, vocab_size: int, seed: int
+) -> list[list[list[int]]]:
+    """Each conversation's user messages, turn by turn (random ids)."""
+    rng = random.Random(f"conversations {seed}")
+    return [
+        [[rng.randrange(FIRST_ID, vocab_size) for _ in range(message_len)] for _ in range(turns)]
+        for _ in range(conversations)
+    ]
 
 
 def arrival_times(num: int, rate: float, burstiness: float, seed: int) -> list[float]:
@@ -165,10 +201,18 @@ def other_cpu_percent(before: tuple[float, float], after: tuple[float, float], w
 
 
 async def send(
-    session, url: str, headers: dict, model: str, req: Request, ignore_eos: bool, text: bool = False
+    session,
+    url: str,
+    headers: dict,
+    model: str,
+    req: Request,
+    ignore_eos: bool,
+    text: bool = False,
+    ids: bool = False,
 ) -> Result:
     """One streaming completion (the prompt as token ids, or with ``text`` as text); a chunk with
-    choices in it is one that carries tokens."""
+    choices in it is one that carries tokens. ``ids``: also collect the generated token ids (asked
+    for as log-probability entries, ``return_tokens_as_token_ids``)."""
     import aiohttp
 
     body = {
@@ -181,6 +225,8 @@ async def send(
     }
     if ignore_eos:
         body["ignore_eos"] = True
+    if ids:
+        body.update(logprobs=0, return_tokens_as_token_ids=True)
     res = Result(prompt_len=len(req.prompt), output_len=req.output_len)
     usage, last = None, None
     sent = time.perf_counter()
@@ -202,6 +248,9 @@ async def send(
                     res.error = f"error in the stream: {chunk['error']}"
                     return res
                 if chunk.get("choices"):
+                    if ids:
+                        tokens = (chunk["choices"][0].get("logprobs") or {}).get("tokens") or []
+                        res.token_ids += [int(t.removeprefix("token_id:")) for t in tokens]
                     if last is None:
                         res.ttft = now - sent
                     else:
@@ -582,6 +631,7 @@ ROWS = [
     ("output throughput (tok/s)", "output_throughput", "{:.1f}"),
     ("total throughput (tok/s)", "total_token_throughput", "{:.1f}"),
     ("other processes' CPU (% of machine)", "other_cpu_pct", "{:.1f}"),
+    ("prefix cache hit rate", "prefix_hit_rate", "{:.3f}"),
 ] + [
     (f"{stat} {label} (ms)", f"{stat}_{name}_ms", "{:.1f}")
     for name, label in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2el", "E2E latency"))
@@ -752,6 +802,167 @@ def compare(args, model_dir: str, requests: list[Request], info: dict) -> dict:
     }
 
 
+# prefix caching (--prefix-cache)
+
+
+def prefix_counters(base_url: str) -> tuple[float, float]:
+    """The server's prefix-cache (queries, hits), in tokens, from /metrics."""
+    import re
+
+    with urllib.request.urlopen(base_url + "/metrics", timeout=30) as response:
+        text = response.read().decode()
+
+    def value(name):
+        found = re.search(rf"^{name} (\S+)$", text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    return value("ringleader_prefix_cache_queries_total"), value("ringleader_prefix_cache_hits_total")
+
+
+async def run_conversations(
+    base_url: str, conversations: list[list[list[int]]], args, concurrency: int | None, server_pid=None
+) -> tuple[list[Result], float, float | None]:
+    """Multi-turn chats: each turn's prompt is the conversation so far (every earlier message and
+    answer, as token ids) plus the next message; a conversation sends its next turn when the
+    answer to the last one has arrived; at most ``concurrency`` conversations at once."""
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    model = served_model(base_url, headers)
+    url = base_url.rstrip("/") + "/v1/completions"
+    gate = asyncio.Semaphore(concurrency) if concurrency else contextlib.nullcontext()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+        warm = await send(session, url, headers, model, Request([FIRST_ID] * 8, 4), args.ignore_eos, ids=True)
+        if not warm.ok:
+            raise SystemExit(f"the warm-up request to {url} failed: {warm.error}")
+        cpu = cpu_snapshot([server_pid] if server_pid else [])
+        start = time.perf_counter()
+
+        async def chat(messages: list[list[int]]) -> list[Result]:
+            history, results = [], []
+            async with gate:
+                for message in messages:
+                    req = Request(history + message, args.output_len)
+                    res = await send(session, url, headers, model, req, args.ignore_eos, ids=True)
+                    res.start = time.perf_counter() - start
+                    results.append(res)
+                    if not res.ok or len(res.token_ids) != res.output_tokens:
+                        res.ok, res.error = False, res.error or "the answer's token ids did not all arrive"
+                        break
+                    history = req.prompt + res.token_ids
+            return results
+
+        done = await asyncio.gather(*(chat(c) for c in conversations))
+        duration = time.perf_counter() - start
+    other = other_cpu_percent(cpu, cpu_snapshot([server_pid]), duration) if server_pid else None
+    return [r for results in done for r in results], duration, other
+
+
+def prefix_compare(args, model_dir: str, workload, info: dict) -> dict:
+    """One workload against a server without prefix caching, then one with it (the default), in
+    one invocation: TTFT, throughput and the hit rate side by side."""
+    concurrency = args.max_concurrency
+    runs, detail = {}, {}
+    for name, extra in (("no caching", ("--no-prefix-caching",)), ("prefix caching", ())):
+        print(f"server with {name} ...", flush=True)
+        with server(model_dir, args, args.batching, args.max_running, extra) as (url, pid):
+            before = prefix_counters(url)
+            if args.dataset == "multi-turn":
+                results, duration, other = asyncio.run(
+                    run_conversations(url, workload, args, concurrency, pid)
+                )
+            else:
+                results, duration, other = asyncio.run(run_load(url, workload, args, concurrency, pid))
+            after = prefix_counters(url)
+        m = summarize(results, duration, other)
+        queries, hits = after[0] - before[0], after[1] - before[1]
+        m["prefix_cache_queries"], m["prefix_cache_hits"] = queries, hits
+        m["prefix_hit_rate"] = hits / queries if queries else None
+        runs[name], detail[name] = m, results
+        report_line(name, m)
+    off, on = runs["no caching"], runs["prefix caching"]
+    print()
+    print(table(runs))
+    print()
+    speedup = off["median_ttft_ms"] / on["median_ttft_ms"] if on["median_ttft_ms"] else None
+    gain = on["output_throughput"] / off["output_throughput"] if off["output_throughput"] else None
+    if speedup is not None:
+        print(
+            f"TTFT p50: {off['median_ttft_ms']:.1f} ms without caching, {on['median_ttft_ms']:.1f} ms "
+            f"with: {speedup:.2f}x lower"
+        )
+    if gain is not None:
+        print(f"output throughput: {gain:.2f}x with caching")
+    if on["prefix_hit_rate"] is not None:
+        print(f"prefix cache hit rate (tokens found / tokens looked up): {on['prefix_hit_rate']:.1%}")
+    busy = [name for name, m in runs.items() if (m["other_cpu_pct"] or 0) > OTHER_CPU_WARN]
+    if busy:
+        print(f"warning: other processes were busy during {', '.join(busy)}: rerun on a quiet machine")
+    return {
+        **info,
+        "runs": runs,
+        "comparison": {"ttft_p50_speedup": speedup, "output_throughput_gain": gain},
+        "_detail": detail,
+    }
+
+
+def cluster_compare(args, model_dir: str, workload, info: dict) -> dict:
+    """One workload against one replica, then an emulated ``--cluster N``-member cluster on loopback
+    routing cache-aware, then one routing least-loaded (prefix caching on everywhere; requests go to
+    the leader): the hit rate of each, summed over its replicas, and the clusters' against the
+    single replica's."""
+    from server.testing.cluster import Cluster
+
+    concurrency = args.max_concurrency
+    flags = ["--kv-cache-mib", str(args.kv_cache_mib), "--block-size", str(args.block_size),
+             "--max-batched-tokens", str(args.max_batched_tokens), "--max-queue", "1024",
+             *shlex.split(args.server_args)]  # fmt: skip
+
+    def load(url, pid=None):
+        if args.dataset == "multi-turn":
+            return asyncio.run(run_conversations(url, workload, args, concurrency, pid))
+        return asyncio.run(run_load(url, workload, args, concurrency, pid))
+
+    def measure(name, urls, run):
+        before = [prefix_counters(u) for u in urls]
+        results, duration, other = run()
+        after = [prefix_counters(u) for u in urls]
+        m = summarize(results, duration, other)
+        queries = sum(a[0] - b[0] for a, b in zip(after, before))
+        hits = sum(a[1] - b[1] for a, b in zip(after, before))
+        m["prefix_cache_queries"], m["prefix_cache_hits"] = queries, hits
+        m["prefix_hit_rate"] = hits / queries if queries else None
+        report_line(name, m)
+        return m, results
+
+    runs, detail = {}, {}
+    print("one replica ...", flush=True)
+    with server(model_dir, args, args.batching, args.max_running) as (url, pid):
+        runs["one replica"], detail["one replica"] = measure("one replica", [url], lambda: load(url, pid))
+    for routing in ("cache-aware", "least-loaded"):
+        name = f"{args.cluster} replicas, {routing}"
+        print(f"cluster of {args.cluster} members on loopback, --routing {routing} ...", flush=True)
+        names = tuple(f"n{i + 1}" for i in range(args.cluster))
+        cluster = Cluster(model_dir, names, ("--threads", "1", *flags, "--routing", routing))
+        try:
+            leader = cluster.leader(timeout=60)
+            urls = [cluster.url(n) for n in names]
+            runs[name], detail[name] = measure(name, urls, lambda: load(cluster.url(leader)))  # noqa: B023
+        finally:
+            cluster.stop()
+    print()
+    print(table(runs))
+    print()
+    single_rate = runs["one replica"]["prefix_hit_rate"] or 0
+    ratios = {}
+    for name, m in runs.items():
+        if name != "one replica" and m["prefix_hit_rate"] is not None and single_rate:
+            ratios[name] = m["prefix_hit_rate"] / single_rate
+            print(f"hit rate, {name}: {m['prefix_hit_rate']:.1%} = {ratios[name]:.2f}x one replica's "
+                  f"{single_rate:.1%}")  # fmt: skip
+    return {**info, "runs": runs, "comparison": {"hit_rate_over_one_replica": ratios}, "_detail": detail}
+
+
 def single(args, model_dir: str | None, requests: list[Request], info: dict) -> dict:
     concurrency = args.max_concurrency
     name = args.batching or "server"
@@ -784,6 +995,30 @@ def main() -> int:
         help="one server: its own HTTP front end vs the smg gateway over gRPC (the model needs "
         "tokenizer.json, "
         "or one is converted from tokenizer.model)",
+    )
+    parser.add_argument(
+        "--prefix-cache", action="store_true", help="a server without prefix caching vs one with it"
+    )
+    parser.add_argument(
+        "--dataset",
+        choices=["random", "shared-prefix", "multi-turn"],
+        default="random",
+        help="random prompts; groups sharing a long system prompt; or multi-turn conversations",
+    )
+    parser.add_argument("--num-groups", type=int, default=4, help="shared-prefix: system prompts")
+    parser.add_argument("--prompts-per-group", type=int, default=8, help="shared-prefix: questions per group")
+    parser.add_argument("--system-prompt-len", type=int, default=1900, help="shared-prefix: tokens")
+    parser.add_argument("--question-len", type=int, default=100, help="shared-prefix: tokens")
+    parser.add_argument("--num-conversations", type=int, default=8, help="multi-turn: conversations")
+    parser.add_argument(
+        "--cluster",
+        type=int,
+        default=0,
+        help="with --prefix-cache: one replica vs a loopback cluster of N members routing cache-aware "
+        "vs least-loaded (hit rates)",
+    )
+    parser.add_argument(
+        "--turns", type=int, default=6, help="multi-turn: turns each (messages of --input-len tokens)"
     )
     parser.add_argument("--num-prompts", type=int, default=128)
     parser.add_argument("--input-len", type=int, default=64)
@@ -828,8 +1063,14 @@ def main() -> int:
         return 0
     if (args.compare or args.gateway) and args.base_url:
         parser.error("--compare and --gateway start their own servers; they do not take --base-url")
-    if args.compare and args.gateway:
-        parser.error("--compare and --gateway are two different runs")
+    if sum((args.compare, args.gateway, args.prefix_cache)) > 1:
+        parser.error("--compare, --gateway and --prefix-cache are different runs")
+    if args.prefix_cache and args.base_url:
+        parser.error("--prefix-cache starts its own servers; it does not take --base-url")
+    if args.cluster and (not args.prefix_cache or args.cluster < 2):
+        parser.error("--cluster N (N >= 2) runs with --prefix-cache")
+    if args.dataset == "multi-turn" and not args.prefix_cache:
+        parser.error("--dataset multi-turn runs with --prefix-cache")
     if args.compare and args.max_concurrency is None:
         args.max_concurrency = 32
     if args.request_rate <= 0 or args.burstiness <= 0:
@@ -843,22 +1084,48 @@ def main() -> int:
 
         model_dir = str(ensure_demo())
     vocab = args.vocab_size or vocab_size_of(model_dir)
-    requests = sample_workload(
-        args.num_prompts,
-        args.input_len,
-        args.output_len,
-        args.range_ratio,
-        vocab,
-        args.seed,
-        args.output_dist,
-    )
+    conversations = None
+    if args.dataset == "shared-prefix":
+        requests = shared_prefix_workload(
+            args.num_groups,
+            args.prompts_per_group,
+            args.system_prompt_len,
+            args.question_len,
+            args.output_len,
+            vocab,
+            args.seed,
+        )
+    elif args.dataset == "multi-turn":
+        conversations = conversation_workload(
+            args.num_conversations, args.turns, args.input_len, vocab, args.seed
+        )
+        requests = [Request(m, args.output_len) for c in conversations for m in c]  # the messages alone
+    else:
+        requests = sample_workload(
+            args.num_prompts,
+            args.input_len,
+            args.output_len,
+            args.range_ratio,
+            vocab,
+            args.seed,
+            args.output_dist,
+        )
     with tempfile.TemporaryDirectory() as tmp:
         if args.gateway:
             model_dir = gateway_model_dir(model_dir, tmp)
             requests = as_text(model_dir, requests)
         info = preamble(args, model_dir, requests, args.max_concurrency)
+        if conversations is not None:
+            print(
+                f"multi-turn: {len(conversations)} conversations of {args.turns} turns; each turn sends the "
+                f"conversation so far plus a {args.input_len}-token message and gets {args.output_len} tokens"
+            )
         if args.gateway:
             record = gateway_compare(args, model_dir, requests, info)
+        elif args.prefix_cache and args.cluster:
+            record = cluster_compare(args, model_dir, conversations or requests, info)
+        elif args.prefix_cache:
+            record = prefix_compare(args, model_dir, conversations or requests, info)
         elif args.compare:
             record = compare(args, model_dir, requests, info)
         else:

@@ -5,6 +5,8 @@
                       [--max-running 64] [--max-batched-tokens 512] [--max-wait-ms 0]
                       [--no-prefix-caching]
                       [--max-queue 256] [--request-timeout S] [--batching continuous|static]
+                      [--response-cache memory|redis://HOST:PORT/DB] [--response-cache-size 1024]
+                      [--response-cache-ttl 3600]
 
 Without ``--model`` it serves the demo checkpoint. The API key may also come from
 RINGLEADER_API_KEY, the host and port from RINGLEADER_HOST and RINGLEADER_PORT. With tp x pp > 1
@@ -29,6 +31,7 @@ from comm.layout import LayoutError
 from engine.cli import add_dtype_flag, add_parallel_flags, exec_torchrun, launched_as_rank
 from engine.errors import RingleaderError
 from server.cluster import add_cluster_flags
+from server.routing import add_routing_flags, policy_from_flags
 
 DEFAULT_PORT = 8000
 GENERATION_CONFIG = ("auto", "none")  # --generation-config
@@ -123,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_parallel_flags(parser)
     add_cluster_flags(parser)
+    add_routing_flags(parser)
     add_response_cache_flags(parser)
     return parser
 
@@ -135,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     except (RingleaderError, LayoutError) as e:
         print(f"ringleader: error: {e}", file=sys.stderr)
         return 2
+
+
+def _routing_policy(args):
+    try:
+        return policy_from_flags(args)
+    except ValueError as e:
+        raise RingleaderError(str(e)) from None
 
 
 def _check_flags(args) -> None:
@@ -161,6 +172,7 @@ def _serve(args, argv: list[str]) -> int:
 
     _check_flags(args)
     make_cluster(args)  # its flags are checked before anything is loaded
+    _routing_policy(args)
     check_response_cache_flags(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -350,6 +362,7 @@ def _run_server(args, engine, model_dir: str, model, layout=None) -> None:
         max_queue=args.max_queue,
         request_timeout_s=args.request_timeout,
         drain_timeout_s=args.drain_timeout,
+        routing=_routing_policy(args),
     )
     cluster, signer = make_cluster(args)
     app = create_app(engine, config, cluster, signer)

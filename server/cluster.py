@@ -168,7 +168,13 @@ class Cluster:
         return ack is not None and time.monotonic() - ack < self.dead_after_s
 
     def leader_url(self) -> str | None:
-        return self.members[self.leader].url if self.leader and self.leader != self.me else None
+        """The leader's URL while this member hears from it (within the shortest election
+        timeout, as for votes); None when this member leads or knows no live leader."""
+        if self.leader is None or self.leader == self.me:
+            return None
+        if time.monotonic() - self.last_contact >= self.election_timeout_s[0]:
+            return None
+        return self.members[self.leader].url
 
     def describe(self) -> dict:
         now = time.monotonic()

@@ -23,8 +23,10 @@ from server.cluster import (
     cluster_metrics,
     verified,
 )
+from server.response_cache import CACHE_HEADER
 from server.router import Router, encode_line
-from server.state import CLUSTER, ENGINE_LOOP, FRONT, METRICS, PROXY, ROUTER, SIGNER, ApiError
+from server.routing import PrefixIndex
+from server.state import CLUSTER, CONFIG, ENGINE_LOOP, FRONT, METRICS, PROXY, ROUTER, SIGNER, ApiError
 
 
 @web.middleware
@@ -43,25 +45,49 @@ async def leader_middleware(request: web.Request, handler):
 
 
 async def _forward(request: web.Request, leader: str) -> web.StreamResponse:
-    session = request.app[PROXY]
+    session, cluster = request.app[PROXY], request.app[CLUSTER]
     headers = {
         k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type", "accept")
     }
+    body = await request.read()
+    response = None
     try:
-        async with session.request(request.method, leader + request.path_qs, data=await request.read(),
-                                   headers=headers) as upstream:  # fmt: skip
+        sent = session.request(request.method, leader + request.path_qs, data=body, headers=headers)
+        async with await _while_leader_heard(cluster, sent) as upstream:
             response = web.StreamResponse(status=upstream.status)
-            for key in ("Content-Type", "Retry-After", TERM_HEADER):
+            for key in ("Content-Type", "Retry-After", TERM_HEADER, CACHE_HEADER):
                 if key in upstream.headers:
                     response.headers[key] = upstream.headers[key]
             await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
+            while chunk := await _while_leader_heard(cluster, upstream.content.readany()):
                 await response.write(chunk)
             await response.write_eof()
             return response
     except (aiohttp.ClientError, asyncio.TimeoutError):
+        if response is not None and response.prepared:
+            # the answer has begun: cut it, as a leader that lost its lease cuts its own
+            if request.transport is not None:
+                request.transport.abort()
+            return response
         raise ApiError(503, f"the leader at {leader} did not answer; retry shortly", "server_error",
                        code="no_leader") from None  # fmt: skip
+
+
+async def _while_leader_heard(cluster: Cluster, awaitable):
+    """``awaitable``'s result, unless this member stops hearing from the leader first
+    (asyncio.TimeoutError): a paused leader still accepts connections (the kernel does) but
+    answers nothing."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=cluster.heartbeat_s)
+            if done:
+                return task.result()
+            if cluster.leader_url() is None:
+                raise asyncio.TimeoutError
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 async def _add_term(request: web.Request, response: web.StreamResponse) -> None:
@@ -127,6 +153,9 @@ def add_cluster(app: web.Application, engine: Engine, cluster: Cluster, signer: 
 
     cluster.replica_state = replica_state
     router = Router(loop, cluster, signer, engine.tokenizer, engine.eos_ids, engine.max_len, app[METRICS])
+    router.policy = app[CONFIG].routing
+    # the index of each replica forgets about as fast as a cache of this replica's size evicts
+    router.block_size, router.index = engine.block_size, PrefixIndex(engine.num_blocks - 1)
     app[ROUTER] = app[FRONT] = router
 
     async def members(app: web.Application):

@@ -18,6 +18,7 @@ token, and a seeded request gives the same text as without the failure.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import json
 import secrets
@@ -31,6 +32,7 @@ from engine.request import SamplingParams, Sequence, StepOutput
 from server.cluster import Cluster, Signer
 from server.engine_loop import ServerShutdown
 from server.metrics import RequestTimings
+from server.routing import PrefixIndex, RoutingPolicy, prompt_hashes
 
 
 class LineError(Exception):
@@ -183,6 +185,11 @@ class Router:
         self.tasks: dict[str, asyncio.Task] = {}
         self.route_timeout_s = 30.0
         self.timings = RequestTimings(metrics)  # the leader's metrics count every request it routes
+        # where requests go (server.routing): the policy, and what each replica is believed to cache
+        self.policy = RoutingPolicy()
+        self.block_size = 16
+        self.index = PrefixIndex(1 << 16)
+        self.routed: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=2))
@@ -247,7 +254,14 @@ class Router:
 
     def replica_rows(self) -> list[dict]:
         return [
-            {"name": n, "routable": self._routable(n), "outstanding": self.load[n]} for n in self.replicas
+            {
+                "name": n,
+                "routable": self._routable(n),
+                "outstanding": self.load[n],
+                "routed": dict(self.routed[n]),  # requests sent there, by why ("cache", "load", "balance")
+                "indexed_blocks": self.index.size(n),  # blocks the router believes it caches
+            }
+            for n in self.replicas
         ]
 
     # routing
@@ -265,11 +279,23 @@ class Router:
             del self.lost[name]
         return True
 
-    async def _pick(self, deadline: float) -> str:
+    async def _pick(self, deadline: float, tokens: list[int]) -> str:
+        """A routable replica for a sequence whose known tokens are ``tokens`` (``server.routing``)."""
+        hashes = prompt_hashes(tokens, self.block_size) if self.policy.policy == "cache-aware" else []
         while True:
-            names = [n for n in self.replicas if self._routable(n)]
+            names = []
+            for n in self.replicas:
+                if self._routable(n):
+                    names.append(n)
+                else:
+                    self.index.drop(n)  # out of routing: whatever it cached may be gone with it
             if names:
-                return min(names, key=lambda n: (self.load[n], n != self.cluster.me, n))
+                name, why = self.policy.pick(
+                    names, self.load, self.index, hashes, len(tokens), self.block_size, self.cluster.me
+                )
+                self.routed[name][why] += 1
+                self.index.insert(name, hashes)
+                return name
             if time.monotonic() >= deadline:
                 raise NoReplica("no live replica to run the request")
             await asyncio.sleep(0.05)
@@ -286,7 +312,7 @@ class Router:
         attempt = 0
         try:
             while seq.finish is None:
-                name = await self._pick(time.monotonic() + self.route_timeout_s)
+                name = await self._pick(time.monotonic() + self.route_timeout_s, prompt + seq.out)
                 attempt += 1
                 self.load[name] += 1
                 try:
@@ -302,6 +328,8 @@ class Router:
                             put(StepOutput(rid, [token], seq.text_delta(), seq.finish, lp, seq.stop_reason,
                                            out.cached_tokens))  # fmt: skip
                             if seq.finish is not None:
+                                # its whole sequence is cached there now (a next turn starts with it)
+                                self.index.insert(name, prompt_hashes(prompt + seq.out[:-1], self.block_size))
                                 return
                         if out.finish_reason is not None:
                             # the replica ended it for a reason this side did not see (both sides
@@ -310,6 +338,7 @@ class Router:
                             put(StepOutput(rid, [], seq.text_delta(), seq.finish))
                             return
                 except ReplicaLost as e:
+                    self.index.drop(name)  # whatever it cached is gone with it
                     if name not in self.lost:
                         self.lost[name] = time.monotonic()
                         self._count("failovers")

@@ -4,6 +4,7 @@ the application's state."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -13,6 +14,10 @@ from server.chat import ChatFormatter
 from server.cluster import Cluster, Signer
 from server.engine_loop import EngineLoop, RequestFront
 from server.router import Router
+from server.routing import RoutingPolicy
+
+if TYPE_CHECKING:
+    from server.response_cache import ResponseCache
 
 
 @dataclass
@@ -25,6 +30,7 @@ class ServerConfig:
     drain_timeout_s: float = 20.0  # on shutdown, how long in-flight requests may take to finish
     # sampling values a request that leaves them out gets (generation_config.json's, as vLLM)
     sampling_defaults: dict = field(default_factory=dict)
+    routing: RoutingPolicy = field(default_factory=RoutingPolicy)  # a cluster router's policy
 
 
 class ApiError(Exception):
@@ -48,3 +54,4 @@ CLUSTER = web.AppKey("cluster", Cluster)
 ROUTER = web.AppKey("router", Router)
 PROXY = web.AppKey("proxy", aiohttp.ClientSession)
 SIGNER = web.AppKey("signer", Signer)
+RESPONSE_CACHE: web.AppKey[ResponseCache] = web.AppKey("response_cache")
