@@ -11,10 +11,15 @@ official openai client, sent through a proxy that follows ``/ready``. Each repet
 - ``pause``: SIGSTOP the leader for twice its lease, then SIGCONT. Detection and failover as for
   ``leader``; the old leader must have stepped down.
 
-Every completed request is checked against the model's greedy output. Reported per fault: the
-median and max of detection and failover times, requests sent, completed, failed and lost (sent
-but neither completed nor failed: must be 0), and the output-token throughput in the 3 s before
-the fault, from the fault until the cluster had recovered, and in the 3 s after.
+Every completed request is checked against the model's greedy output. The clients never retry on
+their own (the openai client with ``max_retries=0``). After a follower fault nothing is retried:
+any error counts as failed. After a leader fault a request whose connection broke, or that was
+answered 502/503 while there was no leader, is sent again by its client thread, and each such
+retry is counted ("client retries"). Reported per fault: the median and max of detection and
+failover times, requests sent, completed, failed and lost (sent but neither completed nor failed:
+must be 0), client retries, requests the leader moved to another replica
+(``ringleader_rerouted_requests_total``), and the output-token throughput in the 3 s before the
+fault, from the fault until the cluster had recovered, and in the 3 s after.
 
     python benchmarks/chaos.py --repeats 10
     python benchmarks/chaos.py --faults follower --repeats 3 --result-json chaos.json
@@ -35,9 +40,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
-from cluster_harness import LEASE_MS, NAMES, Cluster, Load, Proxy, expected_outputs  # noqa: E402
+from server.testing.cluster import LEASE_MS, NAMES, Cluster, Load, Proxy, expected_outputs, member  # noqa: E402
+
+REROUTED = "ringleader_rerouted_requests_total"
 
 WINDOW_S = 3.0
 
@@ -52,39 +58,25 @@ def _wait(predicate, timeout: float, step: float = 0.02):
     return None
 
 
-def _member(state: dict | None, name: str) -> dict:
-    return next((m for m in (state or {}).get("members", []) if m["name"] == name), {})
-
-
 def _routable(cluster: Cluster, leader: str, name: str) -> bool:
-    rows = (cluster.state(leader) or {}).get("replicas") or []
-    return any(r["name"] == name and r["routable"] for r in rows)
-
-
-def _heal(cluster: Cluster) -> str:
-    """Every node up and routable; returns the leader."""
-    for name, node in cluster.nodes.items():
-        if node.proc.poll() is not None:
-            cluster.start(name)
-    leader = cluster.leader(timeout=20)
-    if not _wait(lambda: all(_routable(cluster, leader, n) for n in NAMES), 30):
-        raise RuntimeError(f"the cluster did not heal: {cluster.state(leader)}")
-    return leader
+    return bool(cluster.replica(leader, name).get("routable"))
 
 
 def one(kind: str, cluster: Cluster, proxy: Proxy, expected: dict, workers: int) -> dict:
-    leader = _heal(cluster)
-    term = cluster.state(leader)["term"]
-    load = Load(proxy, expected, workers=workers, retry_broken_streams=kind != "follower")
+    leader = cluster.heal()
+    term = (cluster.state(leader) or {}).get("term", 0)
+    rerouted = cluster.counter(leader, REROUTED)
+    load = Load(proxy, expected, workers=workers, retry=kind != "follower")
     time.sleep(WINDOW_S)
     fault = time.monotonic()
     if kind == "follower":
         victim = next(n for n in NAMES if n != leader)
         cluster.nodes[victim].proc.send_signal(signal.SIGKILL)
-        _wait(lambda: _member(cluster.state(leader), victim).get("alive") is False, 10)
+        _wait(lambda: member(cluster.state(leader), victim).get("alive") is False, 10)
         detection = time.monotonic() - fault
         _wait(lambda: not _routable(cluster, leader, victim), 10)
         failover = time.monotonic() - fault
+        moved = int(cluster.counter(leader, REROUTED) - rerouted)
     else:
         victim = leader
         node = cluster.nodes[leader]
@@ -100,6 +92,7 @@ def one(kind: str, cluster: Cluster, proxy: Proxy, expected: dict, workers: int)
             if not _wait(lambda: (cluster.state(leader) or {}).get("role") not in (None, "leader"), 10):
                 raise RuntimeError("the paused leader did not step down")
         assert new != leader
+        moved = None  # the dead leader's counters went with it; its clients retry
     recovered = time.monotonic()
     time.sleep(WINDOW_S)
     end = time.monotonic()
@@ -114,6 +107,7 @@ def one(kind: str, cluster: Cluster, proxy: Proxy, expected: dict, workers: int)
         "detection_s": round(detection, 3),
         "failover_s": round(failover, 3),
         **figures,
+        "rerouted": moved,
         "tok_s_before": round(load.tokens_per_s(fault - WINDOW_S, fault), 1),
         "tok_s_during": round(load.tokens_per_s(fault, recovered), 1) if recovered - fault > 0.2 else None,
         "tok_s_after": round(load.tokens_per_s(recovered, end), 1),
@@ -126,6 +120,8 @@ def summarise(runs: list[dict]) -> dict:
         return (round(statistics.median(values), 3), round(max(values), 3)) if values else (None, None)
 
     total = {k: sum(r[k] for r in runs) for k in ("sent", "completed", "failed", "lost", "retried")}
+    moved = [r["rerouted"] for r in runs if r["rerouted"] is not None]
+    total["rerouted"] = int(sum(moved)) if moved else None
     return {
         "fault": runs[0]["fault"],
         "repeats": len(runs),
@@ -180,12 +176,13 @@ def main() -> int:
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     print(f"\n{command}\n{datetime.date.today()}, {os.cpu_count()} CPUs\n")
     print("| fault | repeats | detection s (median / max) | failover s (median / max) | sent | completed | "
-          "failed | lost | client retries | tok/s before | during | after |")  # fmt: skip
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "failed | lost | client retries | rerouted | tok/s before | during | after |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for kind in kinds:
         s = results[kind]["summary"]
         cells = [kind, s["repeats"], "{} / {}".format(*s["detection_s"]), "{} / {}".format(*s["failover_s"])]
         cells += [s[k] for k in ("sent", "completed", "failed", "lost", "retried")]
+        cells += ["-" if s["rerouted"] is None else s["rerouted"]]
         cells += [s[k] for k in ("tok_s_before", "tok_s_during", "tok_s_after")]
         print("| " + " | ".join(str(c) for c in cells) + " |")
     if args.result_json:

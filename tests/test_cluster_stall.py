@@ -8,8 +8,9 @@ import types
 
 import psutil
 import pytest
-from cluster_harness import Load, expected_outputs
-from servers import LaunchedServer, free_port
+
+from server.testing.cluster import Load, counter, expected_outputs, get, wait_for
+from server.testing.processes import LaunchedServer, free_port
 
 SECRET = "stall-secret"
 
@@ -31,27 +32,38 @@ def test_a_hung_tensor_parallel_rank_moves_its_replicas_requests_elsewhere(tiny_
     try:
         first, second = (b, a) if stalled_leads else (a, b)
         first.wait()
-        deadline = time.monotonic() + 15
-        while not first.answers_ready() and time.monotonic() < deadline:  # it leads with the witness's vote
-            time.sleep(0.05)
+        name = "b" if stalled_leads else "a"
+        wait_for(first.answers_ready, 15, f"{name} to lead with the witness's vote")
         if stalled_leads:
             a.proc.send_signal(signal.SIGCONT)
         second.wait()
-        time.sleep(1)  # the leader has heard from the second replica
         leader = first
-        assert leader.answers_ready()
+
+        def routable() -> bool:
+            rows = (get(leader.base + "/cluster")[1] or {}).get("replicas") or []
+            return sum(bool(r.get("routable")) for r in rows) == 2
+
+        wait_for(routable, 15, f"both replicas routable from the leader {name}")
         ranks = psutil.Process(b.proc.pid).children(recursive=True)
-        rank1 = next(p for p in ranks if p.environ().get("RANK") == "1")
+        rank1 = next((p for p in ranks if p.environ().get("RANK") == "1"), None)
+        assert rank1 is not None, f"no rank 1 among b's processes {ranks}"
+        rerouted = counter(leader.base, "ringleader_rerouted_requests_total")
+        failovers = counter(leader.base, "ringleader_failovers_total")
         load = Load(types.SimpleNamespace(base=leader.base + "/v1"), expected, workers=6)
-        time.sleep(2)
-        rank1.send_signal(signal.SIGSTOP)  # b's head now waits in an all-reduce that never ends
-        time.sleep(6)
-        figures = load.finish()
-        rank1.send_signal(signal.SIGCONT)
-        moved = "moves on from replica b" in leader.stderr
-        print(f"\ntp rank 1 of b hung ({'b' if leader is b else 'a'} leads): {figures}; moved: {moved}")
-        assert figures["failed"] == 0 and figures["lost"] == 0 and not load.wrong, load.errors[:3]
-        assert moved
+        try:
+            time.sleep(2)
+            rank1.send_signal(signal.SIGSTOP)  # b's head now waits in an all-reduce that never ends
+            time.sleep(6)
+        finally:
+            figures = load.finish()
+            rank1.send_signal(signal.SIGCONT)
+        said = "moves on from replica b" in leader.stderr
+        moved = counter(leader.base, "ringleader_rerouted_requests_total") - rerouted
+        lost_replicas = counter(leader.base, "ringleader_failovers_total") - failovers
+        print(f"\ntp rank 1 of b hung ({'b' if leader is b else 'a'} leads): {figures}; {moved:.0f} moved on")
+        assert figures["failed"] == 0 and figures["lost"] == 0 and figures["retried"] == 0, load.errors[:3]
+        assert not load.wrong
+        assert said and moved >= 1 and lost_replicas == 1  # b had requests in flight; they went on on a
     finally:
         for node in (a, b, witness):
             node.kill()

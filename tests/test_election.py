@@ -10,13 +10,15 @@ from server.cluster import Cluster, Member, Signer
 NAMES = ("n1", "n2", "n3")
 
 
-def make_cluster() -> dict[str, Cluster]:
-    members = [Member(n, f"http://{n}.invalid") for n in NAMES]
+def make_cluster(witness: str | None = None) -> dict[str, Cluster]:
+    members = [Member(n, f"http://{n}.invalid", witness=n == witness) for n in NAMES]
     nodes = {n: Cluster(n, members, Signer("secret")) for n in NAMES}
     down: set[str] = set()
     hung: set[str] = set()
+    sent: list[tuple[str, str]] = []  # (sender, path) of every message
 
     async def post(sender: Cluster, name: str, path: str, message: dict):
+        sent.append((sender.me, path))
         if name in down or sender.me in down:
             return None  # a dead member answers nothing
         if name in hung:
@@ -28,7 +30,7 @@ def make_cluster() -> dict[str, Cluster]:
 
     for node in nodes.values():
         node._post = lambda name, path, message, node=node: post(node, name, path, message)
-    nodes["down"], nodes["hung"] = down, hung
+    nodes["down"], nodes["hung"], nodes["sent"] = down, hung, sent
     return nodes
 
 
@@ -122,3 +124,34 @@ def test_a_change_of_leader_is_counted_on_every_member_that_sees_it():
     asyncio.run(nodes["n2"]._heartbeat_round())
     assert nodes["n3"].leader == "n2"
     assert changes("n2") == 1 and changes("n3") == 1
+
+
+def test_a_witness_never_stands_for_election_and_no_member_votes_for_one():
+    nodes = make_cluster(witness="n3")
+    witness = nodes["n3"]
+    for name in NAMES:
+        nodes[name].last_contact -= 5  # no leader heard: anyone else would stand now
+    witness.deadline = 0.0
+
+    async def run_a_while():
+        try:
+            await asyncio.wait_for(witness._run(), 0.3)
+        except asyncio.TimeoutError:
+            pass
+
+    asyncio.run(run_a_while())
+    assert not nodes["sent"], nodes["sent"]  # it asked nobody for a vote
+    asyncio.run(witness._election())  # were it to stand anyway, nobody grants it a pre-vote or a vote
+    assert witness.role == "follower" and witness.term == 0
+    assert not nodes["n1"].handle_vote({"from": "n3", "term": 1})["granted"] and nodes["n1"].term == 0
+    asyncio.run(nodes["n1"]._election())  # a full member does get elected, with the witness's vote
+    assert nodes["n1"].role == "leader" and nodes["n3"].voted_for == "n1"
+
+
+def test_a_follower_forwards_only_to_a_leader_it_still_hears_from():
+    nodes = make_cluster()
+    elect_n1(nodes)
+    follower = nodes["n2"]
+    assert follower.leader_url() == "http://n1.invalid" and nodes["n1"].leader_url() is None
+    follower.last_contact -= follower.election_timeout_s[0]  # n1's heartbeats stopped coming
+    assert follower.leader == "n1" and follower.leader_url() is None

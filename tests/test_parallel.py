@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import ROOT
 from hf_models import write_hf_checkpoint
+from servers import free_port
 
 from comm.layout import ParallelLayout
 from engine.config import ModelConfig
@@ -181,7 +182,7 @@ def test_two_loopback_nodes_generate_what_one_node_does(tiny_demo):
     common += ["--seed", "5", "--ignore-eos", "--json", "--tp", "2", "--pp", "2"]
     one = _cli(*common)
     assert one.returncode == 0, one.stderr[-3000:]
-    port = 29400 + os.getpid() % 500
+    port = free_port()  # below the ephemeral range, and not the README's 29400
     multi = common + ["--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"t{os.getpid()}"]
     cmd = [str(ROOT / "launch.sh"), "generate", *multi]
     env = {**_env(), "RINGLEADER_PYTHON": sys.executable}

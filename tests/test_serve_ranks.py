@@ -1,19 +1,27 @@
 """End to end against a tp = 2 replica started by ``./launch.sh serve --tp 2`` (torchrun, two
-processes, gloo): the openai client, concurrency, disconnects, bad input and a SIGTERM drain."""
+processes, gloo): the openai client, concurrency, disconnects, bad input and a SIGTERM drain; and a
+replica that loses a rank."""
 
 import concurrent.futures
 import http.client
 import json
 import re
+import signal
 import time
+import urllib.error
+import urllib.request
 
 import openai
 import psutil
 import pytest
-from servers import LaunchedServer
+from servers import LaunchedServer, app_in_thread
 
 from engine.generate import Generator
 from engine.request import SamplingParams
+from engine.scheduler import Engine
+from server.app import create_app
+from server.state import ServerConfig
+from server.testing.cluster import get, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +177,57 @@ def test_sigterm_finishes_in_flight_requests_then_every_rank_exits(server, clien
     assert "drained in" in err and "0 unfinished requests failed" in err
     assert code == 128 + 15 and "Traceback" not in err
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks)
+
+
+HUNG_RANK_TIMEOUT_S = 6.0
+
+
+def test_a_hung_rank_is_declared_lost_after_the_timeout_and_the_replica_stops_serving(tiny_demo):
+    server = LaunchedServer("--model", str(tiny_demo), "--tp", "2", "--threads", "1", "--kv-cache-mib", "4",
+                            "--timeout", str(HUNG_RANK_TIMEOUT_S))  # fmt: skip
+    try:
+        ranks = {p.environ().get("RANK"): p for p in psutil.Process(server.proc.pid).children(recursive=True)}
+        assert {"0", "1"} <= ranks.keys(), f"the replica's ranks: {ranks}"
+        client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=120)
+        chunks = iter(client.completions.create(model="tiny", prompt="hang", max_tokens=480, stream=True,
+                                                extra_body={"ignore_eos": True}))  # fmt: skip
+        next(chunks)
+        ranks["1"].send_signal(signal.SIGSTOP)  # the head's next all-reduce waits for it
+        hung = time.monotonic()
+        with pytest.raises(openai.APIError, match="generation failed"):
+            for _ in chunks:
+                pass
+        declared = time.monotonic() - hung
+        answers = []  # /ready from now until the head has exited
+
+        def head_gone() -> bool:
+            answers.append(get(server.base + "/ready", timeout=0.5)[0])
+            return not ranks["0"].is_running() or ranks["0"].status() == psutil.STATUS_ZOMBIE
+
+        wait_for(head_gone, 15, "the head rank to exit")
+        print(f"\nrank 1 hung: its request failed after {declared:.2f} s (--timeout "
+              f"{HUNG_RANK_TIMEOUT_S:g}); /ready then answered {sorted(set(answers), key=str)}")  # fmt: skip
+        assert HUNG_RANK_TIMEOUT_S - 0.5 <= declared <= HUNG_RANK_TIMEOUT_S + 15
+        assert "rank 0: lost the replica" in server.stderr
+        assert 200 not in answers  # never ready again: 503, then nothing listens
+    finally:
+        server.kill()
+
+
+def test_ready_is_503_once_a_step_of_a_multi_rank_replica_failed(gen):
+    engine = Engine.for_model(gen.model, 64, 8, gen.tokenizer)
+    engine.executor.distributed = True  # a step that fails now means a lost rank
+
+    def lost_rank():
+        raise RuntimeError("Connection closed by peer")
+
+    engine.step = lost_rank
+    with app_in_thread(create_app(engine, ServerConfig(model_name="tiny"))) as (base, _):
+        assert get(base + "/ready")[0] == 200
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIError, match="Connection closed by peer"):
+            client.completions.create(model="tiny", prompt="x", max_tokens=2)
+        with pytest.raises(urllib.error.HTTPError) as not_ready:
+            urllib.request.urlopen(base + "/ready", timeout=5)
+        message = (json.loads(not_ready.value.read()).get("error") or {}).get("message", "")
+        assert not_ready.value.code == 503 and "the replica failed (Connection closed by peer)" in message
