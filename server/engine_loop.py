@@ -10,6 +10,7 @@ the engine refused, ``ServerShutdown`` when the drain time ran out, the error of
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 from typing import Protocol
 
@@ -73,6 +74,10 @@ class EngineLoop:
         self.on_fatal = None  # called with that error
         self.step_started: float | None = None  # when the step in progress began
         self.step_deadline_s: float | None = None  # a step running longer is a hung replica
+        # every step runs on this one thread: torch's intra-op (OpenMP) threads belong to the thread
+        # that calls into torch, and steps handed to whichever thread of a shared pool is free keep
+        # a team of them per caller, the idle team spinning on the cores the busy one needs
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine-step")
 
     def stalled(self) -> bool:
         """A step has run past the step deadline: a rank of the replica hangs."""
@@ -147,6 +152,7 @@ class EngineLoop:
         try:
             await self._run()
         finally:
+            self.executor.shutdown(wait=False)
             for _, future in self.calls:
                 if not future.done():
                     future.set_exception(ServerShutdown("the engine loop has stopped"))
@@ -166,7 +172,7 @@ class EngineLoop:
                 if keepalive is not None:
                     delay = keepalive if delay is None else min(delay, keepalive)
                 if not await self._sleep(delay) and idle and keepalive is not None:
-                    await loop.run_in_executor(None, self.engine.keepalive)
+                    await loop.run_in_executor(self.executor, self.engine.keepalive)
                 continue
             for request_id, prompt, params, priority, timeout_s, generated in self.incoming:
                 try:
@@ -181,7 +187,7 @@ class EngineLoop:
                 continue
             try:
                 self.step_started = time.monotonic()
-                outputs = await loop.run_in_executor(None, self.engine.step)
+                outputs = await loop.run_in_executor(self.executor, self.engine.step)
             except Exception as e:
                 # a failed step fails its requests, never the server; a replica that lost a rank
                 # cannot run another step, so the server stops serving (and says so on /ready)
