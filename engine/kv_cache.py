@@ -323,6 +323,12 @@ def make_step(
     start = torch.tensor(starts, dtype=torch.long, device=device)
     positions = start[:, None] + torch.arange(S, device=device)
     kv_len = max(starts) + S
+    if lengths is not None and min(lengths) < S:
+        # a row's padding stays at its last real position: a short chunk late in a long sequence
+        # padded to a wide chunk's width would otherwise reach past the model's context
+        last = start + torch.tensor(lengths, dtype=torch.long, device=device) - 1
+        positions = torch.minimum(positions, last[:, None])
+        kv_len = max(s + n for s, n in zip(starts, lengths))
     contiguous = rows == list(range(rows[0], rows[0] + B))
     all_last = S == 1 and min(starts) == max(starts)
     masks: dict[int | None, torch.Tensor | None] = {}

@@ -349,3 +349,25 @@ def test_reset_is_refused_while_a_request_runs_and_the_server_serves_on(long_con
             rest = stream.read().decode()
         assert rest.rstrip().endswith("data: [DONE]") and '"finish_reason": "length"' in rest
         assert post_json(base, "/reset_prefix_cache", {})[0] == 200
+
+
+def test_a_chunk_near_the_context_end_shares_a_step_with_a_wider_one(gen):
+    # "late" starts on 496 cached tokens of a 512-token context and computes 4; "wide" computes 64
+    # in the same step: the padding of the narrow row must not reach positions past the context
+    vocab, max_len = gen.model.config.vocab_size, gen.model.rotary.max_len
+    rng = random.Random(9)
+    long = [rng.randrange(3, vocab) for _ in range(max_len - 16)]
+    late = long[:-4] + [7, 8, 9, 10]
+    wide = [rng.randrange(3, vocab) for _ in range(64)]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    plain = _engine(gen, False, 200, 16, max_batched_tokens=128)
+    cached = _engine(gen, True, 200, 16, max_batched_tokens=128)
+    ref = {}
+    for engine in (plain, cached):
+        engine.add_request("long", long, params)
+        drain_one(engine)
+        engine.add_request("late", late, params)
+        engine.add_request("wide", wide, params)
+        ref[engine.prefix_caching] = _tokens(drain(engine))
+    assert cached.stats().prefix_cache_hits >= len(long) - 16
+    assert ref[True] == ref[False]
