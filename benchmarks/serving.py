@@ -843,7 +843,8 @@ async def run_conversations(
 ) -> tuple[list[Result], float, float | None]:
     """Multi-turn chats: each turn's prompt is the conversation so far (every earlier message and
     answer, as token ids) plus the next message; a conversation sends its next turn when the
-    answer to the last one has arrived; at most ``concurrency`` conversations at once."""
+    answer to the last one has arrived; at most ``concurrency`` turns are in flight at once, so
+    with more conversations than that, a turn waits for a slot while others' turns run."""
     import aiohttp
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -859,16 +860,16 @@ async def run_conversations(
 
         async def chat(messages: list[list[int]]) -> list[Result]:
             history, results = [], []
-            async with gate:
-                for message in messages:
-                    req = Request(history + message, args.output_len)
+            for message in messages:
+                req = Request(history + message, args.output_len)
+                async with gate:  # a turn waits for a free slot: other conversations' turns come between
                     res = await send(session, url, headers, model, req, args.ignore_eos, ids=True)
-                    res.start = time.perf_counter() - start
-                    results.append(res)
-                    if not res.ok or len(res.token_ids) != res.output_tokens:
-                        res.ok, res.error = False, res.error or "the answer's token ids did not all arrive"
-                        break
-                    history = req.prompt + res.token_ids
+                res.start = time.perf_counter() - start
+                results.append(res)
+                if not res.ok or len(res.token_ids) != res.output_tokens:
+                    res.ok, res.error = False, res.error or "the answer's token ids did not all arrive"
+                    break
+                history = req.prompt + res.token_ids
             return results
 
         done = await asyncio.gather(*(chat(c) for c in conversations))
