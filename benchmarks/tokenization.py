@@ -8,7 +8,7 @@ For four tokenizer directories, each loaded both by ``engine.tokenizer.load_toke
 - llama2: Llama 2 / Mistral style Metaspace BPE with byte fallback;
 - demo: the sentencepiece ``tokenizer.model`` of the demo checkpoint (no tokenizer.json).
 
-The first three are written by ``tests/hf_tokenizers.py``, trained here with ``--vocab-size``
+The first three are written by ``server/testing/hf_tokenizers.py``, trained here with ``--vocab-size``
 (32000) on a larger generated corpus than the tests use (that module's own corpus supports about
 1100 tokens): Python standard library sources and its pydoc topics (prose with code), synthetic
 CJK text and the tests' mixed lines (emoji with ZWJ sequences and modifiers, combining marks,
@@ -51,7 +51,6 @@ from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE.parent))
-sys.path.insert(1, str(_HERE.parent / "tests"))
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import argparse  # noqa: E402
@@ -68,11 +67,11 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
-import hf_tokenizers  # noqa: E402
 import torch  # noqa: E402
 
 from engine.demo import ensure_demo  # noqa: E402
 from engine.tokenizer import REPLACEMENT, IncrementalDetokenizer, Tokenizer, load_tokenizer  # noqa: E402
+from server.testing import hf_tokenizers  # noqa: E402
 
 PROMPT_TOKENS = 8192
 STREAM_TOKENS = 1024

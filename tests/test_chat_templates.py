@@ -23,17 +23,17 @@ from typing import NamedTuple
 
 import jinja2
 import pytest
-from hf_tokenizers import (
+
+from engine.errors import CheckpointError
+from engine.tokenizer import load_tokenizer
+from server.chat import ChatError, ChatFormatter
+from server.testing.hf_tokenizers import (
     LLAMA3_SPECIAL_TOKENS,
     QWEN2_ADDED_TOKENS,
     write_llama2_tokenizer,
     write_llama3_tokenizer,
     write_qwen2_tokenizer,
 )
-
-from engine.errors import CheckpointError
-from engine.tokenizer import load_tokenizer
-from server.chat import ChatError, ChatFormatter
 
 transformers = pytest.importorskip("transformers")
 

@@ -38,9 +38,10 @@ import psutil
 import pytest
 import torch
 from hf_models import make_hf_model
-from hf_tokenizers import write_llama3_tokenizer
 from servers import LaunchedServer, free_port
 from smg_grpc_proto import vllm_engine_pb2 as pb
+
+from server.testing.hf_tokenizers import write_llama3_tokenizer
 
 MODEL = "llama3-gw"  # the checkpoint directory's name: the model id of both front ends
 PROMPTS = ["The quick brown fox", "def add(a, b):", "数字 12345 和", "Once upon a time 🎉"]

@@ -12,8 +12,9 @@ import openai
 import pytest
 import torch
 from hf_models import make_hf_model
-from hf_tokenizers import check_text_offsets, write_llama3_tokenizer
 from servers import LaunchedServer, post_json
+
+from server.testing.hf_tokenizers import check_text_offsets, write_llama3_tokenizer
 
 PROMPTS = ["The quick brown fox", "def add(a, b):", "数字 12345 和", "Once upon a time 🎉"]
 NEW_TOKENS = 24

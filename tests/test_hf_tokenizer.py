@@ -13,9 +13,9 @@ import json
 import random
 from types import SimpleNamespace
 
-import hf_tokenizers as H
 import pytest
 
+import server.testing.hf_tokenizers as H
 from engine.errors import CheckpointError
 from engine.tokenizer import IncrementalDetokenizer, load_tokenizer
 

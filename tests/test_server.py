@@ -10,7 +10,6 @@ import urllib.request
 
 import openai
 import pytest
-from hf_tokenizers import check_text_offsets
 from servers import app_in_thread
 
 from engine.generate import Generator
@@ -18,6 +17,7 @@ from engine.request import SamplingParams
 from engine.scheduler import Engine
 from server.app import create_app
 from server.state import ServerConfig
+from server.testing.hf_tokenizers import check_text_offsets
 
 KEY = "test-key"
 

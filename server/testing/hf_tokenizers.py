@@ -1,4 +1,5 @@
-"""Hugging Face tokenizer directories written the way real checkpoints publish them, for tokenizer tests.
+"""Hugging Face tokenizer directories written the way real checkpoints publish them, for the tokenizer
+tests and benchmarks.
 
 Each writer trains a small byte-pair-encoding model with the ``tokenizers`` library on a generated corpus
 (English, code, digits, CJK, emoji with ZWJ sequences and modifiers, combining marks, runs of whitespace),
