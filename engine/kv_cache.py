@@ -88,6 +88,14 @@ def block_hash(parent: int | None, tokens) -> int:
     return int.from_bytes(h.digest(), "little", signed=True)
 
 
+def extend_block_hashes(hashes: list[int], tokens, block_size: int, n: int) -> list[int]:
+    """Extend ``hashes``, the chained hashes of the first full blocks of ``tokens``, to ``n`` blocks
+    (in place); returns it."""
+    for i in range(len(hashes), n):
+        hashes.append(block_hash(hashes[-1] if i else None, tokens[i * block_size : (i + 1) * block_size]))
+    return hashes
+
+
 @dataclass(frozen=True)
 class KVEvent:
     """A change to the set of cached blocks: "stored" (``hashes`` with ``parent`` and each block's

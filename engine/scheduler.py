@@ -35,7 +35,7 @@ from engine.compiled import resolve_decode_mode
 from engine.config import ModelConfig
 from engine.errors import RequestError, RingleaderError
 from engine.executor import LocalExecutor, Plan
-from engine.kv_cache import BlockAllocator, PagedKVCache, block_hash
+from engine.kv_cache import BlockAllocator, PagedKVCache, extend_block_hashes
 from engine.loader import Checkpoint, build_model
 from engine.model import CausalLM
 from engine.request import EngineStats, SamplingParams, Sequence, StepOutput, check_request, sampling_fields
@@ -248,9 +248,7 @@ class Engine:
         would go on being found through the blocks they fill after the reset."""
         if self.running:
             return None
-        for seq in self.waiting:
-            seq.registered = 0
-        return self.allocator.reset()
+        return self.allocator.reset()  # waiting sequences hold no blocks: nothing of theirs is registered
 
     def add_request(
         self,
@@ -395,9 +393,7 @@ class Engine:
     def _block_hashes(self, seq: _Seq, n: int) -> list[int]:
         """The hashes of the sequence's first ``n`` full blocks."""
         if len(seq.hashes) < n:
-            bs, tokens = self.block_size, seq.tokens
-            for i in range(len(seq.hashes), n):
-                seq.hashes.append(block_hash(seq.hashes[-1] if i else None, tokens[i * bs : (i + 1) * bs]))
+            extend_block_hashes(seq.hashes, seq.tokens, self.block_size, n)
         return seq.hashes[:n]
 
     def _reuse_prefix(self, seq: _Seq) -> None:

@@ -29,17 +29,14 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass
 
-from engine.kv_cache import block_hash
+from engine.kv_cache import extend_block_hashes
 
 POLICIES = ("cache-aware", "least-loaded")
 
 
 def prompt_hashes(tokens: list[int], block_size: int) -> list[int]:
     """The chained hashes of the full blocks of ``tokens``, first block first."""
-    hashes: list[int] = []
-    for i in range(0, len(tokens) - block_size + 1, block_size):
-        hashes.append(block_hash(hashes[-1] if hashes else None, tokens[i : i + block_size]))
-    return hashes
+    return extend_block_hashes([], tokens, block_size, len(tokens) // block_size)
 
 
 class PrefixIndex:
