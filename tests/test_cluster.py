@@ -301,6 +301,7 @@ def test_a_leader_stopped_with_sigterm_finishes_every_request_it_routed(cluster,
     leader = cluster.heal()
     load = Load(proxy, expected, workers=6, retry=True)
     stopping = cluster.nodes[leader]
+    started = time.monotonic()
     try:
         time.sleep(2)
         _in_flight(cluster, leader)
@@ -311,8 +312,9 @@ def test_a_leader_stopped_with_sigterm_finishes_every_request_it_routed(cluster,
     finally:
         figures = load.finish()
     drained = [line.strip() for line in stopping.lines if "drained in" in line]
+    redispatched = [node for when, node in proxy.redispatched if when >= started]
     print(f"\nleader {leader} stopped with SIGTERM: {drained}; {new} leads; {figures}; "
-          f"retries: {load.retries}")  # fmt: skip
+          f"retries: {load.retries}; refused connections the proxy sent on: {len(redispatched)}")  # fmt: skip
     assert code == 0 and drained and "0 unfinished requests failed" in drained[0]
     assert figures["failed"] == 0 and figures["lost"] == 0 and not load.wrong, load.errors[:3]
     # what it had accepted it finished: the only retries are of requests it refused (503) while draining

@@ -146,14 +146,17 @@ class Cluster:
 
 class Proxy:
     """Sends every request to the node that answers /ready 200 (polled every 100 ms), waiting up to
-    10 s for one; records every poll round and the term every response carries. It never retries:
-    a broken upstream breaks the client's connection too."""
+    10 s for one; records every poll round and the term every response carries. A connection the
+    chosen node refuses (it has exited since the last poll) goes to the next leader instead and is
+    recorded in ``redispatched``; nothing else is retried: a broken upstream breaks the client's
+    connection too."""
 
     def __init__(self, cluster: Cluster):
         self.cluster = cluster
         self.polls: list[tuple[float, list[str]]] = []  # (time, nodes answering 200)
         self.responses: list[tuple[float, str | None, int | None]] = []  # (time, node, term)
         self.target: str | None = None
+        self.redispatched: list[tuple[float, str]] = []  # (time, node) of connections it refused
         self.port = free_port()
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
@@ -201,31 +204,41 @@ class Proxy:
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        deadline = time.monotonic() + 10
-        while self.target is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if self.target is None:
-            return web.json_response({"error": {"message": "no leader"}}, status=503)
-        node = self.target
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("content-type", "authorization")}
-        try:
-            url = self.cluster.url(node) + request.path_qs
-            async with self.session.request(request.method, url, data=body, headers=headers) as upstream:
-                term = upstream.headers.get("X-Ringleader-Term")
-                self.responses.append((time.monotonic(), node, int(term) if term else None))
-                response = web.StreamResponse(status=upstream.status)
-                response.content_type = upstream.content_type
-                await response.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-                await response.write_eof()
-                return response
-        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionResetError):
-            # the node went away mid-answer (or the client did): drop this connection too, so that
-            # the client sees a connection error
-            if request.transport is not None:
-                request.transport.abort()
-            return web.Response(status=502)
+        deadline = time.monotonic() + 10
+        while True:
+            while self.target is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if self.target is None:
+                return web.json_response({"error": {"message": "no leader"}}, status=503)
+            node = self.target
+            try:
+                url = self.cluster.url(node) + request.path_qs
+                async with self.session.request(request.method, url, data=body, headers=headers) as upstream:
+                    term = upstream.headers.get("X-Ringleader-Term")
+                    self.responses.append((time.monotonic(), node, int(term) if term else None))
+                    response = web.StreamResponse(status=upstream.status)
+                    response.content_type = upstream.content_type
+                    await response.prepare(request)
+                    async for chunk in upstream.content.iter_any():
+                        await response.write(chunk)
+                    await response.write_eof()
+                    return response
+            except aiohttp.ClientConnectorError:
+                # nothing listens there any more (a member that drained and exited before the next
+                # poll saw it): the request never reached it, so send it to the next leader, as
+                # HAProxy's redispatch does; counted, never hidden
+                self.redispatched.append((time.monotonic(), node))
+                if self.target == node:
+                    self.target = None
+                if time.monotonic() >= deadline:
+                    return web.json_response({"error": {"message": f"{node} refused"}}, status=503)
+            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionResetError):
+                # the node went away mid-answer (or the client did): drop this connection too, so that
+                # the client sees a connection error
+                if request.transport is not None:
+                    request.transport.abort()
+                return web.Response(status=502)
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(timeout=30)
