@@ -1,25 +1,28 @@
 """Chaos benchmark: repeat each fault on an emulated three-node cluster under steady load.
 
 Three nodes (separate ``./launch.sh serve --cluster`` processes on this host, one replica each,
-the tiny demo model) serve a steady load of streaming and non-streaming greedy requests from the
-official openai client, sent through a proxy that follows ``/ready``. Each repetition of a fault:
+the tiny demo model, every one a front end) serve a steady load of streaming and non-streaming
+greedy requests from the official openai client, the client threads spread over the members (as a
+load balancer would spread them). Each repetition of a fault:
 
 - ``follower``: SIGKILL a follower. Detection: until the leader's ``/cluster`` shows it dead.
-  Failover: until the leader no longer routes to it. Then the node is started again (rejoin).
+  Failover: until no survivor routes to it. Then the node is started again (rejoin).
 - ``leader``: SIGKILL the leader. Detection: until a survivor has started an election (its term
-  went up). Failover: until a new leader answers ``/ready`` 200. Then the old leader is restarted.
+  went up). Failover: until a new leader leads. Then the old leader is restarted.
 - ``pause``: SIGSTOP the leader for twice its lease, then SIGCONT. Detection and failover as for
   ``leader``; the old leader must have stepped down.
 
 Every completed request is checked against the model's greedy output. The clients never retry on
-their own (the openai client with ``max_retries=0``). After a follower fault nothing is retried:
-any error counts as failed. After a leader fault a request whose connection broke, or that was
-answered 502/503 while there was no leader, is sent again by its client thread, and each such
-retry is counted ("client retries"). Reported per fault: the median and max of detection and
-failover times, requests sent, completed, failed and lost (sent but neither completed nor failed:
-must be 0), client retries, requests the leader moved to another replica
-(``ringleader_rerouted_requests_total``), and the output-token throughput in the 3 s before the
-fault, from the fault until the cluster had recovered, and in the 3 s after.
+their own (the openai client with ``max_retries=0``). A request whose connection broke, or that was
+answered 502/503, is sent again by its client thread (to another member) and each such retry is
+counted, by where its client was: the clients of the victim (whose connections break with it) and
+the clients of the survivors (target: none). Reported per fault: the median and max of detection
+and failover times, requests sent, completed, failed and lost (sent but neither completed nor
+failed: must be 0), survivors' client failures and retries, the victim's client retries, requests
+the survivors moved to another replica (``ringleader_rerouted_requests_total``), and the
+output-token throughput in the 3 s before the fault, from the fault until the cluster had
+recovered, and in the 3 s after. A proxy polls every member all along, and a round in which two
+members said they led fails the run.
 
     python benchmarks/chaos.py --repeats 10
     python benchmarks/chaos.py --faults follower --repeats 3 --result-json chaos.json
@@ -41,7 +44,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from server.testing.cluster import LEASE_MS, NAMES, Cluster, Load, Proxy, expected_outputs, member  # noqa: E402
+from server.testing.cluster import (  # noqa: E402
+    LEASE_MS,
+    NAMES,
+    Cluster,
+    Load,
+    Members,
+    Proxy,
+    expected_outputs,
+    member,
+)
 
 REROUTED = "ringleader_rerouted_requests_total"
 
@@ -58,30 +70,25 @@ def _wait(predicate, timeout: float, step: float = 0.02):
     return None
 
 
-def _routable(cluster: Cluster, leader: str, name: str) -> bool:
-    return bool(cluster.replica(leader, name).get("routable"))
-
-
 def one(kind: str, cluster: Cluster, proxy: Proxy, expected: dict, workers: int) -> dict:
     leader = cluster.heal()
     term = (cluster.state(leader) or {}).get("term", 0)
-    rerouted = cluster.counter(leader, REROUTED)
-    load = Load(proxy, expected, workers=workers, retry=kind != "follower")
+    victim = next(n for n in NAMES if n != leader) if kind == "follower" else leader
+    others = [n for n in NAMES if n != victim]
+    rerouted = cluster.total(REROUTED, others)
+    polled = len(proxy.polls)
+    load = Load(Members(cluster, NAMES), expected, workers=workers, retry=True)
     time.sleep(WINDOW_S)
     fault = time.monotonic()
     if kind == "follower":
-        victim = next(n for n in NAMES if n != leader)
         cluster.nodes[victim].proc.send_signal(signal.SIGKILL)
         _wait(lambda: member(cluster.state(leader), victim).get("alive") is False, 10)
         detection = time.monotonic() - fault
-        _wait(lambda: not _routable(cluster, leader, victim), 10)
+        _wait(lambda: not any(cluster.replica(n, victim).get("routable") for n in others), 10)
         failover = time.monotonic() - fault
-        moved = int(cluster.counter(leader, REROUTED) - rerouted)
     else:
-        victim = leader
         node = cluster.nodes[leader]
         node.proc.send_signal(signal.SIGKILL if kind == "leader" else signal.SIGSTOP)
-        others = [n for n in NAMES if n != leader]
         _wait(lambda: any((cluster.state(n) or {}).get("term", 0) > term for n in others), 10)
         detection = time.monotonic() - fault
         new = cluster.leader(timeout=10, among=others)
@@ -92,21 +99,25 @@ def one(kind: str, cluster: Cluster, proxy: Proxy, expected: dict, workers: int)
             if not _wait(lambda: (cluster.state(leader) or {}).get("role") not in (None, "leader"), 10):
                 raise RuntimeError("the paused leader did not step down")
         assert new != leader
-        moved = None  # the dead leader's counters went with it; its clients retry
     recovered = time.monotonic()
     time.sleep(WINDOW_S)
     end = time.monotonic()
+    moved = int(cluster.total(REROUTED, others) - rerouted)
     figures = load.finish()
     if load.wrong:
         raise RuntimeError(f"{len(load.wrong)} outputs differ from the model's greedy output")
-    if proxy.two_leaders():
-        raise RuntimeError("two nodes answered /ready 200 in one poll round")
+    if [p for p in proxy.polls[polled:] if len(p[2]) > 1]:
+        raise RuntimeError("two members said they led in one poll round")
+    mine = f"{victim}:"
     return {
         "fault": kind,
         "victim": victim,
         "detection_s": round(detection, 3),
         "failover_s": round(failover, 3),
         **figures,
+        "survivor_failed": sum(not e.startswith(mine) for e in load.errors),
+        "survivor_retried": sum(not r.startswith(mine) for r in load.retries),
+        "victim_retried": sum(r.startswith(mine) for r in load.retries),
         "rerouted": moved,
         "tok_s_before": round(load.tokens_per_s(fault - WINDOW_S, fault), 1),
         "tok_s_during": round(load.tokens_per_s(fault, recovered), 1) if recovered - fault > 0.2 else None,
@@ -119,9 +130,9 @@ def summarise(runs: list[dict]) -> dict:
         values = [r[key] for r in runs if r[key] is not None]
         return (round(statistics.median(values), 3), round(max(values), 3)) if values else (None, None)
 
-    total = {k: sum(r[k] for r in runs) for k in ("sent", "completed", "failed", "lost", "retried")}
-    moved = [r["rerouted"] for r in runs if r["rerouted"] is not None]
-    total["rerouted"] = int(sum(moved)) if moved else None
+    keys = ("sent", "completed", "failed", "lost", "survivor_failed", "survivor_retried", "victim_retried",
+            "rerouted")  # fmt: skip
+    total = {k: sum(r[k] for r in runs) for k in keys}
     return {
         "fault": runs[0]["fault"],
         "repeats": len(runs),
@@ -138,7 +149,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--faults", default="follower,leader,pause")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--workers", type=int, default=4, help="client threads (half stream)")
+    parser.add_argument("--workers", type=int, default=6, help="client threads over the members")
     parser.add_argument("--model", default=None, help="checkpoint (default: the tiny demo, built here)")
     parser.add_argument("--result-json", default=None)
     args = parser.parse_args()
@@ -176,13 +187,14 @@ def main() -> int:
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     print(f"\n{command}\n{datetime.date.today()}, {os.cpu_count()} CPUs\n")
     print("| fault | repeats | detection s (median / max) | failover s (median / max) | sent | completed | "
-          "failed | lost | client retries | rerouted | tok/s before | during | after |")  # fmt: skip
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "failed | lost | survivors' clients: failed / retried | victim's clients: retried | rerouted | "
+          "tok/s before | during | after |")  # fmt: skip
+    print("| --- |" + " ---: |" * 13)
     for kind in kinds:
         s = results[kind]["summary"]
         cells = [kind, s["repeats"], "{} / {}".format(*s["detection_s"]), "{} / {}".format(*s["failover_s"])]
-        cells += [s[k] for k in ("sent", "completed", "failed", "lost", "retried")]
-        cells += ["-" if s["rerouted"] is None else s["rerouted"]]
+        cells += [s[k] for k in ("sent", "completed", "failed", "lost")]
+        cells += [f"{s['survivor_failed']} / {s['survivor_retried']}", s["victim_retried"], s["rerouted"]]
         cells += [s[k] for k in ("tok_s_before", "tok_s_during", "tok_s_after")]
         print("| " + " | ".join(str(c) for c in cells) + " |")
     if args.result_json:

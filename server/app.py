@@ -27,7 +27,7 @@ from engine.scheduler import Engine
 from server import protocol
 from server.chat import ChatFormatter
 from server.cluster import Cluster, Signer
-from server.cluster_face import add_cluster, leader_middleware
+from server.cluster_face import add_cluster, serving_middleware
 from server.engine_loop import EngineLoop, ServerShutdown
 from server.metrics import make_metrics
 from server.serving import CHAT, TEXT, complete
@@ -39,6 +39,7 @@ from server.state import (
     ENGINE_LOOP,
     FRONT,
     METRICS,
+    ROUTER,
     STARTED,
     ApiError,
     ServerConfig,
@@ -148,11 +149,11 @@ async def health(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     loop = request.app[ENGINE_LOOP]
     cluster = request.app.get(CLUSTER)
-    if cluster is not None and not cluster.is_leader():
-        leader = cluster.leader_url()
-        raise ApiError(
-            503, f"not ready: not the leader (leader: {leader or 'being elected'})", "server_error"
-        )
+    if cluster is not None and not cluster.can_serve():
+        raise ApiError(503, "not ready: no leader with a majority heard from (an election or a partition)",
+                       "server_error")  # fmt: skip
+    if cluster is not None and not request.app[ROUTER].any_routable():
+        raise ApiError(503, "not ready: no replica of the cluster can take requests", "server_error")
     if cluster is None and loop.fatal is not None:
         raise ApiError(503, f"not ready: the replica failed ({loop.fatal})", "server_error")
     if loop.draining:
@@ -187,6 +188,9 @@ async def metrics(request: web.Request) -> web.Response:
     m["free_blocks"].set(stats.free_blocks)
     m["cached_free_blocks"].set(stats.cached_free_blocks)
     m["kv_usage"].set(stats.kv_usage)
+    m["in_flight"].set(request.app[FRONT].outstanding())
+    accepted = m["registry"].get_sample_value("ringleader_requests_total") or 0.0
+    m["request_rate"].set(m["rate_window"].update(accepted))
     seen = m["engine_totals"]  # the engine counts from its start; the counters move by the difference
     for name in ("prefix_cache_queries", "prefix_cache_hits"):
         m[name].inc(getattr(stats, name) - seen.get(name, 0))
@@ -209,7 +213,7 @@ def create_app(
 ) -> web.Application:
     """The server over ``engine``; with ``cluster``, one member of a cluster (``server.cluster``)."""
     config = config or ServerConfig()
-    middlewares = [errors_middleware] + ([leader_middleware] if cluster is not None else [])
+    middlewares = [errors_middleware] + ([serving_middleware] if cluster is not None else [])
     app = web.Application(middlewares=middlewares, client_max_size=config.max_body_bytes)
     app[METRICS] = make_metrics()
     app[CONFIG], app[ENGINE], app[STARTED] = config, engine, int(time.time())

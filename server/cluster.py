@@ -29,11 +29,13 @@ import asyncio
 import hashlib
 import hmac
 import json
+import os
 import random
 import secrets
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 
@@ -119,6 +121,45 @@ class PeerState:
     replica: dict = field(default_factory=dict)  # what it last said of its replica
 
 
+class TermStore:
+    """A member's term and vote, on disk (``state.json`` in its state directory), written before
+    they are acted on: atomically (a temporary file, fsync, rename, fsync of the directory), so a
+    member restarted at any moment comes back with the term it had reached and the vote it gave."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--state-dir: cannot create {self.folder} ({e.strerror or e})") from None
+        self.path = self.folder / "state.json"
+
+    def load(self) -> tuple[int, str | None]:
+        if not self.path.exists():
+            return 0, None
+        try:
+            state = json.loads(self.path.read_text())
+            term, vote = int(state["term"]), state.get("voted_for")
+            if term < 0 or not (vote is None or isinstance(vote, str)):
+                raise ValueError("term below 0 or a vote that is not a name")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--state-dir: {self.path} is not a member's saved state ({e})") from None
+        return term, vote
+
+    def save(self, term: int, voted_for: str | None) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"term": term, "voted_for": voted_for}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 class Cluster:
     """This member's view of the cluster and its part in heartbeats and elections."""
 
@@ -133,6 +174,8 @@ class Cluster:
         dead_after_s: float = 1.0,
         replica_state=lambda: {"state": "none"},
         metrics: dict | None = None,
+        serve_grace_s: float | None = None,
+        state_dir: str | os.PathLike | None = None,
     ):
         if me not in {m.name for m in members}:
             raise ConfigError(
@@ -152,6 +195,15 @@ class Cluster:
         self.last_contact = time.monotonic()  # from a leader, or a vote granted
         self.deadline = self._new_deadline()
         self.peers = {name: PeerState() for name in self.members if name != me}
+        # how long a member goes on serving its clients after it last knew a leader with a majority
+        # (the leader: its lease; a follower: the leader's last heartbeat), so that an election is
+        # invisible to them; past it, without a leader, it answers 503
+        self.serve_grace_s = 4 * election_timeout_s[0] if serve_grace_s is None else serve_grace_s
+        self.confirmed_at: float | None = None  # when it last knew such a leader (monotonic)
+        self.heard_at: float | None = None  # a follower: the leader's last heartbeat (monotonic)
+        self.store = TermStore(state_dir) if state_dir is not None else None
+        if self.store is not None:
+            self.term, self.voted_for = self.store.load()
         self.session: aiohttp.ClientSession | None = None
         self.task: asyncio.Task | None = None
 
@@ -161,20 +213,41 @@ class Cluster:
         """Leader with a live lease: the only state in which this member serves requests."""
         return self.role == "leader" and (self.majority == 1 or time.monotonic() < self.lease_until)
 
+    def can_serve(self) -> bool:
+        """Whether this member answers API calls: it leads with a live lease, or knew a leader with
+        a majority less than ``serve_grace_s`` ago (an election under way is not a reason to fail
+        its clients; a member cut off from the majority for longer stops)."""
+        if not self.can_lead:
+            return False  # a witness has no model
+        if self.is_leader():
+            return True
+        return self.confirmed_at is not None and time.monotonic() - self.confirmed_at < self.serve_grace_s
+
     def alive(self, name: str) -> bool:
+        """Whether member ``name`` answers heartbeats. The leader knows it first hand; a follower
+        learns it from the leader's heartbeats, which carry the age of every member's last
+        acknowledgement, and keeps the leader's last word while there is no leader to ask (the
+        leader itself is alive while its heartbeats arrive)."""
         if name == self.me:
             return True
         ack = self.peers[name].last_ack
-        return ack is not None and time.monotonic() - ack < self.dead_after_s
+        if ack is None:
+            return False
+        if self.role == "leader":
+            return time.monotonic() - ack < self.dead_after_s
+        if name == self.last_leader:
+            return self.heard_at is not None and time.monotonic() - self.heard_at < self.dead_after_s
+        return self.heard_at is not None and self.heard_at - ack < self.dead_after_s
 
-    def leader_url(self) -> str | None:
-        """The leader's URL while this member hears from it (within the shortest election
-        timeout, as for votes); None when this member leads or knows no live leader."""
-        if self.leader is None or self.leader == self.me:
-            return None
-        if time.monotonic() - self.last_contact >= self.election_timeout_s[0]:
-            return None
-        return self.members[self.leader].url
+    def view(self) -> dict:
+        """What the leader's heartbeats tell every follower: each member's replica state and the
+        age of its last acknowledgement (None: never acknowledged)."""
+        now = time.monotonic()
+        rows = {self.me: {"age": 0.0, "replica": self.replica_state()}}
+        for name, peer in self.peers.items():
+            age = None if peer.last_ack is None else round(now - peer.last_ack, 3)
+            rows[name] = {"age": age, "replica": peer.replica}
+        return rows
 
     def describe(self) -> dict:
         now = time.monotonic()
@@ -189,14 +262,22 @@ class Cluster:
                     "role": self.role
                     if name == self.me
                     else ("leader" if name == self.leader else "follower"),
-                    "alive": self.alive(name) if self.role == "leader" or name == self.me else None,
+                    "alive": self.alive(name),
                     "last_ack_s": None
                     if peer is None or peer.last_ack is None
                     else round(now - peer.last_ack, 3),
                     "replica": self.replica_state() if name == self.me else (peer.replica if peer else {}),
                 }
             )
-        return {"me": self.me, "role": self.role, "term": self.term, "leader": self.leader, "members": rows}
+        return {
+            "me": self.me,
+            "role": self.role,
+            "term": self.term,
+            "leader": self.leader,
+            "leading": self.is_leader(),  # leads with a live lease
+            "serving": self.can_serve(),
+            "members": rows,
+        }
 
     def _new_deadline(self) -> float:
         return time.monotonic() + random.uniform(*self.election_timeout_s)
@@ -220,6 +301,15 @@ class Cluster:
         self.role, self.leader = role, leader
         if term != self.term:
             self.term, self.voted_for = term, None
+            self._persist()
+
+    def _vote_for(self, name: str) -> None:
+        self.voted_for = name
+        self._persist()  # before the vote is sent: a restarted member never votes twice in a term
+
+    def _persist(self) -> None:
+        if self.store is not None:
+            self.store.save(self.term, self.voted_for)
 
     # running
 
@@ -283,7 +373,7 @@ class Cluster:
     async def _heartbeat_round(self) -> None:
         sent, term = time.monotonic(), self.term
         acks = 1
-        for answer in self._ask("/_control/heartbeat", {"leader": self.me}):
+        for answer in self._ask("/_control/heartbeat", {"leader": self.me, "view": self.view()}):
             name, reply = await answer
             if self.role != "leader" or self.term != term:
                 return
@@ -299,6 +389,7 @@ class Cluster:
                 self.peers[name].replica = reply.get("replica") or {}
                 if acks >= self.majority:
                     self.lease_until = max(self.lease_until, sent + self.lease_s)
+                    self.confirmed_at = max(self.confirmed_at or sent, sent)
 
     async def _majority_grants(self, message: dict) -> bool | None:
         """Whether a majority (this member included) grants the vote ``message`` asks for, decided
@@ -328,7 +419,7 @@ class Cluster:
             return  # a leader was heard (or a vote given) meanwhile
         started = time.monotonic()
         self._set("candidate", self.term + 1, None)
-        self.voted_for = self.me
+        self._vote_for(self.me)
         self._count("elections")
         term = self.term
         won = await self._majority_grants({})
@@ -347,6 +438,7 @@ class Cluster:
         self._set("leader", self.term, self.me)
         # the votes were given after ``since``: no voter helps elect anyone else before then + lease
         self.lease_until = since + self.lease_s
+        self.confirmed_at = since
         for peer in self.peers.values():
             peer.last_ack = time.monotonic()  # give followers one dead_after to answer
 
@@ -358,8 +450,18 @@ class Cluster:
             return {"ok": False, "term": self.term}
         if term > self.term or self.role != "follower" or self.leader != sender:
             self._set("follower", term, sender)
-        self.last_contact = time.monotonic()
+        now = time.monotonic()
+        self.last_contact = self.heard_at = self.confirmed_at = now
         self.deadline = self._new_deadline()
+        view = message.get("view")
+        if isinstance(view, dict):
+            for name, row in view.items():
+                peer = self.peers.get(name)
+                if peer is None or not isinstance(row, dict):
+                    continue
+                age = row.get("age")
+                peer.last_ack = now if name == sender else None if age is None else now - float(age)
+                peer.replica = row.get("replica") or {}
         return {"ok": True, "term": self.term, "replica": self.replica_state()}
 
     def handle_vote(self, message: dict) -> dict:
@@ -379,22 +481,19 @@ class Cluster:
         if term > self.term:
             self._set("follower", term, None)
         if self.voted_for in (None, candidate):
-            self.voted_for = candidate
+            if self.voted_for is None:
+                self._vote_for(candidate)
             self.last_contact = now
             self.deadline = self._new_deadline()
             return {"granted": True, "term": self.term}
         return {"granted": False, "term": self.term}
 
-    def check_term(self, message: dict) -> bool:
-        """Whether a leader's request (e.g. to generate) may be served: it is from the current
-        term or a newer one (which this member then adopts)."""
-        term, sender = message["term"], message["from"]
-        if term < self.term or sender not in self.members:
-            return False
-        if term > self.term:
-            self._set("follower", term, sender)
-            self.last_contact = time.monotonic()
-        return True
+    def is_member(self, message: dict) -> bool:
+        """Whether a control message (e.g. a request to generate) is from a member of this
+        cluster's configuration. Any member may ask any replica to run a sequence for a client of
+        its own; terms fence leadership (heartbeats and votes), not the requests of front ends."""
+        sender = message["from"]
+        return sender in self.members and sender != self.me and not self.members[sender].witness
 
 
 def add_cluster_flags(parser, required: bool = False) -> None:
@@ -414,6 +513,22 @@ def add_cluster_flags(parser, required: bool = False) -> None:
     group.add_argument(
         "--election-timeout-ms", type=float, default=1500.0, help="the shortest; the longest is twice"
     )
+    group.add_argument("--serve-without-leader-ms", type=float, default=None,
+                       help="how long a member goes on serving after it last knew a leader with a "
+                       "majority (default: 4 x --election-timeout-ms)")  # fmt: skip
+    group.add_argument("--state-dir", default=None,
+                       help="where this member keeps its term and vote across restarts (default: "
+                       "$XDG_STATE_HOME/ringleader/cluster-<hash of --cluster>/<name>)")  # fmt: skip
+
+
+def default_state_dir(spec: str, name: str) -> Path:
+    """``$XDG_STATE_HOME/ringleader/cluster-<hash>/<name>`` (``~/.local/state`` without it): one
+    folder per cluster (by its member list) and member, so that members of different clusters on
+    one machine never share a term."""
+    members = ",".join(sorted(item.strip() for item in spec.split(",")))
+    digest = hashlib.sha256(members.encode()).hexdigest()[:12]
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "ringleader" / f"cluster-{digest}" / name
 
 
 def cluster_from_flags(args, metrics: dict | None = None) -> tuple[Cluster, Signer]:
@@ -426,11 +541,14 @@ def cluster_from_flags(args, metrics: dict | None = None) -> tuple[Cluster, Sign
         raise ConfigError(
             "--cluster needs --cluster-secret or RINGLEADER_CLUSTER_SECRET (the same on every member)"
         )
-    for flag in ("heartbeat_ms", "lease_ms", "election_timeout_ms"):
-        if not getattr(args, flag) > 0:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
+    for flag in ("heartbeat_ms", "lease_ms", "election_timeout_ms", "serve_without_leader_ms"):
+        value = getattr(args, flag, None)
+        if value is not None and not value > 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
     signer = Signer(args.cluster_secret)
     election = args.election_timeout_ms / 1000
+    grace = getattr(args, "serve_without_leader_ms", None)
+    state_dir = getattr(args, "state_dir", None) or default_state_dir(args.cluster, args.name)
     cluster = Cluster(
         args.name,
         members,
@@ -440,6 +558,8 @@ def cluster_from_flags(args, metrics: dict | None = None) -> tuple[Cluster, Sign
         election_timeout_s=(election, 2 * election),
         dead_after_s=args.lease_ms / 1000,
         metrics=metrics,
+        serve_grace_s=None if grace is None else grace / 1000,
+        state_dir=state_dir,
     )
     return cluster, signer
 

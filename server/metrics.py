@@ -3,6 +3,7 @@ tokens: the engine loop of a single server, or a cluster leader's router."""
 
 from __future__ import annotations
 
+import collections
 import time
 
 import psutil
@@ -46,6 +47,23 @@ class RequestTimings:
         self.timing.pop(request_id, None)
 
 
+class RequestRate:
+    """Requests accepted per second over about the last ``window_s``, from the samples of the
+    accepted-requests counter that the scrapes take (the first over the time since the start)."""
+
+    def __init__(self, window_s: float = 60.0):
+        self.window_s = window_s
+        self.samples: collections.deque[tuple[float, float]] = collections.deque([(time.monotonic(), 0.0)])
+
+    def update(self, total: float) -> float:
+        now = time.monotonic()
+        while len(self.samples) > 1 and now - self.samples[1][0] >= self.window_s:
+            self.samples.popleft()  # keep the newest sample at least a window old, and all younger
+        then, before = self.samples[0]
+        self.samples.append((now, total))
+        return (total - before) / (now - then) if now > then else 0.0
+
+
 def make_metrics() -> dict:
     """The server's Prometheus registry and metrics, with vLLM's names under the ``ringleader_``
     prefix (the cluster's are added by ``server.cluster.cluster_metrics``)."""
@@ -73,6 +91,18 @@ def make_metrics() -> dict:
         ),
         "engine_totals": {},
         "kv_usage": Gauge("ringleader_kv_cache_usage_perc", "fraction of KV cache blocks in use", registry=r),
+        # what an autoscaler reads (README, "Scaling a cluster"): this member as a front end
+        "in_flight": Gauge(
+            "ringleader_front_end_requests_in_flight",
+            "requests this member accepted from its clients and has not finished, wherever they run",
+            registry=r,
+        ),
+        "request_rate": Gauge(
+            "ringleader_request_rate_per_second",
+            "requests this member accepted per second, over about the last minute",
+            registry=r,
+        ),
+        "rate_window": RequestRate(),
         "prompt_tokens": Counter("ringleader_prompt_tokens", "prompt tokens received", registry=r),
         "generation_tokens": Counter("ringleader_generation_tokens", "tokens generated", registry=r),
         "finished": Counter(

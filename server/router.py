@@ -1,12 +1,13 @@
-"""The leader's router: each request goes to a live replica, and moves on when its replica is lost.
+"""A member's router: each request goes to a live replica, and moves on when its replica is lost.
 
-Every member of a cluster serves one model replica (its node's tp x pp ranks). The leader routes
-each request to the replica with the fewest requests it has routed there and not seen finish
-(least outstanding work), its own through an in-process call, the others' over
+Every member of a cluster serves one model replica (its node's tp x pp ranks) and is a front end:
+it routes each request of its own clients to a replica (``server.routing``'s policy over what it
+knows of their load and caches), its own through an in-process call, the others' over
 ``POST /_control/generate``: a signed request that streams token ids back as JSON lines
-(``encode_line`` on the replica's side, ``decode_line`` here).
+(``encode_line`` on the replica's side, ``decode_line`` here). Which replicas are alive and ready
+it learns from the leader's heartbeats, which carry every member's last report.
 
-The leader keeps, for every request, the prompt, the seed it fixed, and the tokens generated so
+The front end keeps, for every request, the prompt, the seed it fixed, and the tokens generated so
 far, and makes the text itself (incremental detokenization and stop strings), so the text a client
 sees depends only on the token ids. When a replica is lost in the middle of a request (its stream
 breaks, or the control plane declares its member dead), the request goes to another live replica
@@ -45,7 +46,7 @@ class LineError(Exception):
 
 
 def encode_line(item) -> bytes:
-    """One queue item of a sequence run for a leader, as a line of its control stream."""
+    """One queue item of a sequence run for another member, as a line of its control stream."""
     if isinstance(item, RequestError):
         line = {"error": str(item), "kind": "request", "param": item.param}
     elif isinstance(item, Exception):
@@ -171,7 +172,7 @@ class RemoteReplica:
 
 
 class Router:
-    """The leader's front end for requests: the same calls as the local engine loop (submit,
+    """A member's front end for requests: the same calls as the local engine loop (submit,
     cancel, outstanding, drain), over every live replica of the cluster."""
 
     def __init__(self, local_loop, cluster: Cluster, signer: Signer, tokenizer, eos_ids, max_len, metrics):
@@ -184,7 +185,7 @@ class Router:
         self.queues: dict[str, asyncio.Queue] = {}
         self.tasks: dict[str, asyncio.Task] = {}
         self.route_timeout_s = 30.0
-        self.timings = RequestTimings(metrics)  # the leader's metrics count every request it routes
+        self.timings = RequestTimings(metrics)  # a member's metrics count every request it routes
         # where requests go (server.routing): the policy, and what each replica is believed to cache
         self.policy = RoutingPolicy()
         self.block_size = 16
@@ -213,7 +214,7 @@ class Router:
 
     @property
     def fatal(self):
-        return None  # losing the local replica does not stop the leader: it routes elsewhere
+        return None  # losing the local replica does not stop the front end: it routes elsewhere
 
     @property
     def task(self):
@@ -238,7 +239,7 @@ class Router:
             task.cancel()
 
     async def drain(self, timeout_s: float) -> int:
-        """Refuse new requests; give every request this leader routed, to any replica,
+        """Refuse new requests; give every request this member routed, to any replica,
         ``timeout_s`` to finish; fail the rest with ``ServerShutdown``."""
         self.local_loop.draining = True
         deadline = time.monotonic() + timeout_s
@@ -279,6 +280,22 @@ class Router:
             del self.lost[name]
         return True
 
+    def any_routable(self) -> bool:
+        return any(self._routable(n) for n in self.replicas)
+
+    def _load(self) -> dict[str, int]:
+        """Each replica's outstanding requests as far as this front end knows: its own routed
+        ones, or the replica's whole count when that is larger (its member's last report, carried
+        by the leader's heartbeats, counts the requests of every front end)."""
+        load = dict(self.load)
+        for name in load:
+            if name == self.cluster.me:
+                reported = self.local_loop.outstanding()
+            else:
+                reported = self.cluster.peers[name].replica.get("outstanding") or 0
+            load[name] = max(load[name], int(reported))
+        return load
+
     async def _pick(self, deadline: float, tokens: list[int]) -> str:
         """A routable replica for a sequence whose known tokens are ``tokens`` (``server.routing``)."""
         hashes = prompt_hashes(tokens, self.block_size) if self.policy.policy == "cache-aware" else []
@@ -291,7 +308,7 @@ class Router:
                     self.index.drop(n)  # out of routing: whatever it cached may be gone with it
             if names:
                 name, why = self.policy.pick(
-                    names, self.load, self.index, hashes, len(tokens), self.block_size, self.cluster.me
+                    names, self._load(), self.index, hashes, len(tokens), self.block_size, self.cluster.me
                 )
                 self.routed[name][why] += 1
                 self.index.insert(name, hashes)

@@ -22,7 +22,7 @@ from engine.tokenizer import IncrementalDetokenizer
 from server.engine_loop import ServerShutdown
 from server.protocol import ProtocolError, check_fields, field_value, sampling
 from server.router import NoReplica
-from server.state import CLUSTER, CONFIG, ENGINE, FRONT, METRICS, RESPONSE_CACHE, ApiError
+from server.state import CONFIG, ENGINE, FRONT, METRICS, RESPONSE_CACHE, ApiError
 
 
 @dataclass(frozen=True)
@@ -243,27 +243,11 @@ async def complete(
     try:
         if stream:
             return await _stream(request, head, shape, choices, include_usage)
-        answer = await _collect(head, shape, choices, config.request_timeout_s)
-        if not _may_answer(request):
-            _cut(request)
-        return answer
+        return await _collect(head, shape, choices, config.request_timeout_s)
     finally:
         for c in choices:
             loop.cancel(c.request_id)  # no-op for finished ones; a disconnected client's work stops here
 
-
-def _may_answer(request: web.Request) -> bool:
-    """A clustered member answers requests only while it leads with a live lease: a leader that
-    lost its lease (partitioned, or paused past it) must not answer in a term that has ended."""
-    cluster = request.app.get(CLUSTER)
-    return cluster is None or cluster.is_leader()
-
-
-def _cut(request: web.Request):
-    """Drop the connection without an answer; the client sees a connection error and retries."""
-    if request.transport is not None:
-        request.transport.abort()
-    raise ConnectionResetError("no longer the leader")
 
 
 def _failure(item, timeout_s) -> ApiError | None:
@@ -331,8 +315,6 @@ async def _stream(
     await response.prepare(request)
 
     async def send(payload) -> None:
-        if not _may_answer(request):
-            _cut(request)
         await response.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
 
     async def chunk(choice_list, **extra) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import aiohttp
 from aiohttp import web
 
 from engine.scheduler import Engine
@@ -52,6 +51,5 @@ STARTED = web.AppKey("started", int)  # when the server started (Unix time): /v1
 FRONT = web.AppKey("front", RequestFront)  # where requests go: the engine loop, or a cluster's router
 CLUSTER = web.AppKey("cluster", Cluster)
 ROUTER = web.AppKey("router", Router)
-PROXY = web.AppKey("proxy", aiohttp.ClientSession)
 SIGNER = web.AppKey("signer", Signer)
 RESPONSE_CACHE: web.AppKey[ResponseCache] = web.AppKey("response_cache")

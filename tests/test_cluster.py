@@ -1,14 +1,16 @@
 """Fault tolerance with real processes: three emulated nodes (separate ``./launch.sh serve
---cluster`` invocations on loopback), one replica each, under a steady load of streaming and
-non-streaming requests from the official openai client, which never retries on its own
-(``max_retries=0``), through a test-side proxy that sends traffic to whichever node answers
-``/ready`` with 200 (as HAProxy does with Patroni).
+--cluster`` invocations on loopback), one replica each and every one a front end, under a steady
+load of streaming and non-streaming requests from the official openai client, which never retries
+on its own (``max_retries=0``): clients bound to members, or a test-side load balancer that sends
+each request to the next member answering ``/ready`` with 200 (as HAProxy does).
 
 The tests share one cluster and each starts by healing it (every member running, one leader,
-every replica routable), so any of them can run alone or in any order. A follower's fault must
-cost no request and no retry: its requests move to another replica, which the leader's
-``ringleader_rerouted_requests_total`` shows. A leader's fault breaks the connections it held:
-those requests are retried by the load, explicitly, and counted. Each test prints its figures."""
+every replica routable from every member), so any of them can run alone or in any order. A
+member's fault must cost its survivors' clients no request and no retry: the requests those front
+ends had on its replica move to another one, which their ``ringleader_rerouted_requests_total``
+shows. Only the connections the dead process itself held break: those requests are retried by the
+load, explicitly, counted, and each retry names the member its client was on. Each test prints its
+figures."""
 
 import hashlib
 import hmac
@@ -29,6 +31,7 @@ from server.testing.cluster import (
     SECRET,
     Cluster,
     Load,
+    Members,
     Proxy,
     expected_outputs,
     member,
@@ -77,14 +80,10 @@ def _term(cluster: Cluster, name: str) -> int:
     return term
 
 
-def _in_flight(cluster: Cluster, leader: str, replica: str | None = None) -> None:
-    """Until the leader has requests outstanding on ``replica`` (on any replica when None)."""
-
-    def busy():
-        rows = (cluster.state(leader) or {}).get("replicas") or []
-        return sum(r.get("outstanding", 0) for r in rows if replica is None or r.get("name") == replica)
-
-    wait_for(busy, 10, f"requests in flight on {replica or 'any replica'} (the leader {leader}'s /cluster)")
+def _in_flight(cluster: Cluster, among, replica: str | None = None) -> None:
+    """Until the members ``among`` have requests outstanding on ``replica`` (any when None)."""
+    wait_for(lambda: cluster.outstanding(replica, among), 10,
+             f"requests of {list(among)} in flight on {replica or 'any replica'}")  # fmt: skip
 
 
 def test_forged_and_replayed_control_messages_are_refused_and_counted(cluster):
@@ -116,10 +115,10 @@ def test_forged_and_replayed_control_messages_are_refused_and_counted(cluster):
     assert _post(url + "/_control/heartbeat", body, {"Content-Type": "application/json"}) == 403
     stale = json.dumps({**message, "ts": time.time() - 3600}).encode()
     assert _post(url + "/_control/heartbeat", stale, _sign(stale)) == 403
-    # a genuine message from the past (a stale term) is refused by its term
-    old = json.dumps({**message, "term": 0, "nonce": os.urandom(8).hex()}).encode()
-    assert _post(url + "/_control/generate", old, _sign(old)) == 409
-    assert _post(url + "/_control/generate", old, _sign(old)) == 403  # the same bytes again: replayed
+    # signed with the secret, but from no member of the configuration: refused by its sender
+    stranger = json.dumps({**message, "from": "intruder", "nonce": os.urandom(8).hex()}).encode()
+    assert _post(url + "/_control/generate", stranger, _sign(stranger)) == 409
+    assert _post(url + "/_control/generate", stranger, _sign(stranger)) == 403  # the same bytes: replayed
     assert _term(cluster, follower) == term and cluster.leader() == leader
     counts = {r: refused()[r] - before[r] for r in reasons}
     print(f"\nrefused control messages on {follower}: {counts}")
@@ -129,12 +128,13 @@ def test_forged_and_replayed_control_messages_are_refused_and_counted(cluster):
 def test_a_killed_follower_costs_no_request_its_requests_move_on_and_it_rejoins(cluster, proxy, expected):
     leader = cluster.heal()
     victim = next(n for n in NAMES if n != leader)
-    rerouted, failovers = cluster.counter(leader, REROUTED), cluster.counter(leader, FAILOVERS)
-    load = Load(proxy, expected, workers=6)
+    survivors = [n for n in NAMES if n != victim]
+    rerouted, failovers = cluster.total(REROUTED, survivors), cluster.total(FAILOVERS, survivors)
+    load = Load(Members(cluster, survivors), expected, workers=6)
     try:
         time.sleep(2)
         before = load.completed
-        _in_flight(cluster, leader, victim)
+        _in_flight(cluster, survivors, victim)
         cluster.nodes[victim].proc.send_signal(signal.SIGKILL)
         killed = time.monotonic()
         wait_for(lambda: member(cluster.state(leader), victim).get("alive") is False, 10,
@@ -143,30 +143,34 @@ def test_a_killed_follower_costs_no_request_its_requests_move_on_and_it_rejoins(
         time.sleep(2)
     finally:
         figures = load.finish()
-    moved = cluster.counter(leader, REROUTED) - rerouted
-    lost_replicas = cluster.counter(leader, FAILOVERS) - failovers
+    moved = cluster.total(REROUTED, survivors) - rerouted
+    lost_replicas = cluster.total(FAILOVERS, survivors) - failovers
     print(f"\nfollower {victim} killed: detected in {detected:.2f} s; {figures}; before the kill {before}; "
           f"{moved:.0f} requests moved on")  # fmt: skip
     assert detected <= 5  # a ceiling for liveness: the chaos benchmark measures it
     assert figures["failed"] == 0 and figures["lost"] == 0 and figures["retried"] == 0, load.errors[:3]
-    assert moved >= 1 and lost_replicas == 1  # it had requests in flight, and they went on elsewhere
+    # it had requests in flight, and they went on elsewhere; each front end with some there lost it once
+    assert moved >= 1 and 1 <= lost_replicas <= len(survivors)
     assert figures["completed"] > before and not load.wrong
     # the node comes back (a new launch naming the same members), rejoins and is routed to
     cluster.start(victim)
-    wait_for(lambda: cluster.replica(leader, victim).get("routable"), 20,
-             f"{victim} routable again from {leader}")  # fmt: skip
+    wait_for(lambda: all(cluster.replica(m, victim).get("routable") for m in survivors), 20,
+             f"{victim} routable again from {survivors}")  # fmt: skip
     back = cluster.state(victim) or {}
     assert back.get("role") == "follower" and back.get("leader") == leader, back
+    answered = len(proxy.responses)
     load = Load(proxy, expected, workers=6)
     time.sleep(4)
     figures = load.finish()
     tokens = cluster.counter(victim, "ringleader_generation_tokens_total")
     print(f"{victim} rejoined: {figures}; it generated {tokens:.0f} tokens")
     assert figures["failed"] == 0 and figures["lost"] == 0 and not load.wrong and tokens > 0, load.errors[:3]
-    # the leader's latency metrics count every request it routed, wherever it ran, once
-    finished = cluster.counter(leader, "ringleader_request_success_total")
-    e2e = cluster.counter(leader, "ringleader_e2e_request_latency_seconds_count")
+    # each front end's latency metrics count every request it routed, wherever it ran, once
+    finished = cluster.total("ringleader_request_success_total")
+    e2e = cluster.total("ringleader_e2e_request_latency_seconds_count")
     assert finished == e2e >= figures["completed"]
+    spread = {n for _, n, _ in proxy.responses[answered:]}
+    assert spread == set(NAMES), f"the load balancer sent to {spread} only"  # every member serves
 
 
 def test_a_seeded_sampled_request_resumed_on_another_replica_gives_the_undisturbed_tokens(cluster, tiny_demo):
@@ -214,12 +218,13 @@ def test_a_seeded_sampled_request_resumed_on_another_replica_gives_the_undisturb
 def test_a_hung_follower_is_taken_out_of_routing_and_its_requests_go_on_elsewhere(cluster, proxy, expected):
     leader = cluster.heal()
     victim = next(n for n in NAMES if n != leader)
+    survivors = [n for n in NAMES if n != victim]
     node = cluster.nodes[victim]
-    rerouted, failovers = cluster.counter(leader, REROUTED), cluster.counter(leader, FAILOVERS)
-    load = Load(proxy, expected, workers=6)
+    rerouted, failovers = cluster.total(REROUTED, survivors), cluster.total(FAILOVERS, survivors)
+    load = Load(Members(cluster, survivors), expected, workers=6)
     try:
         time.sleep(2)
-        _in_flight(cluster, leader, victim)
+        _in_flight(cluster, survivors, victim)
         node.proc.send_signal(signal.SIGSTOP)  # a hang: nothing breaks, nothing answers
         hung = time.monotonic()
         wait_for(lambda: member(cluster.state(leader), victim).get("alive") is False, 10,
@@ -229,22 +234,27 @@ def test_a_hung_follower_is_taken_out_of_routing_and_its_requests_go_on_elsewher
     finally:
         figures = load.finish()
         node.proc.send_signal(signal.SIGCONT)
-    moved = cluster.counter(leader, REROUTED) - rerouted
-    lost_replicas = cluster.counter(leader, FAILOVERS) - failovers
+    moved = cluster.total(REROUTED, survivors) - rerouted
+    lost_replicas = cluster.total(FAILOVERS, survivors) - failovers
     print(f"\nfollower {victim} hung: detected in {detected:.2f} s; {figures}; {moved:.0f} requests moved on")
     assert detected <= 5  # a ceiling for liveness: the chaos benchmark measures it
     assert figures["failed"] == 0 and figures["lost"] == 0 and figures["retried"] == 0, load.errors[:3]
-    assert moved >= 1 and lost_replicas == 1 and not load.wrong
+    assert moved >= 1 and 1 <= lost_replicas <= len(survivors) and not load.wrong
 
 
-def test_a_killed_leader_is_replaced_and_rejoins_as_a_follower(cluster, proxy, expected):
+def test_a_killed_leader_costs_the_clients_of_other_members_nothing_and_rejoins_as_a_follower(
+    cluster, proxy, expected
+):
     leader = cluster.heal()
     term = _term(cluster, leader)
     others = [n for n in NAMES if n != leader]
-    load = Load(proxy, expected, retry=True)
+    rerouted = cluster.total(REROUTED, others)
+    polled = len(proxy.polls)
+    load = Load(Members(cluster, NAMES), expected, workers=6, retry=True)  # two clients on each member
     try:
         time.sleep(2)
-        _in_flight(cluster, leader)
+        _in_flight(cluster, others, leader)  # survivors' requests run on the leader's replica
+        served = dict(load.by_target)
         cluster.nodes[leader].proc.send_signal(signal.SIGKILL)
         killed = time.monotonic()
         new = cluster.leader(timeout=10, among=others)
@@ -252,32 +262,37 @@ def test_a_killed_leader_is_replaced_and_rejoins_as_a_follower(cluster, proxy, e
         time.sleep(2)
     finally:
         figures = load.finish()
-    print(f"\nleader {leader} killed: {new} leads after {failover:.2f} s; {figures}; retries: {load.retries}")
+    moved = cluster.total(REROUTED, others) - rerouted
+    print(f"\nleader {leader} killed: {new} leads after {failover:.2f} s; {figures}; {moved:.0f} requests of "
+          f"{others} moved on; retries: {load.retries}")  # fmt: skip
     new_term = _term(cluster, new)
-    assert failover <= 10 and new_term > term  # a ceiling for liveness, as above
+    assert failover < 5 and new_term > term
     assert figures["failed"] == 0 and figures["lost"] == 0 and not load.wrong, load.errors[:3]
-    assert figures["retried"] >= 1  # the requests it held broke (and only those were sent again)
+    # only the connections the dead process held broke: no client of another member saw an error
+    assert figures["retried"] >= 1 and all(r.startswith(f"{leader}:") for r in load.retries), load.retries
+    assert moved >= 1  # their requests on its replica went on elsewhere
+    assert all(load.by_target[n] > served.get(n, 0) for n in others)  # and they went on being served
     # started again with the same command, it joins as a follower of the new leader, deposing nobody
     cluster.start(leader)
     wait_for(lambda: cluster.replica(new, leader).get("routable"), 20, f"{leader} routable again from {new}")
     back = cluster.state(leader) or {}
     assert (back.get("role"), back.get("leader"), back.get("term")) == ("follower", new, new_term), back
     assert cluster.leader() == new and _term(cluster, new) == new_term
-    assert not proxy.two_leaders()  # at no time, the old leader's return included
+    assert len(proxy.polls) > polled and not proxy.two_leaders()  # at no time, its return included
 
 
-def test_a_paused_leader_steps_down_and_never_answers_in_an_old_term(cluster, proxy, expected):
+def test_a_paused_leader_steps_down_and_the_clients_of_other_members_see_nothing(cluster, proxy, expected):
     leader = cluster.heal()
     term = _term(cluster, leader)
     node = cluster.nodes[leader]
-    load = Load(proxy, expected, retry=True)
+    others = [n for n in NAMES if n != leader]
+    load = Load(Members(cluster, NAMES), expected, workers=6, retry=True)
     try:
         time.sleep(2)
-        _in_flight(cluster, leader)
+        _in_flight(cluster, others, leader)
         node.proc.send_signal(signal.SIGSTOP)
         paused = time.monotonic()
-        new = cluster.leader(timeout=10, among=[n for n in NAMES if n != leader])
-        new_term_began = time.monotonic()
+        new = cluster.leader(timeout=10, among=others)
         time.sleep(max(0.0, 2 * LEASE_MS / 1000 - (time.monotonic() - paused)))
         node.proc.send_signal(signal.SIGCONT)
         wait_for(lambda: (cluster.state(leader) or {}).get("role") not in (None, "leader"), 5,
@@ -290,11 +305,9 @@ def test_a_paused_leader_steps_down_and_never_answers_in_an_old_term(cluster, pr
     print(f"\nleader {leader} paused: {new} leads; the old one says {stepped_down.get('role')} in term "
           f"{stepped_down.get('term')}; {figures}; retries: {load.retries}")  # fmt: skip
     assert new != leader and (stepped_down.get("term") or 0) > term
-    late = [r for r in proxy.responses if r[0] > new_term_began and r[2] is not None and r[2] <= term]
-    assert not late, late
-    assert not proxy.two_leaders()
+    assert not proxy.two_leaders()  # it never said it led once the new leader did
     assert figures["failed"] == 0 and figures["lost"] == 0 and not load.wrong, load.errors[:3]
-    assert figures["retried"] >= 1  # the requests it held were cut when it resumed
+    assert all(r.startswith(f"{leader}:") for r in load.retries), load.retries  # others' clients: none
 
 
 def test_a_leader_stopped_with_sigterm_finishes_every_request_it_routed(cluster, proxy, expected):
@@ -304,7 +317,7 @@ def test_a_leader_stopped_with_sigterm_finishes_every_request_it_routed(cluster,
     started = time.monotonic()
     try:
         time.sleep(2)
-        _in_flight(cluster, leader)
+        _in_flight(cluster, [leader])
         stopping.terminate()
         code = stopping.proc.wait(timeout=30)
         new = cluster.leader(timeout=10, among=[n for n in NAMES if n != leader])

@@ -4,12 +4,11 @@ the member reports the replica stalled and the leader moves its requests to a li
 
 import signal
 import time
-import types
 
 import psutil
 import pytest
 
-from server.testing.cluster import Load, counter, expected_outputs, get, wait_for
+from server.testing.cluster import Endpoint, Load, counter, expected_outputs, get, wait_for
 from server.testing.processes import LaunchedServer, free_port
 
 SECRET = "stall-secret"
@@ -49,7 +48,7 @@ def test_a_hung_tensor_parallel_rank_moves_its_replicas_requests_elsewhere(tiny_
         assert rank1 is not None, f"no rank 1 among b's processes {ranks}"
         rerouted = counter(leader.base, "ringleader_rerouted_requests_total")
         failovers = counter(leader.base, "ringleader_failovers_total")
-        load = Load(types.SimpleNamespace(base=leader.base + "/v1"), expected, workers=6)
+        load = Load(Endpoint(leader.base + "/v1"), expected, workers=6)
         try:
             time.sleep(2)
             rank1.send_signal(signal.SIGSTOP)  # b's head now waits in an all-reduce that never ends

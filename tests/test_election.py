@@ -1,11 +1,15 @@
 """The election rules of server/cluster.py, with three members in one process whose messages go
 straight to each other's handlers: a member that comes back from a pause cannot raise its term
-and depose a live leader (pre-vote), and a leader that is gone is replaced."""
+and depose a live leader (pre-vote), a leader that is gone is replaced, followers learn every
+replica's state from the leader's heartbeats, and terms and votes survive a restart."""
 
 import asyncio
+import json
 import time
 
-from server.cluster import Cluster, Member, Signer
+import pytest
+
+from server.cluster import Cluster, ConfigError, Member, Signer
 
 NAMES = ("n1", "n2", "n3")
 
@@ -148,10 +152,54 @@ def test_a_witness_never_stands_for_election_and_no_member_votes_for_one():
     assert nodes["n1"].role == "leader" and nodes["n3"].voted_for == "n1"
 
 
-def test_a_follower_forwards_only_to_a_leader_it_still_hears_from():
+def test_followers_learn_every_replica_from_the_heartbeats_and_keep_the_last_word_without_a_leader():
     nodes = make_cluster()
+    nodes["n3"].replica_state = lambda: {"state": "ready", "outstanding": 4}
+    elect_n1(nodes)
+    asyncio.run(nodes["n1"]._heartbeat_round())  # n1 heard n3's state in the first; n2 hears it now
+    follower = nodes["n2"]
+    assert follower.peers["n3"].replica == {"state": "ready", "outstanding": 4}  # through n1's view
+    assert follower.alive("n1") and follower.alive("n3")
+    nodes["down"].add("n3")  # n3 dies: n1's next heartbeats report its acknowledgement ageing
+    nodes["n1"].peers["n3"].last_ack -= 2 * nodes["n1"].dead_after_s
+    asyncio.run(nodes["n1"]._heartbeat_round())
+    assert not follower.alive("n3") and follower.alive("n1")
+    nodes["down"].discard("n3")
+    asyncio.run(nodes["n1"]._heartbeat_round())  # n3 answers n1 again; n2 hears of it one beat later
+    assert not follower.alive("n3")
+    asyncio.run(nodes["n1"]._heartbeat_round())
+    assert follower.alive("n3")
+    # n1 goes quiet: n2 stops believing in n1 itself, but keeps n1's last word about n3
+    follower.heard_at -= 2 * follower.dead_after_s
+    assert not follower.alive("n1") and follower.alive("n3")
+
+
+def test_a_member_serves_through_an_election_for_the_grace_and_not_after():
+    nodes = make_cluster()
+    assert not any(nodes[n].can_serve() for n in NAMES)  # no leader ever known
     elect_n1(nodes)
     follower = nodes["n2"]
-    assert follower.leader_url() == "http://n1.invalid" and nodes["n1"].leader_url() is None
-    follower.last_contact -= follower.election_timeout_s[0]  # n1's heartbeats stopped coming
-    assert follower.leader == "n1" and follower.leader_url() is None
+    assert nodes["n1"].can_serve() and follower.can_serve()
+    follower.confirmed_at -= follower.serve_grace_s - 0.5  # the leader went quiet a while ago
+    assert follower.can_serve()
+    follower.confirmed_at -= 1.0  # and now for longer than the grace
+    assert not follower.can_serve()
+    witness = make_cluster(witness="n3")["n3"]
+    assert not witness.can_serve()  # a witness has no model to serve with
+
+
+def test_term_and_vote_survive_a_restart_and_a_member_never_votes_twice_in_a_term(tmp_path):
+    members = [Member(n, f"http://{n}.invalid") for n in NAMES]
+    voter = Cluster("n2", members, Signer("secret"), state_dir=tmp_path / "n2")
+    voter.last_contact -= 5
+    assert voter.handle_vote({"from": "n1", "term": 4})["granted"]
+    restarted = Cluster("n2", members, Signer("secret"), state_dir=tmp_path / "n2")
+    assert (restarted.term, restarted.voted_for) == (4, "n1")
+    restarted.last_contact -= 5
+    assert not restarted.handle_vote({"from": "n3", "term": 4})["granted"]  # it voted in term 4
+    assert restarted.handle_vote({"from": "n3", "term": 5})["granted"]
+    saved = json.loads((tmp_path / "n2" / "state.json").read_text())
+    assert saved == {"term": 5, "voted_for": "n3"}
+    (tmp_path / "n2" / "state.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="state.json is not a member's saved state"):
+        Cluster("n2", members, Signer("secret"), state_dir=tmp_path / "n2")

@@ -9,8 +9,12 @@ connections break), and every such retry is counted."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
+import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 import urllib.error
@@ -73,6 +77,7 @@ def wait_for(predicate, timeout: float, what: str, step: float = 0.05):
 class Cluster:
     def __init__(self, model, names=NAMES, extra_args: tuple[str, ...] = ()):
         self.model, self.names, self.extra_args = model, tuple(names), tuple(extra_args)
+        self.state_root = tempfile.mkdtemp(prefix="ringleader-cluster-")  # each member's term and vote
         self.ports = {name: free_port() for name in self.names}
         self.spec = ",".join(f"{n}=http://127.0.0.1:{p}" for n, p in self.ports.items())
         self.nodes: dict[str, LaunchedServer] = {}
@@ -84,7 +89,8 @@ class Cluster:
     def start(self, name: str, wait: bool = True) -> None:
         args = ["--model", str(self.model), "--threads", "1", "--kv-cache-mib", "4",
                 "--max-batched-tokens", "64", "--cluster", self.spec, "--name", name,
-                "--lease-ms", str(LEASE_MS), *self.extra_args]  # fmt: skip
+                "--lease-ms", str(LEASE_MS), "--state-dir", os.path.join(self.state_root, name),
+                *self.extra_args]  # fmt: skip
         node = LaunchedServer(*args, port=self.ports[name], ready_path="/health", env={
             "RINGLEADER_CLUSTER_SECRET": SECRET}, defer=True)  # fmt: skip
         self.nodes[name] = node
@@ -102,27 +108,42 @@ class Cluster:
         return self.nodes[name].proc.poll() is None
 
     def leader(self, timeout: float = 15.0, among=None) -> str:
-        """The member answering /ready 200, polling ``among`` (leave out a paused member: it
-        would hold every poll for its whole timeout)."""
+        """The member that leads with a live lease (its ``/cluster`` says ``leading``), polling
+        ``among`` (leave out a paused member: it would hold every poll for its whole timeout)."""
         among = self.names if among is None else among
 
         def one():
-            up = [n for n in among if self.running(n) and get(self.url(n) + "/ready")[0] == 200]
+            up = [n for n in among if self.running(n) and self.nodes[n].leads()]
             return up[0] if up else None
 
         try:
-            return wait_for(one, timeout, f"a leader (a member of {list(among)} answering /ready 200)")
+            return wait_for(one, timeout, f"a leader (a member of {list(among)} leading with a lease)")
         except AssertionError as e:
             seen = {n: (self.state(n) or {}).get("role") if self.running(n) else "exited" for n in among}
             raise AssertionError(f"{e}; their roles: {seen}") from None
 
-    def replica(self, leader: str, name: str) -> dict:
-        """The leader's row for replica ``name`` in its ``/cluster`` ({} when there is none)."""
-        rows = (self.state(leader) or {}).get("replicas") or []
+    def replica(self, member: str, name: str) -> dict:
+        """Member ``member``'s row for replica ``name`` in its ``/cluster`` ({} when there is none)."""
+        rows = (self.state(member) or {}).get("replicas") or []
         return next((r for r in rows if r.get("name") == name), {})
 
     def counter(self, name: str, metric: str) -> float:
         return counter(self.url(name), metric)
+
+    def total(self, metric: str, among=None) -> float:
+        """``metric`` summed over the running members ``among`` (every member by default): each
+        front end counts what it routed."""
+        among = self.names if among is None else among
+        return sum(self.counter(n, metric) for n in among if self.running(n))
+
+    def outstanding(self, replica: str | None = None, among=None) -> int:
+        """Requests the members ``among`` have routed to ``replica`` (any when None) and not seen
+        finish, from their ``/cluster``."""
+        count = 0
+        for n in self.names if among is None else among:
+            rows = (self.state(n) or {}).get("replicas") or []
+            count += sum(r.get("outstanding", 0) for r in rows if replica is None or r.get("name") == replica)
+        return count
 
     def heal(self, timeout: float = 30.0) -> str:
         """Every member running (a paused one resumed, an exited one started again), one leader,
@@ -135,27 +156,58 @@ class Cluster:
             if node.proc.poll() is not None:
                 self.start(name)
         leader = self.leader(timeout=timeout)
-        wait_for(lambda: all(self.replica(leader, n).get("routable") for n in self.names), timeout,
-                 f"every replica routable from the leader {leader}")  # fmt: skip
+        wait_for(lambda: all(self.replica(m, n).get("routable") for m in self.names for n in self.names),
+                 timeout, f"every replica routable from every member (the leader is {leader})")  # fmt: skip
         return leader
 
     def stop(self) -> None:
         for node in self.nodes.values():
             node.kill()
+        shutil.rmtree(self.state_root, ignore_errors=True)
+
+
+class Endpoint:
+    """Load clients that all send to one API base (``http://host:port/v1``)."""
+
+    def __init__(self, base: str, label: str = "endpoint"):
+        self.base, self.label = base, label
+
+    def target(self, w: int, attempt: int = 0) -> tuple[str, str]:
+        return self.label, self.base
+
+
+class Members:
+    """Load clients bound to members directly: worker ``w`` sends to ``names[w % len(names)]``, as
+    clients spread by DNS or a load balancer stay on one member."""
+
+    def __init__(self, cluster: Cluster, names):
+        self.cluster, self.names = cluster, list(names)
+
+    def target(self, w: int, attempt: int = 0) -> tuple[str, str]:
+        """(member, its API base) for worker ``w``; a retry (``attempt`` > 0) goes to the next
+        member whose process runs, as a client reconnecting through its load balancer would."""
+        name = self.names[w % len(self.names)]
+        if attempt:
+            others = [n for n in self.cluster.names if n != name and self.cluster.running(n)]
+            name = others[(w + attempt) % len(others)] if others else name
+        return name, self.cluster.url(name) + "/v1"
 
 
 class Proxy:
-    """Sends every request to the node that answers /ready 200 (polled every 100 ms), waiting up to
-    10 s for one; records every poll round and the term every response carries. A connection the
-    chosen node refuses (it has exited since the last poll) goes to the next leader instead and is
-    recorded in ``redispatched``; nothing else is retried: a broken upstream breaks the client's
-    connection too."""
+    """A load balancer in front of every member: it sends each request to the next member that
+    answers ``/ready`` 200 (round robin; polled every 100 ms, as HAProxy's health checks), waiting
+    up to 10 s for one. A connection the chosen member refuses (it has exited since the last poll)
+    goes to the next member instead and is recorded in ``redispatched``; nothing else is retried: a
+    broken upstream breaks the client's connection too. Each poll round also records which members
+    said they lead (``/cluster``'s ``leading``), so that ``two_leaders`` can tell whether two ever
+    led at once, and every response's member and term are kept."""
 
     def __init__(self, cluster: Cluster):
         self.cluster = cluster
-        self.polls: list[tuple[float, list[str]]] = []  # (time, nodes answering 200)
+        self.polls: list[tuple[float, list[str], list[str]]] = []  # (time, answering 200, leading)
         self.responses: list[tuple[float, str | None, int | None]] = []  # (time, node, term)
-        self.target: str | None = None
+        self.up: list[str] = []  # the members answering /ready 200 at the last poll
+        self.turn = 0
         self.redispatched: list[tuple[float, str]] = []  # (time, node) of connections it refused
         self.port = free_port()
         self.loop = asyncio.new_event_loop()
@@ -184,34 +236,49 @@ class Proxy:
         await self.runner.cleanup()
         await self.session.close()
 
+    def target(self, w: int, attempt: int = 0) -> tuple[str, str]:
+        return "proxy", self.base
+
     async def _poll(self) -> None:
         timeout = aiohttp.ClientTimeout(total=0.5)
         names = self.cluster.names
+
+        async def status(name):
+            try:
+                async with self.session.get(self.cluster.url(name) + "/ready", timeout=timeout) as r:
+                    ready = r.status
+                async with self.session.get(self.cluster.url(name) + "/cluster", timeout=timeout) as r:
+                    leading = bool((await r.json()).get("leading"))
+                return ready, leading
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                return None, False
+
         while True:
-
-            async def status(name):
-                try:
-                    async with self.session.get(self.cluster.url(name) + "/ready", timeout=timeout) as r:
-                        return r.status
-                except (aiohttp.ClientError, asyncio.TimeoutError):
-                    return None
-
-            codes = await asyncio.gather(*(status(n) for n in names))
-            up = [n for n, c in zip(names, codes) if c == 200]
-            self.polls.append((time.monotonic(), up))
-            self.target = up[0] if len(up) == 1 else self.target if up else None
+            answers = await asyncio.gather(*(status(n) for n in names))
+            up = [n for n, (code, _) in zip(names, answers) if code == 200]
+            leading = [n for n, (_, leads) in zip(names, answers) if leads]
+            self.polls.append((time.monotonic(), up, leading))
+            self.up = up
             await asyncio.sleep(0.1)
+
+    def _next(self) -> str | None:
+        if not self.up:
+            return None
+        self.turn += 1
+        return self.up[self.turn % len(self.up)]
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("content-type", "authorization")}
         deadline = time.monotonic() + 10
+        refused: set[str] = set()
         while True:
-            while self.target is None and time.monotonic() < deadline:
+            node = self._next()
+            while (node is None or node in refused) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            if self.target is None:
-                return web.json_response({"error": {"message": "no leader"}}, status=503)
-            node = self.target
+                node = self._next()
+            if node is None or node in refused:
+                return web.json_response({"error": {"message": "no member ready"}}, status=503)
             try:
                 url = self.cluster.url(node) + request.path_qs
                 async with self.session.request(request.method, url, data=body, headers=headers) as upstream:
@@ -226,13 +293,10 @@ class Proxy:
                     return response
             except aiohttp.ClientConnectorError:
                 # nothing listens there any more (a member that drained and exited before the next
-                # poll saw it): the request never reached it, so send it to the next leader, as
-                # HAProxy's redispatch does; counted, never hidden
+                # poll saw it): the request never reached it, so it goes to the next member, as
+                # HAProxy's redispatch does; recorded, never hidden
                 self.redispatched.append((time.monotonic(), node))
-                if self.target == node:
-                    self.target = None
-                if time.monotonic() >= deadline:
-                    return web.json_response({"error": {"message": f"{node} refused"}}, status=503)
+                refused.add(node)
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionResetError):
                 # the node went away mid-answer (or the client did): drop this connection too, so that
                 # the client sees a connection error
@@ -245,23 +309,26 @@ class Proxy:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
     def two_leaders(self) -> list:
-        return [p for p in self.polls if len(p[1]) > 1]
+        """The poll rounds in which more than one member said it led."""
+        return [p for p in self.polls if len(p[2]) > 1]
 
 
 class Load:
     """Client threads sending requests in a loop until stopped; odd workers stream. The clients do
     not retry (``max_retries=0``). With ``retry``, a request whose connection broke or that was
-    answered 502/503 is sent again by its thread, for up to ``retry_for_s`` seconds, and each such
-    retry is counted in ``retried`` (with its reason in ``retries``); without it, every error is a
-    failure."""
+    answered 502/503 is sent again by its thread, for up to ``retry_for_s`` seconds (with Members,
+    to another running member), and each such retry is counted in ``retried`` (with where the
+    client was and why in ``retries``); without it, every error is a failure."""
 
     def __init__(self, proxy, expected: dict, workers: int = 4, retry: bool = False, retry_for_s: float = 30):
+        # proxy: where each worker's client sends (a Proxy, or Members for clients on members)
         self.proxy, self.expected, self.retry, self.retry_for_s = proxy, expected, retry, retry_for_s
         self.sent = self.completed = self.retried = 0
         self.errors: list[str] = []
         self.retries: list[str] = []
         self.wrong: list[str] = []
         self.done: list[tuple[float, int]] = []  # (when, tokens) of every completed request
+        self.by_target: dict[str, int] = collections.Counter()  # completed requests by where sent
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._worker, args=(w,), daemon=True) for w in range(workers)]
@@ -269,7 +336,8 @@ class Load:
             t.start()
 
     def _worker(self, w: int) -> None:
-        client = openai.OpenAI(base_url=self.proxy.base, api_key="unused", max_retries=0)
+        label, base = self.proxy.target(w)
+        client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
         i = w
         while not self.stopping.is_set():
             prompt, n = PROMPTS[i % len(PROMPTS)]
@@ -277,7 +345,11 @@ class Load:
             with self.lock:
                 self.sent += 1
             until = time.monotonic() + self.retry_for_s
+            attempt = 0
             while True:
+                if attempt:
+                    client = openai.OpenAI(base_url=self.proxy.target(w, attempt)[1], api_key="unused",
+                                           max_retries=0)  # fmt: skip
                 try:
                     text = self._one(client, prompt, n, stream=w % 2 == 1)
                     break
@@ -287,14 +359,18 @@ class Load:
                     with self.lock:
                         if self.retry and broken and time.monotonic() < until:
                             self.retried += 1
-                            self.retries.append(f"{type(e).__name__} {status or ''}".strip())
+                            self.retries.append(f"{label}: {type(e).__name__} {status or ''}".strip())
+                            attempt += 1
                             continue
-                        self.errors.append(f"{type(e).__name__}: {e}")
+                        self.errors.append(f"{label}: {type(e).__name__}: {e}")
                     text = None
                     break
+            if attempt:
+                client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
             if text is not None:
                 with self.lock:
                     self.completed += 1
+                    self.by_target[label] += 1
                     self.done.append((time.monotonic(), n))
                     if text != self.expected[prompt]:
                         self.wrong.append(prompt)

@@ -103,11 +103,21 @@ class LaunchedServer:
             time.sleep(0.2)
 
     def answers_ready(self) -> bool:
-        """Whether ``/ready`` answers 200 now (in a cluster: whether this member leads)."""
+        """Whether ``/ready`` answers 200 now (in a cluster: whether this member serves)."""
         try:
             with urllib.request.urlopen(self.base + "/ready", timeout=1) as r:
                 return r.status == 200
         except (urllib.error.URLError, OSError):
+            return False
+
+    def leads(self) -> bool:
+        """Whether this member says it leads with a live lease (``GET /cluster``'s ``leading``)."""
+        import json
+
+        try:
+            with urllib.request.urlopen(self.base + "/cluster", timeout=1) as r:
+                return bool(json.loads(r.read()).get("leading"))
+        except (urllib.error.URLError, OSError, ValueError):
             return False
 
     def _read(self) -> None:
