@@ -315,10 +315,10 @@ def _serve_rank(args, layout, model_dir: str) -> int:
 
 
 def make_cluster(args):
-    """(Cluster, Signer) from the --cluster flags, or (None, None) without --cluster."""
+    """(Cluster, Signer) from the --cluster (or --join) flags, or (None, None) without them."""
     from server.cluster import ConfigError, cluster_from_flags
 
-    if not args.cluster:
+    if not args.cluster and not args.join:
         return None, None
     try:
         return cluster_from_flags(args)
@@ -386,7 +386,7 @@ def _run_server(args, engine, model_dir: str, model, layout=None) -> None:
 async def _serve_until_signalled(app, host: str, port: int, drain_timeout_s: float) -> None:
     from aiohttp import web
 
-    from server.state import ENGINE_LOOP
+    from server.state import ENGINE_LOOP, FRONT
 
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
@@ -404,7 +404,9 @@ async def _serve_until_signalled(app, host: str, port: int, drain_timeout_s: flo
         await stop.wait()
         t0 = time.monotonic()
         print("ringleader: shutting down: draining in-flight requests", file=sys.stderr, flush=True)
-        failed = await app[ENGINE_LOOP].drain(drain_timeout_s)
+        # the request front: a cluster member's router waits for its clients' requests on every
+        # replica, and for its own replica's, whoever sent them
+        failed = await app[FRONT].drain(drain_timeout_s)
         print(
             f"ringleader: drained in {time.monotonic() - t0:.1f} s; {failed} unfinished requests failed",
             file=sys.stderr,

@@ -7,6 +7,11 @@ run one sequence on this member's replica), whose answer is a stream of JSON lin
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import sys
+
 from aiohttp import web
 
 from engine.request import SamplingParams, StepOutput
@@ -16,6 +21,7 @@ from server.cluster import (
     TERM_HEADER,
     Cluster,
     Forged,
+    Refused,
     Signer,
     add_control_routes,
     cluster_metrics,
@@ -24,6 +30,12 @@ from server.cluster import (
 from server.router import Router, encode_line
 from server.routing import PrefixIndex
 from server.state import CLUSTER, CONFIG, ENGINE_LOOP, FRONT, METRICS, ROUTER, SIGNER, ApiError
+
+LEAVING = web.AppKey("leaving", asyncio.Task)
+# how long a leaving member goes on taking requests after its /ready turned 503: a load balancer's
+# health checks notice within this (HAProxy's ``inter 1s fall 2``, a Kubernetes readiness probe
+# of period 1 s and failure threshold 2)
+LEAVE_NOTICE_S = 3.0
 
 MEMBER_HEADER = "X-Ringleader-Member"
 
@@ -91,8 +103,48 @@ async def control_generate(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def control_leave(request: web.Request) -> web.Response:
+    """An operator's signed request (``python -m server.members leave``) that this member leave the
+    cluster: it drains (refuses new requests, its replica reports draining, what it has in flight
+    finishes), has the leader remove it from the configuration, and shuts down. 202 at once."""
+    app = request.app
+    try:
+        verified(await request.read(), request.headers.get(SIGNATURE), app[SIGNER], app[METRICS])
+    except Forged as e:
+        return web.json_response({"error": f"control message refused: {e.reason}"}, status=403)
+    cluster, router = app[CLUSTER], app[ROUTER]
+    if app.get(LEAVING) is None:
+        app[LEAVING] = asyncio.create_task(_leave(cluster, router, app[CONFIG].drain_timeout_s))
+    return web.json_response({"leaving": cluster.me}, status=202)
+
+
+async def _leave(cluster: Cluster, router: Router, drain_timeout_s: float) -> None:
+    print(f"ringleader: member {cluster.me}: leaving: draining, then leaving the configuration",
+          file=sys.stderr, flush=True)  # fmt: skip
+    failed = await router.retire(LEAVE_NOTICE_S, drain_timeout_s)
+    try:
+        await cluster.leave()
+    except Refused as e:
+        print(f"ringleader: member {cluster.me}: could not leave: {e.reason}; shutting down anyway",
+              file=sys.stderr, flush=True)  # fmt: skip
+    print(f"ringleader: member {cluster.me}: left; {failed} requests failed the drain", file=sys.stderr,
+          flush=True)  # fmt: skip
+    _shut_down()
+
+
+def _shut_down() -> None:
+    """The shutdown a SIGTERM starts (drain, then exit), from inside."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _join_refused(cluster: Cluster, why: str) -> None:
+    print(f"ringleader: error: member {cluster.me} could not join the cluster: {why}", file=sys.stderr,
+          flush=True)  # fmt: skip
+    os._exit(2)  # nothing was served yet: a member that is not in the cluster has no requests
+
+
 def add_cluster(app: web.Application, engine: Engine, cluster: Cluster, signer: Signer) -> None:
-    """Make ``app`` one member of ``cluster``: its control routes, the leader middleware, and the
+    """Make ``app`` one member of ``cluster``: its control routes, the serving middleware, and the
     router over every replica as the app's request front."""
     app[CLUSTER], app[SIGNER] = cluster, signer
     app[METRICS].update(cluster_metrics(app[METRICS]["registry"]))
@@ -110,6 +162,9 @@ def add_cluster(app: web.Application, engine: Engine, cluster: Cluster, signer: 
     # the index of each replica forgets about as fast as a cache of this replica's size evicts
     router.block_size, router.index = engine.block_size, PrefixIndex(engine.num_blocks - 1)
     app[ROUTER] = app[FRONT] = router
+    cluster.on_config = router.sync_replicas  # members join and leave
+    cluster.on_removed = _shut_down
+    cluster.on_join_refused = lambda why: _join_refused(cluster, why)
 
     async def members(app: web.Application):
         await router.start()
@@ -122,4 +177,5 @@ def add_cluster(app: web.Application, engine: Engine, cluster: Cluster, signer: 
     app.on_response_prepare.append(_mark)
     add_control_routes(app, cluster, signer, app[METRICS])
     app.router.add_post("/_control/generate", control_generate)
+    app.router.add_post("/_control/leave", control_leave)
     app.router.add_get("/cluster", cluster_state)

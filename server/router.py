@@ -108,10 +108,16 @@ class RemoteReplica:
 
     def __init__(self, name: str, cluster: Cluster, signer: Signer, session: aiohttp.ClientSession):
         self.name, self.cluster, self.signer, self.session = name, cluster, signer, session
+        self.url = cluster.members[name].url
 
     def routable(self) -> bool:
-        peer = self.cluster.peers[self.name]
-        return self.cluster.alive(self.name) and peer.replica.get("state") == "ready"
+        peer = self.cluster.peers.get(self.name)
+        return (
+            peer is not None
+            and self.name in self.cluster.members
+            and self.cluster.alive(self.name)
+            and peer.replica.get("state") == "ready"
+        )
 
     async def generate(self, rid, prompt, generated, params, priority, timeout_s):
         message = {
@@ -125,7 +131,7 @@ class RemoteReplica:
             "timeout_s": timeout_s,
         }
         body, headers = self.signer.sign(message)
-        url = self.cluster.members[self.name].url + "/_control/generate"
+        url = self.url + "/_control/generate"
         response = None
         try:
             response = await self._watch(self.session.post(url, data=body, headers=headers))
@@ -164,7 +170,8 @@ class RemoteReplica:
                     return task.result()
                 if not self.cluster.alive(self.name):
                     raise ReplicaLost(f"{self.name} stopped answering")
-                if self.cluster.peers[self.name].replica.get("state") == "stalled":
+                peer = self.cluster.peers.get(self.name)
+                if peer is None or peer.replica.get("state") == "stalled":
                     raise ReplicaLost(f"{self.name}: a step ran past the step deadline")
         finally:
             if not task.done():
@@ -191,14 +198,28 @@ class Router:
         self.block_size = 16
         self.index = PrefixIndex(1 << 16)
         self.routed: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.front_draining = False
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=2))
         self.replicas[self.cluster.me] = LocalReplica(self.cluster.me, self.local_loop)
+        self.load = {self.cluster.me: 0}
+        self.sync_replicas()
+
+    def sync_replicas(self) -> None:
+        """A replica for every member of the configuration with a model; one whose member left
+        stays until its last request here has finished, out of routing."""
+        if self.session is None:
+            return  # not started: start() syncs
         for name, member in self.cluster.members.items():
-            if name != self.cluster.me and not member.witness:
+            if name not in self.replicas and not member.witness:
                 self.replicas[name] = RemoteReplica(name, self.cluster, self.signer, self.session)
-        self.load = {name: 0 for name in self.replicas}
+                self.load.setdefault(name, 0)
+        for name in [n for n in self.replicas if n != self.cluster.me and n not in self.cluster.members]:
+            if self.load.get(name, 0) == 0:
+                del self.replicas[name]
+                self.load.pop(name, None)
+                self.index.drop(name)
 
     async def stop(self) -> None:
         for task in list(self.tasks.values()):
@@ -210,7 +231,8 @@ class Router:
 
     @property
     def draining(self) -> bool:
-        return self.local_loop.draining
+        """Whether this front end refuses new requests (it is shutting down)."""
+        return self.front_draining
 
     @property
     def fatal(self):
@@ -241,7 +263,7 @@ class Router:
     async def drain(self, timeout_s: float) -> int:
         """Refuse new requests; give every request this member routed, to any replica,
         ``timeout_s`` to finish; fail the rest with ``ServerShutdown``."""
-        self.local_loop.draining = True
+        self.local_loop.draining = self.front_draining = True
         deadline = time.monotonic() + timeout_s
         while self.queues and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -252,6 +274,16 @@ class Router:
             queue.put_nowait(ServerShutdown.after(timeout_s))
         await self.local_loop.drain(max(0.0, deadline - time.monotonic()))
         return len(left)
+
+    async def retire(self, notice_s: float, timeout_s: float) -> int:
+        """Before this member leaves the cluster: its replica takes no new sequence (``/ready``
+        turns 503 and every front end routes elsewhere) while this front end goes on taking its
+        clients' requests for ``notice_s``, long enough for a load balancer's health checks to
+        notice, and sends them to the other replicas; then it drains as on shutdown. Returns how
+        many requests the drain failed."""
+        self.local_loop.draining = True
+        await asyncio.sleep(notice_s)
+        return await self.drain(timeout_s)
 
     def replica_rows(self) -> list[dict]:
         return [
@@ -292,7 +324,8 @@ class Router:
             if name == self.cluster.me:
                 reported = self.local_loop.outstanding()
             else:
-                reported = self.cluster.peers[name].replica.get("outstanding") or 0
+                peer = self.cluster.peers.get(name)
+                reported = (peer.replica.get("outstanding") or 0) if peer is not None else 0
             load[name] = max(load[name], int(reported))
         return load
 
@@ -363,6 +396,8 @@ class Router:
                     print(f"ringleader: request {rid} moves on from replica {e}", file=sys.stderr, flush=True)
                 finally:
                     self.load[name] -= 1
+                    if name not in self.cluster.members:
+                        self.sync_replicas()  # its member left: forget it once nothing runs there
         except RequestError as e:
             queue.put_nowait(e)
         except NoReplica as e:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from server.cluster import Cluster, ConfigError, Member, Signer
+from server.cluster import Cluster, ConfigError, Member, Refused, Signer
 
 NAMES = ("n1", "n2", "n3")
 
@@ -65,11 +65,13 @@ def test_a_pre_vote_changes_nothing_and_a_real_vote_is_once_per_term():
     nodes = make_cluster()
     voter = nodes["n2"]
     voter.last_contact -= 5
-    pre = voter.handle_vote({"pre": True, "proposed": 3, "from": "n1", "term": 2})
+    pre = voter.handle_vote({"pre": True, "proposed": 3, "from": "n1", "term": 2, "config_id": 1})
     assert pre["granted"] and voter.term == 0 and voter.voted_for is None
-    assert not voter.handle_vote({"pre": True, "proposed": 0, "from": "n1", "term": 0})["granted"]
-    assert voter.handle_vote({"from": "n1", "term": 3})["granted"] and voter.term == 3
-    assert not voter.handle_vote({"from": "n3", "term": 3})["granted"]  # already voted in term 3
+    stale = voter.handle_vote({"pre": True, "proposed": 0, "from": "n1", "term": 0, "config_id": 1})
+    assert not stale["granted"]
+    assert voter.handle_vote({"from": "n1", "term": 3, "config_id": 1})["granted"] and voter.term == 3
+    # already voted in term 3
+    assert not voter.handle_vote({"from": "n3", "term": 3, "config_id": 1})["granted"]
 
 
 def test_a_dead_leader_is_replaced_by_a_pre_voted_candidate():
@@ -147,7 +149,8 @@ def test_a_witness_never_stands_for_election_and_no_member_votes_for_one():
     assert not nodes["sent"], nodes["sent"]  # it asked nobody for a vote
     asyncio.run(witness._election())  # were it to stand anyway, nobody grants it a pre-vote or a vote
     assert witness.role == "follower" and witness.term == 0
-    assert not nodes["n1"].handle_vote({"from": "n3", "term": 1})["granted"] and nodes["n1"].term == 0
+    assert not nodes["n1"].handle_vote({"from": "n3", "term": 1, "config_id": 1})["granted"]
+    assert nodes["n1"].term == 0
     asyncio.run(nodes["n1"]._election())  # a full member does get elected, with the witness's vote
     assert nodes["n1"].role == "leader" and nodes["n3"].voted_for == "n1"
 
@@ -192,14 +195,61 @@ def test_term_and_vote_survive_a_restart_and_a_member_never_votes_twice_in_a_ter
     members = [Member(n, f"http://{n}.invalid") for n in NAMES]
     voter = Cluster("n2", members, Signer("secret"), state_dir=tmp_path / "n2")
     voter.last_contact -= 5
-    assert voter.handle_vote({"from": "n1", "term": 4})["granted"]
+    assert voter.handle_vote({"from": "n1", "term": 4, "config_id": 1})["granted"]
     restarted = Cluster("n2", members, Signer("secret"), state_dir=tmp_path / "n2")
     assert (restarted.term, restarted.voted_for) == (4, "n1")
     restarted.last_contact -= 5
-    assert not restarted.handle_vote({"from": "n3", "term": 4})["granted"]  # it voted in term 4
-    assert restarted.handle_vote({"from": "n3", "term": 5})["granted"]
+    # it voted in term 4
+    assert not restarted.handle_vote({"from": "n3", "term": 4, "config_id": 1})["granted"]
+    assert restarted.handle_vote({"from": "n3", "term": 5, "config_id": 1})["granted"]
     saved = json.loads((tmp_path / "n2" / "state.json").read_text())
-    assert saved == {"term": 5, "voted_for": "n3"}
+    assert (saved["term"], saved["voted_for"], saved["config"]["id"]) == (5, "n3", 1)
     (tmp_path / "n2" / "state.json").write_text("{not json")
     with pytest.raises(ConfigError, match="state.json is not a member's saved state"):
         Cluster("n2", members, Signer("secret"), state_dir=tmp_path / "n2")
+
+
+def test_a_member_joins_once_a_majority_of_the_old_and_the_new_configuration_stored_it():
+    nodes = make_cluster()
+    elect_n1(nodes)
+    leader = nodes["n1"]
+    joiner = Cluster("n4", [], Signer("secret"), join="http://n1.invalid", url="http://n4.invalid")
+    nodes["n4"] = joiner
+    assert joiner.config_id == 0 and not joiner.can_lead and not joiner.can_serve()
+    assert asyncio.run(leader.change(add=Member("n4", "http://n4.invalid"))) == 2
+    assert leader.committed_id == 2 and leader.majority == 3 and leader.old_members is None
+    for name in ("n2", "n3", "n4"):
+        assert nodes[name].config_id == 2 and set(nodes[name].members) == {"n1", "n2", "n3", "n4"}
+    assert joiner.can_lead and joiner.join_url is None
+    asyncio.run(leader._heartbeat_round())
+    assert all(nodes[n].committed_id == 2 for n in ("n2", "n3", "n4"))
+    # a candidate without the newest configuration gets no vote from a member that has it
+    stale = {"from": "n3", "term": leader.term + 1, "config_id": 1}
+    assert not nodes["n2"].handle_vote({**stale, "pre": True, "proposed": leader.term + 1})["granted"]
+    with pytest.raises(Refused, match="already in the cluster"):
+        asyncio.run(leader.change(add=Member("n2", "http://elsewhere.invalid")))
+
+
+def test_a_change_that_would_leave_no_live_majority_is_refused_and_a_dead_member_is_removed():
+    nodes = make_cluster()
+    elect_n1(nodes)
+    leader = nodes["n1"]
+    nodes["down"].update({"n2", "n3"})  # two of three gone: neither the old nor the new has a majority
+    for name in ("n2", "n3"):
+        leader.peers[name].last_ack -= 2 * leader.dead_after_s
+    with pytest.raises(Refused, match=r"fewer than the 2 of a majority"):
+        asyncio.run(leader.change(remove="n3"))
+    assert leader.config_id == 1 and set(leader.members) == set(NAMES)  # nothing changed
+    nodes["down"].discard("n2")  # one of three gone: it can be removed by name
+    asyncio.run(leader._heartbeat_round())
+    assert asyncio.run(leader.change(remove="n3")) == 2
+    assert set(leader.members) == {"n1", "n2"} and set(nodes["n2"].members) == {"n1", "n2"}
+    assert "n3" not in leader.peers and leader.majority == 2
+    with pytest.raises(Refused, match="no member named 'n3'"):
+        asyncio.run(leader.change(remove="n3"))
+    # the removed member, back with its old configuration, wins no vote and depose no one
+    nodes["down"].discard("n3")
+    back = nodes["n3"]
+    back.last_contact -= 5
+    asyncio.run(back._election())
+    assert back.role == "follower" and leader.is_leader()

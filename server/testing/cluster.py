@@ -81,14 +81,18 @@ class Cluster:
         self.ports = {name: free_port() for name in self.names}
         self.spec = ",".join(f"{n}=http://127.0.0.1:{p}" for n, p in self.ports.items())
         self.nodes: dict[str, LaunchedServer] = {}
+        self.joined: dict[str, str] = {}  # members started with --join, and the member they asked
         for name in self.names:
             self.start(name, wait=False)
         for name in self.names:
             self.nodes[name].wait()
 
     def start(self, name: str, wait: bool = True) -> None:
+        """Start member ``name`` (again): with the launch list, or for a member that joined, with
+        ``--join`` as the first time; either way a configuration it saved replaces them."""
+        how = ["--join", self.url(self.joined[name])] if name in self.joined else ["--cluster", self.spec]
         args = ["--model", str(self.model), "--threads", "1", "--kv-cache-mib", "4",
-                "--max-batched-tokens", "64", "--cluster", self.spec, "--name", name,
+                "--max-batched-tokens", "64", *how, "--name", name,
                 "--lease-ms", str(LEASE_MS), "--state-dir", os.path.join(self.state_root, name),
                 *self.extra_args]  # fmt: skip
         node = LaunchedServer(*args, port=self.ports[name], ready_path="/health", env={
@@ -96,6 +100,13 @@ class Cluster:
         self.nodes[name] = node
         if wait:
             node.wait()
+
+    def join(self, name: str, via: str, wait: bool = True) -> None:
+        """Start a new member ``name`` that joins the running cluster through member ``via``."""
+        self.ports[name] = free_port()
+        self.names = (*self.names, name)
+        self.joined[name] = via
+        self.start(name, wait=wait)
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}"
