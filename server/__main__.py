@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also serve the gateway's gRPC worker service (vllm.grpc.engine.VllmEngine) on this port "
         "(default: off)",
     )
+    parser.add_argument(
+        "--no-replica",
+        action="store_true",
+        help="a cluster member that is a front end only: it serves the API and routes every request "
+        "to the other members' replicas; it reads the checkpoint's config and tokenizer, not its weights",
+    )
     parser.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache memory per rank")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     parser.add_argument(
@@ -171,7 +177,8 @@ def _serve(args, argv: list[str]) -> int:
     from server.response_cache import check_response_cache_flags
 
     _check_flags(args)
-    make_cluster(args)  # its flags are checked before anything is loaded
+    if make_cluster(args)[0] is None and args.no_replica:  # its flags are checked before anything is loaded
+        raise RingleaderError("--no-replica makes a front end for a cluster: it needs --cluster or --join")
     _routing_policy(args)
     check_response_cache_flags(args)
     if args.threads:
@@ -183,6 +190,11 @@ def _serve(args, argv: list[str]) -> int:
     load_tokenizer(
         model_dir, config.vocab_size
     )  # a missing or bad tokenizer fails here, before any rank starts
+    if args.no_replica:
+        if args.tp * args.pp * args.nnodes > 1:
+            raise RingleaderError("--no-replica runs no model: it takes no --tp, --pp or --nnodes")
+        _check_port(args.host, args.port)
+        return _serve_front_end(args, model_dir, config)
     layout = ParallelLayout(tp=args.tp, pp=args.pp, stage_layers=tuple(args.stage_layers or ()))
     check_layout(layout, config)
     if args.decode_mode == "compiled" and layout.world_size > 1:
@@ -241,6 +253,24 @@ def _serve_local(args, model_dir: str, config) -> int:
     if compiled:
         print(f"ringleader: compiled decode steps for batch sizes {compiled}", file=sys.stderr, flush=True)
     _run_server(args, engine, model_dir, engine.executor.model)
+    return 0
+
+
+def _serve_front_end(args, model_dir: str, config) -> int:
+    """A member with no replica: the engine it has is for its tokenizer and request checks; its
+    model is shapes only (the meta device: no memory, no weights read) and never runs."""
+    import torch
+
+    from engine.model import CausalLM
+    from engine.scheduler import Engine
+    from engine.tokenizer import load_tokenizer
+
+    max_len = min(args.max_len or config.max_position_embeddings, config.max_position_embeddings)
+    with torch.device("meta"):
+        model = CausalLM(config, max_len=max_len)
+    model.rotary.build(torch.device("meta"), torch.float32)
+    engine = Engine.for_model(model.eval(), 2, args.block_size, load_tokenizer(model_dir, config.vocab_size))
+    _run_server(args, engine, model_dir, model)
     return 0
 
 
@@ -337,14 +367,18 @@ def _run_server(args, engine, model_dir: str, model, layout=None) -> None:
     per_block = 2 * len(model.layer_ids) * args.block_size * model.kv_heads * cfg.head_dim
     mib = engine.num_blocks * per_block * next(model.parameters()).element_size() / 2**20
     placement = f" on tp={layout.tp} x pp={layout.pp} ranks" if layout else ""
-    print(
-        f"ringleader: serving {name!r}{placement} at http://{args.host}:{args.port}; KV cache "
-        f"{engine.num_blocks - 1} blocks of {args.block_size} tokens "
-        f"({(engine.num_blocks - 1) * args.block_size} tokens, {mib:.0f} MiB"
-        f"{' on the head rank' if layout else ''}); {args.batching} batching",
-        file=sys.stderr,
-        flush=True,
-    )
+    if args.no_replica:
+        print(f"ringleader: serving {name!r} at http://{args.host}:{args.port} as a front end with no "
+              "replica: every request runs on another member's", file=sys.stderr, flush=True)  # fmt: skip
+    else:
+        print(
+            f"ringleader: serving {name!r}{placement} at http://{args.host}:{args.port}; KV cache "
+            f"{engine.num_blocks - 1} blocks of {args.block_size} tokens "
+            f"({(engine.num_blocks - 1) * args.block_size} tokens, {mib:.0f} MiB"
+            f"{' on the head rank' if layout else ''}); {args.batching} batching",
+            file=sys.stderr,
+            flush=True,
+        )
     tok = engine.tokenizer
     stops = ", ".join(f"{i} ({tok.id_to_token(i)!r})" for i in sorted(engine.eos_ids)) or "none"
     taken = ", ".join(f"{k}={v}" for k, v in defaults.items()) or "none"
@@ -366,6 +400,10 @@ def _run_server(args, engine, model_dir: str, model, layout=None) -> None:
     )
     cluster, signer = make_cluster(args)
     app = create_app(engine, config, cluster, signer)
+    if args.no_replica:
+        from server.cluster_face import front_end_only
+
+        front_end_only(app)
     if args.response_cache is not None:
         from server.response_cache import add_response_cache, model_identity, store_from_flags
 

@@ -143,6 +143,13 @@ def _join_refused(cluster: Cluster, why: str) -> None:
     os._exit(2)  # nothing was served yet: a member that is not in the cluster has no requests
 
 
+def front_end_only(app: web.Application) -> None:
+    """A member with no replica (``serve --no-replica``): its router never sends to its own engine,
+    and it tells the others it has no replica, so that none sends there either."""
+    app[ROUTER].replicas_of_own = False
+    app[CLUSTER].replica_state = lambda: {"state": "none", "outstanding": 0}
+
+
 def add_cluster(app: web.Application, engine: Engine, cluster: Cluster, signer: Signer) -> None:
     """Make ``app`` one member of ``cluster``: its control routes, the serving middleware, and the
     router over every replica as the app's request front."""

@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 
 from server.cluster import Signer
-from server.testing.cluster import SECRET, Cluster, Load, Members, Proxy, expected_outputs, wait_for
+from server.testing.cluster import SECRET, Cluster, Endpoint, Load, Members, Proxy, expected_outputs, wait_for
 from server.testing.processes import ROOT, LaunchedServer, free_port
 
 CHANGES = "ringleader_membership_changes_total"
@@ -175,4 +175,40 @@ def test_a_join_with_a_bad_secret_a_forged_or_replayed_change_and_a_duplicate_na
         assert bad.returncode == 2, bad.stderr[-2000:]
         assert "could not join the cluster: control message refused: bad signature" in bad.stderr
     finally:
+        solo.kill()
+
+
+def test_a_front_end_with_no_replica_joins_and_serves_through_the_other_members_replicas(
+    tiny_demo, tmp_path, expected
+):
+    port, fe_port = free_port(), free_port()
+    while fe_port == port:
+        fe_port = free_port()
+    env = {"RINGLEADER_CLUSTER_SECRET": SECRET}
+    common = ("--model", str(tiny_demo), "--threads", "1", "--kv-cache-mib", "4")
+    solo = LaunchedServer(*common, "--cluster", f"a=http://127.0.0.1:{port}", "--name", "a", "--state-dir",
+                          str(tmp_path / "a"), port=port, ready_path="/health", env=env)  # fmt: skip
+    front = None
+    try:
+        wait_for(solo.leads, 10, "a one-member cluster to lead")
+        front = LaunchedServer(*common, "--no-replica", "--join", solo.base, "--name", "fe",
+                               "--state-dir", str(tmp_path / "fe"), port=fe_port, ready_path="/ready",
+                               env=env)  # fmt: skip
+        assert "as a front end with no replica" in front.stderr
+        state = json.loads(urllib.request.urlopen(front.base + "/cluster").read())
+        assert [r["name"] for r in state["replicas"]] == ["a"]  # it routes only to a's replica
+        seen = json.loads(urllib.request.urlopen(solo.base + "/cluster").read())
+        assert {r["name"]: r["routable"] for r in seen["replicas"]} == {"a": True, "fe": False}
+        assert next(m for m in seen["members"] if m["name"] == "fe")["replica"]["state"] == "none"
+        load = Load(Endpoint(front.base + "/v1", "fe"), expected, workers=2)
+        time.sleep(3)
+        figures = load.finish()
+        ran = float(urllib.request.urlopen(solo.base + "/metrics").read().decode().split(
+            "\nringleader_generation_tokens_total ")[1].split()[0])  # fmt: skip
+        print(f"\na front end with no replica, through a's: {figures}; a generated {ran:.0f} tokens")
+        assert figures["failed"] == 0 and figures["completed"] > 0 and not load.wrong, load.errors[:3]
+        assert ran > 0
+    finally:
+        if front is not None:
+            front.kill()
         solo.kill()
