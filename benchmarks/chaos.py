@@ -11,6 +11,12 @@ load balancer would spread them). Each repetition of a fault:
   went up). Failover: until a new leader leads. Then the old leader is restarted.
 - ``pause``: SIGSTOP the leader for twice its lease, then SIGCONT. Detection and failover as for
   ``leader``; the old leader must have stepped down.
+- ``join``: a fourth member starts with ``--join`` (through a follower). Detection: until every
+  member holds the committed configuration with it; failover: until its replica has run tokens for
+  the others' clients. Then it leaves again (not measured).
+- ``leave``: a fourth member joins (not measured), takes requests, and leaves with ``python -m
+  server.members leave``. Detection: until it has exited; failover: until every member holds the
+  committed configuration without it. Its replica's requests must finish (no failure).
 
 Every completed request is checked against the model's greedy output. The clients never retry on
 their own (the openai client with ``max_retries=0``). A request whose connection broke, or that was
@@ -36,6 +42,7 @@ import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 from server.testing.cluster import (  # noqa: E402
     LEASE_MS,
     NAMES,
+    SECRET,
     Cluster,
     Load,
     Members,
@@ -70,17 +78,66 @@ def _wait(predicate, timeout: float, step: float = 0.02):
     return None
 
 
+def _committed(cluster: Cluster, name: str) -> set[str]:
+    config = (cluster.state(name) or {}).get("config") or {}
+    return set(config.get("members") or []) if config.get("id") == config.get("committed") else set()
+
+
+def _operator(*args: str) -> None:
+    env = {**os.environ, "RINGLEADER_CLUSTER_SECRET": SECRET}
+    done = subprocess.run([sys.executable, "-m", "server.members", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"members {' '.join(args)}: {done.stderr.strip()}")
+
+
+def _membership(kind: str, cluster: Cluster, leader: str, fault: float) -> tuple[float, float]:
+    """(detection, failover) seconds of a join or a leave of a fourth member, started at ``fault``
+    (see the module's docstring)."""
+    name = f"j{int(fault * 1000) % 100000}"
+    via = next(n for n in NAMES if n != leader)
+    if kind == "leave":
+        cluster.join(name, via=via)
+        if not _wait(lambda: cluster.counter(name, "ringleader_generation_tokens_total") > 0, 10):
+            raise RuntimeError(f"{name} got no requests after joining")
+        fault = time.monotonic()
+        _operator("leave", cluster.url(name))
+        cluster.nodes[name].proc.wait(timeout=60)
+        detection = time.monotonic() - fault
+        if not _wait(lambda: all(_committed(cluster, n) == set(NAMES) for n in NAMES), 10):
+            raise RuntimeError(f"the configuration without {name} was not committed everywhere")
+        failover = time.monotonic() - fault
+        cluster.forget(name)
+        return detection, failover
+    cluster.join(name, via=via, wait=False)
+    everyone = {*NAMES, name}
+    if not _wait(lambda: all(_committed(cluster, n) == everyone for n in everyone), 120):
+        raise RuntimeError(f"the configuration with {name} was not committed everywhere")
+    detection = time.monotonic() - fault
+    if not _wait(lambda: cluster.counter(name, "ringleader_generation_tokens_total") > 0, 10):
+        raise RuntimeError(f"{name} got no requests after joining")
+    failover = time.monotonic() - fault
+    _operator("leave", cluster.url(name))
+    cluster.nodes[name].proc.wait(timeout=60)
+    _wait(lambda: all(_committed(cluster, n) == set(NAMES) for n in NAMES), 10)
+    cluster.forget(name)
+    return detection, failover
+
+
 def one(kind: str, cluster: Cluster, proxy: Proxy, expected: dict, workers: int) -> dict:
     leader = cluster.heal()
     term = (cluster.state(leader) or {}).get("term", 0)
-    victim = next(n for n in NAMES if n != leader) if kind == "follower" else leader
-    others = [n for n in NAMES if n != victim]
+    victim = next(n for n in NAMES if n != leader) if kind == "follower" else None if kind in (
+        "join", "leave") else leader  # fmt: skip
+    others = [n for n in NAMES if n != victim]  # the members whose clients must see nothing
     rerouted = cluster.total(REROUTED, others)
     polled = len(proxy.polls)
     load = Load(Members(cluster, NAMES), expected, workers=workers, retry=True)
     time.sleep(WINDOW_S)
     fault = time.monotonic()
-    if kind == "follower":
+    if kind in ("join", "leave"):
+        detection, failover = _membership(kind, cluster, leader, fault)
+    elif kind == "follower":
         cluster.nodes[victim].proc.send_signal(signal.SIGKILL)
         _wait(lambda: member(cluster.state(leader), victim).get("alive") is False, 10)
         detection = time.monotonic() - fault
@@ -108,7 +165,7 @@ def one(kind: str, cluster: Cluster, proxy: Proxy, expected: dict, workers: int)
         raise RuntimeError(f"{len(load.wrong)} outputs differ from the model's greedy output")
     if [p for p in proxy.polls[polled:] if len(p[2]) > 1]:
         raise RuntimeError("two members said they led in one poll round")
-    mine = f"{victim}:"
+    mine = f"{victim}:" if victim else "\0"  # a join or a leave has no victim: every client counts
     return {
         "fault": kind,
         "victim": victim,
@@ -147,14 +204,14 @@ def summarise(runs: list[dict]) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--faults", default="follower,leader,pause")
+    parser.add_argument("--faults", default="follower,leader,pause,join,leave")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--workers", type=int, default=6, help="client threads over the members")
     parser.add_argument("--model", default=None, help="checkpoint (default: the tiny demo, built here)")
     parser.add_argument("--result-json", default=None)
     args = parser.parse_args()
     kinds = [k.strip() for k in args.faults.split(",")]
-    unknown = set(kinds) - {"follower", "leader", "pause"}
+    unknown = set(kinds) - {"follower", "leader", "pause", "join", "leave"}
     if unknown:
         parser.error(f"unknown faults {sorted(unknown)}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")

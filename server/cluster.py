@@ -224,7 +224,8 @@ class Cluster:
     ):
         """``members``: the launch configuration; or, with ``join`` (any member's URL), none:
         this member (at ``url``) asks to be added to a running cluster. A configuration saved in
-        ``state_dir`` wins over both."""
+        ``state_dir`` wins over both, unless it no longer has this member and ``join`` is given (a
+        member that left joins again)."""
         if not lease_s < election_timeout_s[0]:
             raise ConfigError("the leader's lease must be shorter than the shortest election timeout")
         self.me, self.signer = me, signer
@@ -237,7 +238,8 @@ class Cluster:
         # the configuration: its members, its id (the launch list is 1), the newest id known to be
         # committed (stored by a majority), and while a change is not committed, the one before it
         self.config_id, self.committed_id, self.old_members = 1, 1, None
-        if saved is not None and saved["config"] is not None:
+        rejoin = saved is not None and saved["config"] is not None and me not in saved["config"]["members"]
+        if saved is not None and saved["config"] is not None and not (rejoin and join is not None):
             config = saved["config"]
             self.members = config["members"]
             self.config_id, self.committed_id = config["id"], config["committed"]

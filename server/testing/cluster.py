@@ -108,6 +108,12 @@ class Cluster:
         self.joined[name] = via
         self.start(name, wait=wait)
 
+    def forget(self, name: str) -> None:
+        """Member ``name`` left the cluster (its process has exited): no longer one of ``names``."""
+        self.names = tuple(n for n in self.names if n != name)
+        self.joined.pop(name, None)
+        self.nodes.pop(name).kill()
+
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}"
 
