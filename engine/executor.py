@@ -9,12 +9,14 @@ of the replica as typed int64/float32 tensors, point to point, so a rank that is
 micro-batch picks it up when it gets there. Stage s hands its hidden states to stage s + 1 (tp rank
 to tp rank); the last stage gathers the vocabulary-parallel logits on its tp rank 0, which samples
 and sends the ids back to the head. With pp stages and pp micro-batches in flight, every stage
-works on a different micro-batch at the same time.
+works on a different micro-batch at the same time. A plan with constrained rows carries their
+token bitmasks as a third (int32) tensor, so that whichever rank samples applies them.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +35,7 @@ _INT_ROWS = ("starts", "rows", "logit_index", "lengths", "top_k", "seeds", "coun
 _FLOAT_ROWS = ("temperature", "top_p", "presence", "frequency", "repetition")
 _DEFAULTS = {"top_k": 0, "seeds": 0, "counters": 0, "prompt_lens": 0, "temperature": 0.0, "top_p": 1.0,
              "presence": 0.0, "frequency": 0.0, "repetition": 1.0}  # fmt: skip
-_HEADER = ("kind", "mb", "B", "S", "W", "record_logits", "cache_rows", "cache_len", "logprobs")
+_HEADER = ("kind", "mb", "B", "S", "W", "record_logits", "cache_rows", "cache_len", "logprobs", "M", "MW")
 
 
 @dataclass
@@ -60,9 +62,19 @@ class Plan:
     prompt_lens: list[int] = field(default_factory=list)
     histories: list[list[int]] = field(default_factory=list)  # prompt + output of penalised rows
     logprobs: int = -1  # top log-probabilities per row; -1: none
+    # constrained rows and their token bitmasks (int32 [len(mask_rows), ceil(V / 32)]); on the head
+    # a future of them, computed while the forward pass runs (engine.structured)
+    mask_rows: list[int] = field(default_factory=list)
+    masks: torch.Tensor | concurrent.futures.Future | None = None
     record_logits: bool = False
     cache_rows: int = 0  # ALLOC: rows; ALLOC_PAGED: blocks
     cache_len: int = 0  # ALLOC: positions per row; ALLOC_PAGED: block size
+
+    def token_masks(self) -> torch.Tensor | None:
+        """The constrained rows' bitmasks, once computed."""
+        if isinstance(self.masks, concurrent.futures.Future):
+            self.masks = self.masks.result()
+        return self.masks
 
     def sampling(self, device) -> SamplingBatch:
         penalties = None
@@ -86,6 +98,8 @@ class Plan:
             device,
             penalties,
             self.logprobs,
+            self.mask_rows,
+            self.token_masks(),
         )
 
     def _column(self, name: str, B: int, S: int) -> list:
@@ -97,25 +111,29 @@ class Plan:
         default = {"rows": None, "lengths": S}.get(name, _DEFAULTS.get(name))
         return list(range(B)) if default is None else [default] * B
 
-    def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B = len(self.tokens)
         S = len(self.tokens[0]) if B else 0
         W = max((len(t) for t in self.block_tables), default=0)
         histories = self.histories or [[]] * B
+        masks = self.token_masks() if self.mask_rows else torch.empty(0, 0, dtype=torch.int32)
         head = {"kind": self.kind, "mb": self.mb, "B": B, "S": S, "W": W,
                 "record_logits": int(self.record_logits), "logprobs": self.logprobs,
-                "cache_rows": self.cache_rows, "cache_len": self.cache_len}  # fmt: skip
+                "cache_rows": self.cache_rows, "cache_len": self.cache_len,
+                "M": len(self.mask_rows), "MW": masks.shape[1]}  # fmt: skip
         ints = [head[k] for k in _HEADER] + [t for row in self.tokens for t in row]
         ints += [b for t in self.block_tables for b in t + [0] * (W - len(t))]
         for name in _INT_ROWS:
             ints += self._column(name, B, S)
         ints += [len(h) for h in histories] if B else []
         ints += [t for h in histories for t in h]
+        ints += list(self.mask_rows)
         floats = [x for name in _FLOAT_ROWS for x in self._column(name, B, S)]
-        return torch.tensor(ints, dtype=torch.int64), torch.tensor(floats, dtype=torch.float32)
+        ints_t, floats_t = torch.tensor(ints, dtype=torch.int64), torch.tensor(floats, dtype=torch.float32)
+        return ints_t, floats_t, masks.reshape(-1).contiguous()
 
     @classmethod
-    def decode(cls, ints: torch.Tensor, floats: torch.Tensor) -> Plan:
+    def decode(cls, ints: torch.Tensor, floats: torch.Tensor, masks: torch.Tensor | None = None) -> Plan:
         v = ints.tolist()
         h = dict(zip(_HEADER, v[: len(_HEADER)]))
         B, S, W = h["B"], h["S"], h["W"]
@@ -131,6 +149,7 @@ class Plan:
         cols = {name: take(B) for name in _INT_ROWS}
         lens = take(B)
         histories = [take(n) for n in lens]
+        mask_rows = take(h["M"])
         f = floats.tolist()
         fcols = {name: f[i * B : (i + 1) * B] for i, name in enumerate(_FLOAT_ROWS)}
         return cls(
@@ -140,6 +159,8 @@ class Plan:
             block_tables=tables,
             histories=histories if any(histories) else [],
             logprobs=h["logprobs"],
+            mask_rows=mask_rows,
+            masks=masks.view(h["M"], h["MW"]) if h["M"] else None,
             record_logits=bool(h["record_logits"]),
             cache_rows=h["cache_rows"],
             cache_len=h["cache_len"],
@@ -309,11 +330,11 @@ class DistributedExecutor:
 
     def _broadcast(self, plan: Plan) -> None:
         dev = comm_device(self.device)
-        ints, floats = (t.to(dev) for t in plan.encode())
-        header = torch.tensor([ints.numel(), floats.numel()], dtype=torch.int64, device=dev)
+        ints, floats, masks = (t.to(dev) for t in plan.encode())
+        header = torch.tensor([ints.numel(), floats.numel(), masks.numel()], dtype=torch.int64, device=dev)
         for dst in self.ranks.members:
             if dst != self.ranks.rank:
-                for t in (header, ints, floats):
+                for t in (header, ints, floats) + ((masks,) if masks.numel() else ()):
                     self.outbox.send(t, dst, TAG_PLAN)
 
     def begin(self, rows: int, length: int) -> None:
@@ -416,14 +437,17 @@ def recv_sampled(src: int, vocab: int, device) -> Sampled:
 
 def recv_plan(src: int, device) -> Plan:
     dev = comm_device(device)
-    header = torch.empty(2, dtype=torch.int64, device=dev)
+    header = torch.empty(3, dtype=torch.int64, device=dev)
     dist.recv(header, src, tag=TAG_PLAN)
-    n_ints, n_floats = header.tolist()
+    n_ints, n_floats, n_masks = header.tolist()
     ints = torch.empty(n_ints, dtype=torch.int64, device=dev)
     floats = torch.empty(n_floats, dtype=torch.float32, device=dev)
+    masks = torch.empty(n_masks, dtype=torch.int32, device=dev)
     dist.recv(ints, src, tag=TAG_PLAN)
     dist.recv(floats, src, tag=TAG_PLAN)
-    return Plan.decode(ints.cpu(), floats.cpu())
+    if n_masks:
+        dist.recv(masks, src, tag=TAG_PLAN)
+    return Plan.decode(ints.cpu(), floats.cpu(), masks.cpu())
 
 
 def follow(model: CausalLM, ranks: ReplicaRanks, device: torch.device, check: bool = False) -> None:

@@ -22,6 +22,8 @@ from engine.tokenizer import IncrementalDetokenizer
 if TYPE_CHECKING:
     import torch
 
+    from engine.structured import Grammar
+
 MAX_LOGPROBS = 20
 
 
@@ -39,6 +41,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # in [-2, 2]: subtracted per occurrence in the output
     repetition_penalty: float = 1.0  # > 0: divides the logits of tokens in the prompt or output
     logprobs: int | None = None  # top log-probabilities per generated token (0..20); None: none
+    grammar: str | None = None  # a constraint: llguidance's serialised grammar (engine.structured)
 
     @property
     def penalised(self) -> bool:
@@ -77,6 +80,10 @@ class SamplingParams:
             isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS
         ):
             bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {lp!r}")
+        if self.grammar is not None and not (isinstance(self.grammar, str) and self.grammar):
+            bad("grammar", f"must be a serialised grammar (a non-empty string), got {self.grammar!r}")
+        if self.grammar is not None and self.ignore_eos:
+            bad("ignore_eos", "cannot go with a constraint: a constrained output ends where its grammar does")
 
 
 def check_request(prompt: list[int], params: SamplingParams, vocab_size: int, max_len: int) -> None:
@@ -115,6 +122,7 @@ class Sequence:
         self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it
         self.logits: list[torch.Tensor] = []
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []  # per generated token
+        self.grammar: Grammar | None = None  # the constraint's matcher, where the engine keeps one
 
     def sampling_row(self) -> tuple[float, int, float, int, int]:
         """(temperature, top_k, top_p, seed, counter) of this sequence's next sample."""
@@ -123,9 +131,18 @@ class Sequence:
 
     def append(self, token: int, context_limit: int) -> None:
         """Add a generated token; a stop token (eos, ``stop_token_ids``) ends the sequence and, as
-        in vLLM, adds no text of its own."""
+        in vLLM, adds no text of its own. A constrained sequence also ends ("stop") when its grammar
+        has nothing left to match, and fails ("error", the grammar's message as the stop reason)
+        should the grammar refuse the token."""
         self.out.append(token)
         stopped = token in self.stop_ids
+        ended = False
+        if self.grammar is not None:
+            if not self.grammar.consume(token):
+                self.finish = "error"
+                self.stop_reason = f"the constraint refused a token: {self.grammar.error}"
+                return
+            ended = not stopped and self.grammar.finished
         if self.detok is not None and not stopped:
             searched = len(self.text)
             self.text += self.detok.push(token)
@@ -134,6 +151,8 @@ class Sequence:
                 return
         if stopped:
             self.finish, self.stop_reason = "stop", token
+        elif ended:
+            self.finish = "stop"
         elif len(self.out) >= self.params.max_tokens or len(self.prompt) + len(self.out) >= context_limit:
             self.finish = "length"
         if self.finish and self.detok is not None:
@@ -193,7 +212,7 @@ class StepOutput:
     request_id: str
     token_ids: list[int]  # generated this step (zero or one)
     text: str  # text delta
-    finish_reason: str | None  # "stop" | "length" | "abort" | "timeout" once finished
+    finish_reason: str | None  # "stop" | "length" | "abort" | "timeout" | "error" once finished
     # per token of token_ids, when the request asked: (log-probability, [(id, log-probability)])
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     stop_reason: int | str | None = None  # with finish_reason "stop": the stop token id or string

@@ -13,6 +13,10 @@ token seen in the prompt or the output so far; ``frequency_penalty`` f and ``pre
 subtract ``f * count + p * (count > 0)`` where count is how often the token appears in the output.
 Log-probabilities are those of the raw model output (before penalties and temperature), like
 vLLM's default: the sampled token's, plus the top k of the distribution.
+
+A constrained row comes with a token bitmask (``engine.structured``): after the penalties, every
+token it leaves out is set to -inf, so greedy choice, top-k, top-p and the random draw all pick
+among the tokens its grammar allows.
 """
 
 from __future__ import annotations
@@ -46,6 +50,17 @@ def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> to
     return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
+def apply_token_masks(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """``logits`` [B, V] with every token that row ``rows[i]``'s bitmask ``bitmask[i]`` leaves out
+    set to -inf (a new tensor)."""
+    V = logits.shape[-1]
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask[:, :, None] >> bits) & 1).bool().flatten(1)[:, :V]
+    keep = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
+    keep[rows] = allowed.to(logits.device)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
 @dataclass
 class SamplingBatch:
     """Per-row sampling parameters as device tensors, plus host-side flags that let the common
@@ -61,11 +76,27 @@ class SamplingBatch:
     any_top_p: bool
     penalties: Penalties | None = None
     logprobs: int = -1  # top log-probabilities to return per row; -1: none
+    # constrained rows: (row indices int64 [R], int32 bitmask [R, ceil(V / 32)]), on the device
+    masks: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def build(
-        cls, temperature, top_k, top_p, seeds, counters, device, penalties=None, logprobs: int = -1
+        cls,
+        temperature,
+        top_k,
+        top_p,
+        seeds,
+        counters,
+        device,
+        penalties=None,
+        logprobs: int = -1,
+        mask_rows: list[int] | None = None,
+        bitmask: torch.Tensor | None = None,
     ) -> SamplingBatch:
+        masks = None
+        if mask_rows:
+            rows = torch.tensor(mask_rows, dtype=torch.long, device=device)
+            masks = (rows, bitmask.to(device, non_blocking=True))
         return cls(
             temperature=torch.tensor(temperature, dtype=torch.float32, device=device),
             top_k=torch.tensor(top_k, dtype=torch.long, device=device),
@@ -77,6 +108,7 @@ class SamplingBatch:
             any_top_p=any(t > 0 and p < 1 for t, p in zip(temperature, top_p)),
             penalties=penalties,
             logprobs=logprobs,
+            masks=masks,
         )
 
 
@@ -155,6 +187,8 @@ def sample(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
     """Choose one token id per row of ``logits`` [B, V] (float32); returns int64 [B]."""
     if params.penalties is not None:
         logits = params.penalties.apply(logits)
+    if params.masks is not None:
+        logits = apply_token_masks(logits, *params.masks)
     greedy = logits.argmax(dim=-1)
     if not params.any_random:
         return greedy

@@ -20,7 +20,8 @@ in flight together. The executor runs them in this process or on every rank of a
 (``engine.executor``); the scheduler itself only deals in token ids, block ids and plans. Requests
 that run out of time (``timeout_s``) finish with reason "timeout" before the next step. Sampling is
 counter-based (``engine.sampling``), so a recomputed sequence draws exactly the tokens it would
-have drawn.
+have drawn. A constrained sequence keeps its grammar's matcher (``engine.structured``) here, across
+preemptions; each plan carries the token masks of its constrained rows that sample.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from engine.kv_cache import BlockAllocator, PagedKVCache, extend_block_hashes
 from engine.loader import Checkpoint, build_model
 from engine.model import CausalLM
 from engine.request import EngineStats, SamplingParams, Sequence, StepOutput, check_request, sampling_fields
+from engine.structured import StructuredOutputs
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer, has_tokenizer, load_tokenizer
 
 BATCHING = ("continuous", "static")
@@ -135,6 +137,7 @@ class Engine:
         self.eos_ids = set(config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_id is not None:
             self.eos_ids.add(tokenizer.eos_id)
+        self.structured = StructuredOutputs(tokenizer, config.vocab_size, self.eos_ids)
         self.waiting: list[_Seq] = []
         self.running: list[_Seq] = []
         self.finished_early: list[tuple[_Seq, str]] = []  # aborted or timed out, to report
@@ -287,6 +290,8 @@ class Engine:
             deadline,
             generated,
         )
+        if params.grammar is not None:  # a resumed request's tokens are replayed through its matcher
+            seq.grammar = self.structured.matcher(params.grammar, seq.out)
         self.waiting.append(seq)
 
     def abort(self, request_id: str, reason: str = "abort") -> bool:
@@ -489,6 +494,8 @@ class Engine:
         returns (row, sequence) for the rows that reach the end of their known tokens: the ones
         whose sampled token counts."""
         width = max(n for _, _, n in work)
+        sampled = [(i, s) for i, (s, start, n) in enumerate(work) if start + n == len(s.tokens)]
+        constrained = [(i, s.grammar) for i, s in sampled if s.grammar is not None]
         # a row that only prefills part of its prompt is sampled too, and its token dropped
         plan = Plan(
             mb=mb,
@@ -497,10 +504,12 @@ class Engine:
             logit_index=[n - 1 for _, _, n in work],
             lengths=[n for _, _, n in work],
             block_tables=[s.blocks for s, _, _ in work],
+            mask_rows=[i for i, _ in constrained],
+            masks=self.structured.masks(constrained) if constrained else None,
             **sampling_fields([s for s, _, _ in work]),
         )
         self.executor.submit(plan)
-        return [(i, s) for i, (s, start, n) in enumerate(work) if start + n == len(s.tokens)]
+        return sampled
 
 
 def drain(engine: Engine) -> dict[str, list[StepOutput]]:

@@ -32,6 +32,7 @@ from engine.cli import add_dtype_flag, add_parallel_flags, exec_torchrun, launch
 from engine.errors import RingleaderError
 from server.cluster import add_cluster_flags
 from server.routing import add_routing_flags, policy_from_flags
+from server.tools import PARSERS as TOOL_PARSERS
 
 DEFAULT_PORT = 8000
 GENERATION_CONFIG = ("auto", "none")  # --generation-config
@@ -129,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="compiled: decode steps through torch.compile, CUDA graphs on a GPU, batch sizes "
         "compiled at start; eager: no compilation (debugging); auto: compiled on a GPU with "
         "tp = pp = 1, eager otherwise",
+    )
+    parser.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_PARSERS,
+        default=None,
+        help="the models' tool-call syntax read into tool_calls (default: the one the chat template writes)",
     )
     add_parallel_flags(parser)
     add_cluster_flags(parser)
@@ -397,6 +404,7 @@ def _run_server(args, engine, model_dir: str, model, layout=None) -> None:
         request_timeout_s=args.request_timeout,
         drain_timeout_s=args.drain_timeout,
         routing=_routing_policy(args),
+        tool_call_parser=args.tool_call_parser,
     )
     cluster, signer = make_cluster(args)
     app = create_app(engine, config, cluster, signer)

@@ -9,10 +9,12 @@ to its status (HTTP 400 or 404, gRPC INVALID_ARGUMENT or NOT_FOUND).
 
 from __future__ import annotations
 
+import json
 import re
 
 from engine.errors import RequestError
 from engine.request import MAX_LOGPROBS, SamplingParams
+from engine.structured import grammar_from
 
 
 class ProtocolError(RequestError):
@@ -81,7 +83,7 @@ def prompts(body: dict, tok) -> list[list[int]]:
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "stop_token_ids",
                  "seed", "stream", "stream_options", "priority", "user", "presence_penalty", "ignore_eos",
                  "frequency_penalty", "repetition_penalty", "logprobs", "logit_bias",
-                 "return_tokens_as_token_ids"}  # fmt: skip
+                 "return_tokens_as_token_ids", "response_format", "structured_outputs"}  # fmt: skip
 FIELDS = {
     "text_completion": COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"},
     "chat.completion": COMMON_FIELDS
@@ -90,6 +92,8 @@ FIELDS = {
         "max_completion_tokens",
         "top_logprobs",
         "tools",
+        "tool_choice",
+        "parallel_tool_calls",
         "documents",
         "chat_template_kwargs",
         "add_generation_prompt",
@@ -215,6 +219,109 @@ def sampling(
     )
     n = field_value(body, "n", int, 1, lambda v: 1 <= v <= 16, "an integer in [1, 16]")
     return params, n
+
+
+# vLLM's structured_outputs: exactly one of these
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+def _schema(value, param: str) -> dict:
+    """A JSON schema given as an object or as JSON text."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ProtocolError(f"{param} is not valid JSON ({e})", param=param) from None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{param} must be a JSON schema (an object)", param=param)
+    return value
+
+
+def _response_format(value) -> tuple[str, object, str] | None:
+    """OpenAI's ``response_format``: (kind, value, field) of its constraint, None for text."""
+    if not isinstance(value, dict) or value.get("type") not in RESPONSE_FORMATS:
+        raise ProtocolError(
+            f"'response_format' must be an object whose 'type' is one of {', '.join(RESPONSE_FORMATS)}",
+            param="response_format",
+        )
+    kind = value["type"]
+    extra = sorted(set(value) - {"type", kind})
+    if extra:
+        raise ProtocolError(f"unknown field response_format.{extra[0]}", param=f"response_format.{extra[0]}")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return "json_object", None, "response_format"
+    spec = value.get("json_schema")
+    where = "response_format.json_schema"
+    if not isinstance(spec, dict):
+        raise ProtocolError(f"{where} must be an object with a 'schema'", param=where)
+    for name in spec:
+        if name not in ("name", "description", "schema", "strict"):
+            raise ProtocolError(f"unknown field {where}.{name}", param=f"{where}.{name}")
+    for name, kinds in (("name", str), ("description", str), ("strict", bool)):
+        if spec.get(name) is not None and not isinstance(spec[name], kinds):
+            raise ProtocolError(f"{where}.{name} must be a {kinds.__name__}", param=f"{where}.{name}")
+    if "schema" not in spec:
+        raise ProtocolError(f"{where}.schema is required", param=f"{where}.schema")
+    return "json", _schema(spec["schema"], f"{where}.schema"), f"{where}.schema"
+
+
+def _structured_outputs(value) -> tuple[str, object, str]:
+    """vLLM's ``structured_outputs``: (kind, value, field) of its one constraint."""
+    if not isinstance(value, dict):
+        raise ProtocolError("'structured_outputs' must be an object", param="structured_outputs")
+    for name in value:
+        if name not in STRUCTURED_KINDS:
+            raise ProtocolError(
+                f"structured_outputs.{name} is not supported (give one of {', '.join(STRUCTURED_KINDS)})",
+                param=f"structured_outputs.{name}",
+            )
+    given = [k for k in STRUCTURED_KINDS if value.get(k) is not None]
+    if len(given) != 1:
+        raise ProtocolError(
+            f"'structured_outputs' must give exactly one of {', '.join(STRUCTURED_KINDS)}, got "
+            f"{', '.join(given) or 'none'}",
+            param="structured_outputs",
+        )
+    kind = given[0]
+    where, v = f"structured_outputs.{kind}", value[kind]
+    if kind == "json":
+        return kind, _schema(v, where), where
+    if kind == "json_object":
+        if v is not True:
+            raise ProtocolError(f"{where} must be true", param=where)
+        return kind, None, where
+    if kind == "choice":
+        if not (isinstance(v, list) and v and all(isinstance(c, str) and c for c in v)):
+            raise ProtocolError(f"{where} must be a non-empty list of non-empty strings", param=where)
+        return kind, v, where
+    if not (isinstance(v, str) and v):
+        raise ProtocolError(f"{where} must be a non-empty string", param=where)
+    return kind, v, where
+
+
+def constraint(body: dict) -> tuple[str, str] | None:
+    """The request's output constraint, from ``response_format`` (OpenAI's) or ``structured_outputs``
+    (vLLM's), as (llguidance grammar, the field it came from); None when unconstrained. The grammar
+    is still to be checked against the vocabulary (``StructuredOutputs.check``)."""
+    found = []
+    if body.get("response_format") is not None:
+        spec = _response_format(body["response_format"])
+        if spec is not None:
+            found.append(spec)
+    if body.get("structured_outputs") is not None:
+        found.append(_structured_outputs(body["structured_outputs"]))
+    if len(found) > 1:
+        raise ProtocolError(
+            "give one constraint: 'response_format' and 'structured_outputs' together contradict",
+            param="structured_outputs",
+        )
+    if not found:
+        return None
+    kind, value, where = found[0]
+    return grammar_from(kind, value, where), where
 
 
 def template_fields(body: dict) -> dict:

@@ -52,7 +52,8 @@ def encode_line(item) -> bytes:
     elif isinstance(item, Exception):
         line = {"error": str(item), "kind": "replica"}
     else:
-        line = {"t": item.token_ids, "f": item.finish_reason, "lp": item.logprobs, "c": item.cached_tokens}
+        line = {"t": item.token_ids, "f": item.finish_reason, "lp": item.logprobs, "c": item.cached_tokens,
+                "s": item.stop_reason}  # fmt: skip
     return json.dumps(line).encode() + b"\n"
 
 
@@ -61,7 +62,7 @@ def decode_line(request_id: str, line: bytes) -> StepOutput:
     item = json.loads(line)
     if "error" in item:
         raise LineError(item["error"], item.get("kind", "replica"), item.get("param"))
-    return StepOutput(request_id, item["t"], "", item.get("f"), item.get("lp"), cached_tokens=item.get("c"))
+    return StepOutput(request_id, item["t"], "", item.get("f"), item.get("lp"), item.get("s"), item.get("c"))
 
 
 class ReplicaLost(Exception):
@@ -394,7 +395,7 @@ class Router:
                             # the replica ended it for a reason this side did not see (both sides
                             # apply the same rules, so this is not expected): its word stands
                             seq.finish = out.finish_reason
-                            put(StepOutput(rid, [], seq.text_delta(), seq.finish))
+                            put(StepOutput(rid, [], seq.text_delta(), seq.finish, None, out.stop_reason))
                             return
                 except ReplicaLost as e:
                     self.index.drop(name)  # whatever it cached is gone with it

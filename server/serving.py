@@ -2,7 +2,10 @@
 streamed (server-sent events), log-probabilities, usage.
 
 ``complete`` runs a request whose prompts are token ids; ``TEXT`` and ``CHAT`` are the two
-renderings, one class each. Requests go to ``app[FRONT]`` (``server.engine_loop.RequestFront``).
+renderings, one class each. A request's constraint (``response_format``, ``structured_outputs``,
+or a chat request's ``tool_choice`` of ``required`` or a named function) becomes its grammar,
+checked against the vocabulary before it is queued; a chat answer with tools is read for tool
+calls (``server.tools``). Requests go to ``app[FRONT]`` (``server.engine_loop.RequestFront``).
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from engine.errors import RequestError
 from engine.request import SamplingParams, StepOutput, check_request
 from engine.tokenizer import IncrementalDetokenizer
 from server.engine_loop import ServerShutdown
-from server.protocol import ProtocolError, check_fields, field_value, sampling
+from server.protocol import ProtocolError, check_fields, constraint, field_value, sampling
 from server.router import NoReplica
 from server.state import CONFIG, ENGINE, FRONT, METRICS, RESPONSE_CACHE, ApiError
+from server.tools import ToolOutput, ToolRequest, parser_for, tool_request
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,24 @@ class ChatRendering(Rendering):
         delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
 
+    def tool_choice(self, index, text, reason, logprobs, tools: ToolOutput) -> dict:
+        """A choice whose text is read for tool calls: ``finish_reason`` "tool_calls" when it made
+        some and ended by itself."""
+        content, calls = tools.message(text)
+        message = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = calls
+            reason = "tool_calls" if reason == "stop" else reason
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
+
+    def tool_delta(self, index, text, reason, first, logprobs, tools: ToolOutput) -> dict:
+        delta = tools.delta(text, reason is not None)
+        if first:
+            delta = {"role": "assistant", "content": delta.pop("content", ""), **delta}
+        if reason == "stop" and tools.called:
+            reason = "tool_calls"
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+
     def logprobs(self, entries):
         if entries is None:
             return None
@@ -187,6 +209,7 @@ class Choice:
     logprobs: Logprobs | None
     prompt_index: int  # which prompt of the request (n choices share one)
     cached: int = 0  # prompt tokens found in the prefix cache
+    tools: ToolOutput | None = None  # a chat answer read for tool calls
 
     def took(self, item: StepOutput) -> None:
         """Note what an output says of the choice (its first admission's cached prompt tokens)."""
@@ -217,6 +240,8 @@ async def complete(
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
     priority = field_value(body, "priority", int, 0, None, "an integer")
     as_ids = field_value(body, "return_tokens_as_token_ids", bool, False, None, "a boolean")
+    tools = tool_request(body, parser_for(config.tool_call_parser, engine.tokenizer)) if shape.chat else None
+    params = await _constrain(engine, body, params, tools)
     for prompt in prompts:
         check_request(prompt, params, engine.config.vocab_size, engine.max_len)
     if app.get(RESPONSE_CACHE) is not None:  # a hit replays a stored answer, a miss is recorded for it
@@ -237,7 +262,8 @@ async def complete(
         if params.logprobs is not None:
             stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else engine.eos_ids)
             lp = Logprobs(engine.tokenizer, prompt, stop_ids, len(prefix), as_ids)
-        choices.append(Choice(rid, prompt, queue, prefix, lp, i // n))
+        reader = ToolOutput(tools) if tools is not None and tools.parses else None
+        choices.append(Choice(rid, prompt, queue, prefix, lp, i // n, tools=reader))
     app[METRICS]["requests"].inc()
     head = {"id": completion_id, "created": created, "model": config.model_name}
     try:
@@ -248,6 +274,23 @@ async def complete(
         for c in choices:
             loop.cancel(c.request_id)  # no-op for finished ones; a disconnected client's work stops here
 
+
+async def _constrain(engine, body: dict, params: SamplingParams, tools: ToolRequest | None) -> SamplingParams:
+    """``params`` with the request's grammar, checked against the vocabulary (off the event loop:
+    the first one builds the grammar library's view of the vocabulary)."""
+    found = constraint(body)
+    forced = tools.grammar() if tools is not None else None
+    if forced is not None and found is not None:
+        raise ProtocolError(
+            f"'tool_choice' {json.dumps(tools.choice)} constrains the output to tool calls; it cannot go "
+            f"with {found[1].split('.')[0]!r}",
+            param="tool_choice",
+        )
+    grammar, where = found or (forced, "tool_choice")
+    if grammar is None:
+        return params
+    await asyncio.to_thread(engine.structured.check, grammar, where)
+    return SamplingParams(**{**params.__dict__, "grammar": grammar})
 
 
 def _failure(item, timeout_s) -> ApiError | None:
@@ -260,6 +303,8 @@ def _failure(item, timeout_s) -> ApiError | None:
         return ApiError(503, str(item), "server_error", code="no_replica")
     if isinstance(item, Exception):
         return ApiError(500, f"generation failed: {item}", "server_error")
+    if item.finish_reason == "error":
+        return ApiError(500, f"generation failed: {item.stop_reason}", "server_error")
     if item.finish_reason == "timeout":
         return ApiError(
             504, f"the request did not finish within {timeout_s:g} s", "timeout_error", code="timeout"
@@ -302,7 +347,10 @@ async def _collect(head, shape: Rendering, choices: list[Choice], timeout: float
                 logprobs.append(shape.logprobs(c.logprobs.entries(item)))
         counts.append(count)
         merged = shape.merge_logprobs(logprobs) if c.logprobs is not None else None
-        out.append(shape.choice(index, "".join(text), reason, merged))
+        if c.tools is not None:
+            out.append(shape.tool_choice(index, "".join(text), reason, merged, c.tools))
+        else:
+            out.append(shape.choice(index, "".join(text), reason, merged))
     return web.json_response(
         {**head, "object": shape.object, "choices": out, "usage": _usage(choices, counts)}
     )
@@ -346,8 +394,14 @@ async def _stream(
                 counts[index] += len(item.token_ids)
                 logprobs = shape.logprobs(c.logprobs.entries(item)) if c.logprobs is not None else None
                 text = (c.echo + item.text) if not started[index] else item.text
-                if text or item.finish_reason or not started[index] or logprobs:
-                    await chunk([shape.delta(index, text, item.finish_reason, not started[index], logprobs)])
+                first, reason = not started[index], item.finish_reason
+                if c.tools is not None:
+                    part = shape.tool_delta(index, text, reason, first, logprobs, c.tools)
+                    if part["delta"] or reason or logprobs:
+                        await chunk([part])
+                        started[index] = True
+                elif text or reason or first or logprobs:
+                    await chunk([shape.delta(index, text, reason, first, logprobs)])
                     started[index] = True
                 if item.finish_reason is None:
                     pending[index] = asyncio.ensure_future(c.queue.get())

@@ -30,6 +30,7 @@ class ServerConfig:
     # sampling values a request that leaves them out gets (generation_config.json's, as vLLM)
     sampling_defaults: dict = field(default_factory=dict)
     routing: RoutingPolicy = field(default_factory=RoutingPolicy)  # a cluster router's policy
+    tool_call_parser: str | None = None  # server.tools.PARSERS' name; None: the chat template's syntax
 
 
 class ApiError(Exception):
