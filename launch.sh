@@ -9,6 +9,8 @@
 #   ./launch.sh demo [PATH]              build the demo checkpoint, print its directory
 #   ./launch.sh info [--model DIR]       this host's CPUs, memory and GPUs (NVML) as JSON, or what a
 #                                        checkpoint directory holds
+#   ./launch.sh plan [ARGS...]           the deployment planner: ./launch.sh plan --help
+#   ./launch.sh members CMD URL [...]    a running cluster's membership: show, leave, remove
 #
 # The first run creates .venv with the CPU build of torch (see scripts/env.sh); set
 # RINGLEADER_PYTHON to run with an interpreter of your own, e.g. one with a CUDA torch.
@@ -33,11 +35,17 @@ case "$cmd" in
     witness)
         exec "$PY" -m server.witness "$@"
         ;;
+    plan)
+        exec "$PY" -m engine.planner "$@"
+        ;;
+    members)
+        exec "$PY" -m server.members "$@"
+        ;;
     -h | --help | help)
-        sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
         ;;
     *)
-        echo "launch.sh: error: unknown command '$cmd' (expected: serve, generate, witness, demo, info)" >&2
+        echo "launch.sh: error: unknown command '$cmd' (expected: serve, generate, witness, plan, members, demo, info)" >&2
         exit 2
         ;;
 esac

@@ -3,7 +3,9 @@
 The alpha-beta model of comm/cost.py with two levels of links: NVLink inside a node of 8 GPUs,
 InfiniBand between nodes. For each size it prints every topology's predicted all-reduce time at
 the message sizes a tensor-parallel decode step sends, and the per-token overhead of tp for a
-Llama-70B-shaped model (80 layers, hidden 8192, bf16, 2 all-reduces per layer).
+Llama-70B-shaped model (80 layers, hidden 8192, bf16, 2 all-reduces per layer). The link figures
+default to the H100 entry of topologies/gpus.py. For whole deployments (layouts, memory, decode
+and TTFT, throughput) run the planner: ``python -m engine.planner`` (``./launch.sh plan``).
 
     python benchmarks/plan.py
     python benchmarks/plan.py --nvlink-gbs 450 --ib-gbs 50 --batch 1,64
@@ -18,7 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from comm.cost import Link, predict_two_level  # noqa: E402
+from topologies.gpus import GPUS  # noqa: E402
 from topologies.schedule import TOPOLOGIES, chunks_for  # noqa: E402
+
+H100 = GPUS["H100"]
 
 SOURCES = """link figures (per GPU, one direction) and where they come from:
   NVLink: {nv:.0f} GB/s, alpha {nva:.1f} us. NVIDIA's H100 SXM datasheet gives 900 GB/s of NVLink
@@ -32,11 +37,11 @@ Override them with --nvlink-gbs/--nvlink-us/--ib-gbs/--ib-us."""
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nvlink-gbs", type=float, default=450.0)
-    parser.add_argument("--nvlink-us", type=float, default=3.0)
-    parser.add_argument("--ib-gbs", type=float, default=50.0)
-    parser.add_argument("--ib-us", type=float, default=6.0)
-    parser.add_argument("--per-node", type=int, default=8)
+    parser.add_argument("--nvlink-gbs", type=float, default=H100.nvlink / 1e9)
+    parser.add_argument("--nvlink-us", type=float, default=H100.nvlink_alpha * 1e6)
+    parser.add_argument("--ib-gbs", type=float, default=H100.network / 1e9)
+    parser.add_argument("--ib-us", type=float, default=H100.network_alpha * 1e6)
+    parser.add_argument("--per-node", type=int, default=H100.per_node)
     parser.add_argument("--hidden", type=int, default=8192)
     parser.add_argument("--layers", type=int, default=80)
     parser.add_argument("--batch", default="1,64")

@@ -1,0 +1,132 @@
+"""The planner's model of time against measured decode steps of every layout this host can run.
+
+For each model, the host is measured first (``engine.planner.measure_host``: one thread's weight
+bandwidth and matmul rates, host dispatch, the gloo links of topologies/fitted.json), then every
+layout (tp = 1, 2, 4; pp = 2; tp 2 x pp 2) runs as its own torchrun job with one thread per rank
+and ``--allreduce auto``, timing decode steps at each batch size (``time_decode_step``: the time of
+20 generated tokens less that of 4, over the 16 steps between). Beside each measurement it prints
+what ``engine.planner.decode_step`` predicts for it, the code path of ``python -m engine.planner
+--gpu cpu``, with its parts.
+
+    python benchmarks/plan_check.py
+    python benchmarks/plan_check.py --presets demo --batches 1,16 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from engine import planner  # noqa: E402
+
+LAYOUTS = ((1, 1), (2, 1), (4, 1), (1, 2), (2, 2))
+PROMPT = 8
+SHORT, LONG = 4, 20
+CONTEXT = PROMPT + (SHORT + LONG) / 2  # cached tokens of the steps timed, on average
+
+
+def predictions(shape: planner.ModelShape, device: planner.Device, tp: int, pp: int, batch: int, micro: int):
+    """What the planner predicts for one measured case (float32 weights, as the demo models)."""
+    return planner.decode_step(shape, tp, pp, "float32", device, batch, CONTEXT, micro)
+
+
+def _torchrun(nproc: int, *args: str) -> list[dict]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([*cmd, __file__, *args], capture_output=True, text=True, env=env)
+    if out.returncode:
+        sys.exit(f"torchrun {' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def worker(args) -> None:
+    import torch.distributed as dist
+
+    from comm.dist import init
+    from comm.layout import ParallelLayout
+    from engine.generate import Generator
+    from engine.replica import load_stage, make_groups
+
+    env, device = init(timeout_s=300)
+    layout = ParallelLayout(tp=args.tp, pp=args.pp)
+    if layout.world_size == 1:  # the model in this process, as python -m engine.cli generate runs it
+        gen, replica = Generator.from_pretrained(args.model, with_tokenizer=False), None
+    else:
+        tp = make_groups(layout, env.rank, 300, algorithm="auto")
+        replica = load_stage(args.model, layout, env, tp, device, progress=False)
+        gen = replica.generator() if replica.is_head else None
+    if gen is not None:
+        for batch in [int(b) for b in args.batches.split(",")]:
+            micro = max(1, min(gen.micro_batches, batch // max(1, gen.min_micro_batch_rows)))
+            seconds = planner.time_decode_step(gen, batch, PROMPT, args.repeats, SHORT, LONG)
+            print(json.dumps({"batch": batch, "micro_batches": micro, "seconds": seconds}), flush=True)
+        gen.close()
+    else:
+        replica.follow()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def driver(args) -> int:
+    from engine.demo import default_demo_dir, ensure_demo
+
+    rows = []
+    head = (
+        f"{'model':>10} {'tp':>3} {'pp':>3} {'batch':>5} {'mb':>3} {'predicted ms':>12} {'measured ms':>11}"
+    )
+    print(head + f" {'error':>7}   compute dispatch all-reduce gather hand-off (ms)  algorithm")
+    for preset in args.presets.split(","):
+        model_dir = str(ensure_demo(default_demo_dir(preset), preset))
+        shape = planner.ModelShape.from_path(model_dir)
+        device = planner.measure_host()
+        print(f"# {preset}: " + "; ".join(f"{k} {v}" for k, v in device.figures.items()), flush=True)
+        for tp, pp in LAYOUTS:
+            job = ["--role", "worker", "--model", model_dir, "--tp", str(tp), "--pp", str(pp)]
+            got = _torchrun(tp * pp, *job, "--batches", args.batches, "--repeats", str(args.repeats))
+            for r in got:
+                p = predictions(shape, device, tp, pp, r["batch"], r["micro_batches"])
+                err = p.seconds / r["seconds"] - 1
+                parts = {k: getattr(p, k) for k in ("compute", "dispatch", "allreduce", "gather", "handoff")}
+                rows.append({"model": preset, "tp": tp, "pp": pp, **r, "predicted": p.seconds, "error": err,
+                             "parts": parts})  # fmt: skip
+                print(
+                    f"{preset:>10} {tp:>3} {pp:>3} {r['batch']:>5} {r['micro_batches']:>3} "
+                    f"{p.seconds * 1e3:>12.2f} {r['seconds'] * 1e3:>11.2f} {err * 100:>+6.1f}%   "
+                    f"{p.compute * 1e3:7.2f} {p.dispatch * 1e3:8.2f} {p.allreduce * 1e3:10.2f} "
+                    f"{p.gather * 1e3:6.2f} {p.handoff * 1e3:8.2f}       {p.algorithm or '-'}",
+                    flush=True,
+                )
+    worst = max(abs(r["error"]) for r in rows)
+    within = sum(abs(r["error"]) <= 0.30 for r in rows)
+    print(f"{within} of {len(rows)} cases within 30%; worst {worst * 100:.1f}%")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", default="demo,demo-150m")
+    parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write every case here")
+    parser.add_argument("--role", choices=["worker"], help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--pp", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role:
+        worker(args)
+        return 0
+    return driver(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

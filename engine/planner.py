@@ -1,0 +1,774 @@
+"""Deployment planner: which tp x pp x replicas layout to run for a model on N accelerators, and
+what it gives: memory per rank, KV capacity, decode step time, TTFT, tokens/s, front ends.
+
+    python -m engine.planner --model 70B --gpus 256 --gpu H200
+    ./launch.sh plan --model DIR --gpus 64 --gpu H100 --dtype int8 --prompt 2048 --output 512 --json
+
+One model of time serves every device (``decode_step``, ``prefill``). A pass of b rows through a
+pipeline stage on one rank costs
+
+    max(bytes read / bandwidth, matmul flops / flop rate at b rows) x oversubscription
+      + host dispatch (per layer and per pass) + tp all-reduces (2 per layer, 1 for the embedding)
+      + the logits gather on the last stage
+
+where the bytes are the rank's weights plus the KV cache its rows attend to. A micro-batch goes
+stage to stage (a point-to-point hand-off each), its ids return to the head, and the head sends the
+next plan; with m micro-batches in flight a decode step of the whole batch takes
+max(that critical path, m x the busiest stage's pass), so a pipeline with fewer micro-batches than
+stages pays its bubbles. All-reduces take the best algorithm of the fitted cost model
+(``comm.cost``): two levels of links (NVLink, InfiniBand) for GPUs; on this host, the gloo fit of
+topologies/fitted.json, with the algorithm ``--allreduce auto`` picks.
+
+GPU figures are datasheet figures (topologies/gpus.py) times efficiency factors that are
+assumptions until ``--calibration`` reads benchmarks/device.py's measurement; ``--gpu cpu``
+measures this host instead (``measure_host``), which is what benchmarks/plan_check.py checks
+against measured decode steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from comm.cost import Fitted, Link, choose, load, predict, predict_two_level
+from engine.errors import RingleaderError
+from topologies.gpus import GPU, GPUS, LATENCY_SOURCE, gpu
+from topologies.schedule import TOPOLOGIES, chunks_for
+
+# bytes per projection weight; the embedding, norms, activations and KV cache stay in bf16 on a
+# GPU (int8 is weight-only, one scale per output channel: engine/quant.py)
+WEIGHT_BYTES = {"bf16": 2, "int8": 1, "float32": 4}
+DTYPES = tuple(WEIGHT_BYTES)
+LOGIT_BYTES = 4  # the last stage gathers float32 logits
+ID_BYTES = 8
+PLAN_ROW_BYTES = 8 * 8 + 5 * 4  # a plan's int64 and float32 columns per row (engine/executor.py)
+
+# assumptions, stated in every plan until measured
+BANDWIDTH_EFFICIENCY = 0.7  # achieved / datasheet HBM bandwidth of a compiled decode step
+FLOPS_EFFICIENCY = 0.5  # achieved / dense bf16 peak of a prefill
+MEMORY_FRACTION = 0.9  # of HBM for weights and KV; the rest for activations, CUDA context, allocator
+FRONTEND_TOKENS_S = 10_000.0  # streamed tokens/s one front-end process relays
+MAX_BATCH = 4096
+GPU_KINDS = (*GPUS, "cpu")
+
+
+class PlanError(RingleaderError):
+    """Input the planner cannot plan for: it says which."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner needs of a decoder-only model."""
+
+    name: str
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool = False
+
+    @classmethod
+    def from_path(cls, path: str | Path) -> ModelShape:
+        """From a checkpoint directory or a config.json, read as the engine reads it."""
+        from engine.config import ModelConfig, _read_json_object
+
+        p = Path(path)
+        if p.is_file():
+            cfg = ModelConfig.from_dict(_read_json_object(p), where=str(p))
+        elif p.is_dir():
+            cfg = ModelConfig.from_hf(p)
+        else:
+            raise PlanError(
+                f"--model {path}: neither a named shape ({', '.join(SHAPES)}) nor a file or directory"
+            )
+        return cls(
+            p.resolve().name if p.is_dir() else p.resolve().parent.name,
+            cfg.num_layers,
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.vocab_size,
+            cfg.tie_word_embeddings,
+        )
+
+    @property
+    def params(self) -> int:
+        """Every parameter, a tied head counted once."""
+        per_layer = (
+            self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+            + 3 * self.hidden * self.intermediate
+            + 2 * self.hidden
+        )
+        head = 0 if self.tied else self.vocab * self.hidden
+        return self.layers * per_layer + self.vocab * self.hidden + head + self.hidden
+
+
+# the published config.json of Meta's Llama 3.1 8B, 70B and 405B (Hugging Face meta-llama/...)
+SHAPES = {
+    "8B": ModelShape("Llama-3.1-8B-like", 32, 4096, 14336, 32, 8, 128, 128256),
+    "70B": ModelShape("Llama-3.1-70B-like", 80, 8192, 28672, 64, 8, 128, 128256),
+    "405B": ModelShape("Llama-3.1-405B-like", 126, 16384, 53248, 128, 8, 128, 128256),
+}
+
+
+def model_shape(spec: str) -> ModelShape:
+    return SHAPES[spec.upper()] if spec.upper() in SHAPES else ModelShape.from_path(spec)
+
+
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Nodes:
+    """Accelerators in nodes of ``per_node``: ``intra`` links inside a node, ``inter`` between."""
+
+    intra: Link
+    inter: Link
+    per_node: int
+
+    def allreduce(self, nbytes: int, n: int) -> tuple[float, str]:
+        times = {
+            t: predict_two_level(
+                t, n, self.per_node, nbytes, self.intra, self.inter, chunks_for(t, nbytes, n)
+            )
+            for t in TOPOLOGIES
+        }
+        best = min(times, key=times.get)
+        return times[best], best
+
+    def message(self, nbytes: int, across: bool = False) -> float:
+        link = self.inter if across else self.intra
+        alpha, beta = link.at(nbytes)
+        return alpha + nbytes * beta
+
+    def crosses(self, first_rank: int) -> bool:
+        """Whether ranks first_rank - 1 and first_rank sit on different nodes."""
+        return (first_rank - 1) // self.per_node != first_rank // self.per_node
+
+    def spans(self, ranks: int) -> bool:
+        """Whether ranks 0 .. ranks - 1 span more than one node."""
+        return ranks > self.per_node
+
+
+@dataclass(frozen=True)
+class Host:
+    """Ranks on this one host over gloo: the links fitted by benchmarks/collectives.py, and the
+    algorithm ``--allreduce auto`` chooses by them (``comm.cost.choose``)."""
+
+    fitted: Fitted
+
+    def allreduce(self, nbytes: int, n: int) -> tuple[float, str]:
+        name = choose(nbytes, n, n, self.fitted)
+        link = self.fitted.links[name]
+        return predict(name, n, nbytes, link, n, chunks_for(name, nbytes, n)), name
+
+    def message(self, nbytes: int, across: bool = False) -> float:
+        alpha, beta = self.fitted.links["star"].at(nbytes)  # one point-to-point message
+        return alpha + nbytes * beta
+
+    def crosses(self, first_rank: int) -> bool:
+        return False
+
+    def spans(self, ranks: int) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class Device:
+    """One rank's processor as the time model sees it, and where each figure comes from."""
+
+    name: str
+    memory: float  # bytes per rank for weights and KV
+    bandwidth: float  # achieved bytes/s reading weights
+    flops: tuple[tuple[int, float], ...]  # (rows, achieved matmul flop/s), rows ascending
+    network: Nodes | Host
+    act_bytes: int = 2  # activations and KV cache
+    cores: int = 0  # processors shared by the ranks of a host; 0: one per rank
+    layer_s: float = 0.0  # host dispatch per layer per pass
+    pass_s: float = 0.0  # host dispatch per pass (embedding, head, sampling, the loop)
+    figures: dict[str, str] = field(default_factory=dict)  # figure -> source, calibrated or assumed
+
+    def flops_at(self, rows: int) -> float:
+        """Matmul flop rate at ``rows`` rows: log-log interpolation of the measured points."""
+        pts = self.flops
+        if rows <= pts[0][0]:
+            return pts[0][1]
+        for (r0, f0), (r1, f1) in zip(pts, pts[1:]):
+            if rows <= r1:
+                w = math.log(rows / r0) / math.log(r1 / r0)
+                return math.exp((1 - w) * math.log(f0) + w * math.log(f1))
+        return pts[-1][1]
+
+
+def gpu_device(kind: GPU, bandwidth_efficiency: float, flops_efficiency: float, calibrated: bool) -> Device:
+    bw_source = (
+        f"calibrated: the fraction {bandwidth_efficiency:.2f} that benchmarks/device.py measured"
+        if calibrated
+        else f"assumption: {bandwidth_efficiency:.2f} of the datasheet figure (no GPU run exists yet)"
+    )
+    nodes = Nodes(
+        Link(kind.nvlink_alpha, 1 / kind.nvlink), Link(kind.network_alpha, 1 / kind.network), kind.per_node
+    )
+    return Device(
+        kind.name,
+        memory=kind.memory * MEMORY_FRACTION,
+        bandwidth=kind.bandwidth * bandwidth_efficiency,
+        flops=((1, kind.flops * flops_efficiency),),
+        network=nodes,
+        figures={
+            **{k: v for k, v in kind.sources.items()},
+            "bandwidth efficiency": bw_source,
+            "flops efficiency": f"assumption: {flops_efficiency:.2f} of dense peak in matmuls "
+            "(no GPU run exists)",
+            "usable memory": f"assumption: {MEMORY_FRACTION:.0%} of HBM for weights and KV cache",
+            "latency": LATENCY_SOURCE,
+            "host dispatch": "assumption: none; decode steps run as CUDA graphs (--compile)",
+            "front end": f"assumption: {FRONTEND_TOKENS_S:,.0f} streamed tokens/s per front-end process, "
+            "until measured",
+        },
+    )
+
+
+def calibration(path: str | Path, kind: GPU) -> float:
+    """The fraction of ``kind``'s datasheet bandwidth that the engine's compiled batch-1 decode
+    achieved in a ``benchmarks/device.py --json`` file."""
+    p = Path(path)
+    try:
+        raw = json.loads(p.read_text())
+        device, rows = raw["device"], raw["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PlanError(f"--calibration {p}: not a benchmarks/device.py --json file ({e})") from e
+    if kind.name not in str(device).upper():
+        raise PlanError(f"--calibration {p}: measured on {device!r}, not on an {kind.name}")
+    for r in rows:
+        label = str(r.get("runtime", ""))
+        if label.startswith("engine") and "int8" not in label and "compiled" in label and r.get("batch") == 1:
+            return r["gb_s"] * 1e9 / kind.bandwidth
+    raise PlanError(f"--calibration {p}: no batch-1 compiled bf16 engine row")
+
+
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    """One rank of one pipeline stage: its layers and what it holds."""
+
+    layers: int
+    first: bool
+    last: bool
+    weight_bytes: int  # resident
+    read_bytes: int  # read by every decode pass (the embedding is gathered, not read)
+    matmul_params: int  # multiply-adds per row of a pass
+    kv_token_bytes: int  # KV cache bytes per token of context
+
+
+def kv_heads_per_rank(shape: ModelShape, tp: int) -> int:
+    return max(1, shape.kv_heads // tp)
+
+
+def stages(shape: ModelShape, tp: int, pp: int, dtype: str, act_bytes: int = 2) -> list[Stage]:
+    """Each stage's tp rank, with the layers split as ``comm.layout.ParallelLayout`` splits them."""
+    wb = WEIGHT_BYTES[dtype]
+    kvr = kv_heads_per_rank(shape, tp)
+    q = shape.heads // tp * shape.head_dim
+    proj = shape.hidden * (2 * q + 2 * kvr * shape.head_dim) + 3 * shape.hidden * (shape.intermediate // tp)
+    out_channels = q + 2 * kvr * shape.head_dim + shape.hidden + 2 * (shape.intermediate // tp) + shape.hidden
+    scales = out_channels * act_bytes if dtype == "int8" else 0
+    layer_bytes = proj * wb + scales + 2 * shape.hidden * act_bytes
+    rows = -(-shape.vocab // tp)
+    table = rows * shape.hidden
+    out = []
+    for s in range(pp):
+        n = shape.layers // pp + (1 if s < shape.layers % pp else 0)
+        first, last = s == 0, s == pp - 1
+        weights = read = n * layer_bytes
+        params = n * proj
+        if first:
+            weights += table * act_bytes
+        if last:
+            params += table
+            shared = shape.tied and first
+            head = (
+                table * act_bytes if shape.tied else table * wb + (rows * act_bytes if dtype == "int8" else 0)
+            )
+            weights += (0 if shared else head) + shape.hidden * act_bytes
+            read += head + shape.hidden * act_bytes
+        kv = 2 * n * kvr * shape.head_dim * act_bytes
+        out.append(Stage(n, first, last, weights, read, params, kv))
+    return out
+
+
+@dataclass(frozen=True)
+class Memory:
+    weights_per_rank: int  # the fullest rank
+    kv_tokens: int  # per replica: the tightest stage decides
+    sequences: int  # of prompt + output tokens each, per replica
+
+    @property
+    def fits(self) -> bool:
+        return self.sequences >= 1
+
+
+def memory(shape: ModelShape, tp: int, pp: int, dtype: str, device: Device, seq_tokens: int) -> Memory:
+    st = stages(shape, tp, pp, dtype, device.act_bytes)
+    tokens = min(max(0, int((device.memory - s.weight_bytes) // s.kv_token_bytes)) for s in st)
+    return Memory(max(s.weight_bytes for s in st), tokens, tokens // seq_tokens)
+
+
+@dataclass
+class StepTime:
+    """A decode step of ``batch`` rows in ``micro_batches`` (or a prefill), and its parts: the
+    critical path's memory-or-compute time, host dispatch, all-reduces, the logits gather and
+    hand-offs between ranks."""
+
+    seconds: float
+    batch: int
+    micro_batches: int
+    compute: float
+    dispatch: float
+    allreduce: float
+    gather: float
+    handoff: float
+    algorithm: str  # the all-reduce algorithm of the layer all-reduces ("" for tp = 1)
+
+
+def _pass(
+    shape: ModelShape,
+    st: Stage,
+    tp: int,
+    rows: int,
+    tokens: int,
+    context: float,
+    device: Device,
+    factor: float,
+) -> tuple[float, float, float, float, str]:
+    """(compute, dispatch, all-reduce, gather, algorithm) of one stage's pass over ``rows``
+    sequences of ``tokens`` new tokens each, attending to ``context`` tokens on average."""
+    n = rows * tokens
+    attn_flops = 4 * n * context * (shape.heads // tp) * shape.head_dim * st.layers
+    read = st.read_bytes + rows * context * st.kv_token_bytes
+    compute = max(read / device.bandwidth, (2 * n * st.matmul_params + attn_flops) / device.flops_at(n))
+    compute *= factor
+    dispatch = device.layer_s * st.layers * factor
+    ar = gather = 0.0
+    algorithm = ""
+    if tp > 1:
+        each, algorithm = device.network.allreduce(n * shape.hidden * device.act_bytes, tp)
+        ar = 2 * st.layers * each
+        if st.first:
+            ar += device.network.allreduce(n * shape.hidden * device.act_bytes, tp)[0]
+        if st.last:
+            part = rows * -(-shape.vocab // tp) * LOGIT_BYTES
+            gather = (tp - 1) * device.network.message(part, device.network.spans(tp))
+    return compute, dispatch, ar, gather, algorithm
+
+
+def _pipeline(
+    shape: ModelShape,
+    tp: int,
+    pp: int,
+    dtype: str,
+    device: Device,
+    rows: int,
+    tokens: int,
+    context: float,
+    micro_batches: int,
+) -> StepTime:
+    st = stages(shape, tp, pp, dtype, device.act_bytes)
+    active = tp * min(micro_batches, pp)
+    factor = max(1.0, active / device.cores) if device.cores else 1.0
+    net = device.network
+    parts = [_pass(shape, s, tp, rows, tokens, context, device, factor) for s in st]
+    busy = [c + d + a + g for c, d, a, g, _ in parts]
+    hidden_bytes = rows * tokens * shape.hidden * device.act_bytes
+    handoff = sum(net.message(hidden_bytes, net.crosses((s + 1) * tp)) for s in range(pp - 1))
+    if pp > 1:  # the ids go back to the head, two messages
+        handoff += 2 * net.message(rows * ID_BYTES, net.spans((pp - 1) * tp + 1))
+    members = tp * pp
+    if members > 1:  # the head sends the plan (header, ints, floats) to every other rank
+        handoff += 3 * net.message(rows * PLAN_ROW_BYTES, net.spans(members))
+    dispatch = device.pass_s * factor
+    path = sum(busy) + handoff + dispatch
+    seconds = max(path, micro_batches * (max(busy) + dispatch / pp))
+    return StepTime(
+        seconds,
+        rows * micro_batches,
+        micro_batches,
+        sum(p[0] for p in parts),
+        sum(p[1] for p in parts) + dispatch,
+        sum(p[2] for p in parts),
+        sum(p[3] for p in parts),
+        handoff,
+        parts[0][4],
+    )
+
+
+def decode_step(
+    shape: ModelShape,
+    tp: int,
+    pp: int,
+    dtype: str,
+    device: Device,
+    batch: int,
+    context: float,
+    micro_batches: int | None = None,
+) -> StepTime:
+    """One decode step of ``batch`` sequences with ``context`` cached tokens each on average.
+    ``micro_batches`` defaults to as many as there are stages (the batch allowing)."""
+    m = micro_batches or max(1, min(pp, batch))
+    return _pipeline(shape, tp, pp, dtype, device, -(-batch // m), 1, context, m)
+
+
+def prefill(shape: ModelShape, tp: int, pp: int, dtype: str, device: Device, prompt: int) -> StepTime:
+    """The prefill of one prompt of ``prompt`` tokens (flops-bound once the prompt is long)."""
+    return _pipeline(shape, tp, pp, dtype, device, 1, prompt, prompt / 2, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Workload:
+    prompt: int = 1024
+    output: int = 256
+    ttft_s: float = 2.0
+    itl_s: float = 0.05
+
+    @property
+    def context(self) -> float:
+        """Cached tokens a decode step attends to, on average over a sequence's output."""
+        return self.prompt + self.output / 2
+
+
+@dataclass
+class Option:
+    """A layout's figures at one batch size per replica."""
+
+    batch: int
+    step_ms: float
+    ttft_ms: float
+    replica_tok_s: float
+    cluster_tok_s: float
+    frontends: int
+    algorithm: str
+    meets: bool
+
+
+@dataclass
+class LayoutPlan:
+    tp: int
+    pp: int
+    replicas: int
+    idle: int
+    weights_per_rank: int
+    kv_tokens: int
+    sequences: int
+    feasible: bool
+    why: str
+    options: list[Option] = field(default_factory=list)
+    best: Option | None = None
+
+
+def candidate_layouts(shape: ModelShape, gpus: int) -> list[tuple[int, int]]:
+    """tp x pp pairs (powers of two) the engine can run for ``shape`` on at most ``gpus`` ranks."""
+    from comm.layout import LayoutError, ParallelLayout
+
+    out = []
+    tp = 1
+    while tp <= gpus:
+        pp = 1
+        while tp * pp <= gpus and pp <= shape.layers:
+            try:
+                ParallelLayout(tp=tp, pp=pp).validate(shape.heads, shape.kv_heads, shape.layers)
+                if shape.intermediate % tp == 0:
+                    out.append((tp, pp))
+            except LayoutError:
+                pass
+            pp *= 2
+        tp *= 2
+    return out
+
+
+def plan_layout(shape: ModelShape, tp: int, pp: int, gpus: int, dtype: str, device: Device, work: Workload):
+    replicas = gpus // (tp * pp)
+    mem = memory(shape, tp, pp, dtype, device, work.prompt + work.output)
+    lp = LayoutPlan(tp, pp, replicas, gpus - replicas * tp * pp, mem.weights_per_rank, mem.kv_tokens,
+                    mem.sequences, mem.fits, "")  # fmt: skip
+    if not mem.fits:
+        lp.why = (
+            "weights leave no room for one sequence's KV cache" if mem.kv_tokens else "weights do not fit"
+        )
+        return lp
+    pre = prefill(shape, tp, pp, dtype, device, work.prompt)
+    batches = [b for b in (2**i for i in range(13)) if b <= min(mem.sequences, MAX_BATCH)]
+    if mem.sequences < MAX_BATCH and mem.sequences not in batches:
+        batches.append(mem.sequences)
+    for b in batches:
+        step = decode_step(shape, tp, pp, dtype, device, b, work.context)
+        ttft = pre.seconds + step.seconds  # the step in flight when the request arrives, then its prefill
+        replica = b / step.seconds
+        cluster = replica * replicas
+        meets = step.seconds <= work.itl_s and ttft <= work.ttft_s
+        lp.options.append(Option(b, step.seconds * 1e3, ttft * 1e3, replica, cluster,
+                                 math.ceil(cluster / FRONTEND_TOKENS_S), step.algorithm, meets))  # fmt: skip
+    meeting = [o for o in lp.options if o.meets]
+    lp.best = max(meeting, key=lambda o: o.cluster_tok_s) if meeting else None
+    if lp.best is None:
+        lp.why = "misses the latency targets at every batch size"
+    return lp
+
+
+@dataclass
+class Plan:
+    model: ModelShape
+    gpus: int
+    gpu: str
+    dtype: str
+    workload: Workload
+    figures: dict[str, str]
+    layouts: list[LayoutPlan]
+
+    @property
+    def recommended(self) -> LayoutPlan | None:
+        ok = [lp for lp in self.layouts if lp.feasible and lp.best is not None]
+        # the most cluster tokens/s; between equals, the smaller replica (a failure costs less)
+        return max(ok, key=lambda lp: (lp.best.cluster_tok_s, -lp.tp * lp.pp)) if ok else None
+
+
+def make_plan(shape: ModelShape, gpus: int, device: Device, dtype: str, work: Workload) -> Plan:
+    if gpus < 1:
+        raise PlanError(f"--gpus must be at least 1, got {gpus}")
+    layouts = [
+        plan_layout(shape, tp, pp, gpus, dtype, device, work) for tp, pp in candidate_layouts(shape, gpus)
+    ]
+    if not layouts:
+        raise PlanError(f"no tp x pp layout of at most {gpus} ranks divides {shape.name}'s heads and layers")
+    return Plan(shape, gpus, device.name, dtype, work, device.figures, layouts)
+
+
+# ----------------------------------------------------------------------------------------------
+def measure_host(fitted: Fitted | None = None, repeats: int = 5) -> Device:
+    """This host as a ``Device`` for its ranks, one intra-op thread each: the weight-read bandwidth
+    and matmul flop rate of one thread (a float32 4096 x 4096 layer at 1 to 256 rows), host
+    dispatch per layer and per pass (decode steps of random 1- and 9-layer models of hidden size
+    64, where the arithmetic is negligible), the fitted gloo links, and its cores."""
+    import statistics
+
+    import torch
+
+    fitted = fitted or load()
+    if fitted is None:
+        raise PlanError("no topologies/fitted.json: run benchmarks/collectives.py to fit this host's links")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        w = torch.randn(4096, 4096)
+        points = []
+        for rows in (1, 4, 16, 64, 256):
+            x = torch.randn(rows, 4096)
+            torch.nn.functional.linear(x, w)
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                torch.nn.functional.linear(x, w)
+                times.append(time.perf_counter() - t)
+            points.append((rows, 2 * rows * w.numel() / statistics.median(times)))
+        bandwidth = w.numel() * 4 / (2 * w.numel() / points[0][1])
+        one, nine = (_dispatch_step(layers, repeats) for layers in (1, 9))
+    finally:
+        torch.set_num_threads(threads)
+    layer_s = max(0.0, (nine - one) / 8)
+    import psutil
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return Device(
+        "cpu",
+        memory=psutil.virtual_memory().available,
+        bandwidth=bandwidth,
+        flops=tuple(points),
+        network=Host(fitted),
+        act_bytes=4,
+        cores=cores,
+        layer_s=layer_s,
+        pass_s=max(0.0, one - layer_s),
+        figures={
+            "bandwidth": f"measured: {bandwidth / 1e9:.1f} GB/s, a batch-1 float32 4096x4096 layer "
+            "on one thread",
+            "flops": "measured: "
+            + ", ".join(f"{f / 1e9:.0f} GF/s at {r} rows" for r, f in points)
+            + " (the same layer)",
+            "host dispatch": f"measured: {layer_s * 1e3:.3f} ms per layer, "
+            f"{max(0.0, one - layer_s) * 1e3:.3f} ms per pass (decode steps of random models of "
+            "hidden size 64)",
+            "links": f"fitted: {fitted.source}",
+            "cores": f"{cores}: ranks beyond them share cores",
+            "usable memory": "measured: the host's available memory, shared by its ranks",
+        },
+    )
+
+
+def _dispatch_step(layers: int, repeats: int) -> float:
+    import torch
+
+    from engine.config import ModelConfig
+    from engine.generate import Generator
+    from engine.model import CausalLM
+
+    cfg = ModelConfig("LlamaForCausalLM", 256, 64, 128, layers, 4, 2, 16, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = CausalLM(cfg, max_len=128).eval()
+    model.rotary.build(torch.device("cpu"), torch.float32)
+    return time_decode_step(Generator(model), 1, 16, repeats)
+
+
+def time_decode_step(gen, batch: int, prompt: int, repeats: int, short: int = 4, long: int = 20) -> float:
+    """Seconds per decode step of ``gen`` at ``batch``: the difference between generating ``long``
+    and ``short`` tokens (same prompts, greedy, EOS ignored) over the steps between, medians of
+    interleaved repeats after a warm-up, so that the prefill and the set-up cancel out."""
+    import statistics
+
+    import torch
+
+    from engine.request import SamplingParams
+
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, gen.config.vocab_size, (batch, prompt), generator=g).tolist()
+    runs = {n: SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (short, long)}
+    gen.generate(prompts, runs[short])
+    times: dict[int, list[float]] = {short: [], long: []}
+    for _ in range(repeats):
+        for n, params in runs.items():
+            t = time.perf_counter()
+            gen.generate(prompts, params)
+            times[n].append(time.perf_counter() - t)
+    return (statistics.median(times[long]) - statistics.median(times[short])) / (long - short)
+
+
+# ----------------------------------------------------------------------------------------------
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def render(plan: Plan) -> str:
+    w = plan.workload
+    rec = plan.recommended
+    lines = [
+        f"model {plan.model.name}: {plan.model.params / 1e9:.1f}B parameters, {plan.model.layers} layers, "
+        f"hidden {plan.model.hidden}, {plan.model.heads} heads ({plan.model.kv_heads} kv), "
+        f"{plan.dtype} weights",
+        f"{plan.gpus} x {plan.gpu}; workload: {w.prompt}-token prompts, {w.output} output tokens, "
+        f"targets TTFT <= {w.ttft_s * 1e3:.0f} ms, inter-token <= {w.itl_s * 1e3:.0f} ms",
+        "",
+        "figures and their sources:",
+        *(f"  {k}: {v}" for k, v in plan.figures.items()),
+        "",
+    ]
+    head = (
+        f"{'tp':>3} {'pp':>3} {'repl':>5} {'weights/rank':>12} {'KV tokens':>11} {'seqs':>7} "
+        f"{'ms@b1':>7} {'batch':>6} {'step ms':>8} {'TTFT ms':>8} {'tok/s repl':>11} {'tok/s cluster':>14} "
+        f"{'front ends':>10}  note"
+    )
+    lines += [head, "-" * len(head)]
+    for lp in plan.layouts:
+        cells = f"{lp.tp:>3} {lp.pp:>3} {lp.replicas:>5} {_gb(lp.weights_per_rank):>12} {lp.kv_tokens:>11} "
+        cells += f"{lp.sequences:>7} "
+        if not lp.feasible:
+            lines.append(cells + f"{'':>7} {'':>6} {'':>8} {'':>8} {'':>11} {'':>14} {'':>10}  {lp.why}")
+            continue
+        o = lp.best or max(lp.options, key=lambda o: o.cluster_tok_s)
+        note = ("recommended; " if lp is rec else "") + (f"all-reduce {o.algorithm}" if o.algorithm else "")
+        if lp.best is None:
+            note = f"{lp.why} (largest batch shown)"
+        if lp.idle:
+            note += f"; {lp.idle} GPUs idle"
+        lines.append(
+            cells + f"{lp.options[0].step_ms:>7.2f} {o.batch:>6} {o.step_ms:>8.2f} {o.ttft_ms:>8.1f} "
+            f"{o.replica_tok_s:>11.0f} {o.cluster_tok_s:>14.0f} {o.frontends:>10}  {note}"
+        )
+    lines.append("")
+    if rec is None:
+        lines.append("no layout meets the targets: relax them, or add GPUs")
+    else:
+        b = rec.best
+        lines.append(
+            f"recommended: tp {rec.tp} x pp {rec.pp} x {rec.replicas} replicas, "
+            f"batch {b.batch} per replica: "
+            f"{b.cluster_tok_s:,.0f} tokens/s in all, {b.step_ms:.1f} ms per token, TTFT {b.ttft_ms:.0f} ms, "
+            f"{b.frontends} front-end processes"
+        )
+    return "\n".join(lines)
+
+
+def to_json(plan: Plan) -> dict:
+    rec = plan.recommended
+    return {
+        "model": {**asdict(plan.model), "params": plan.model.params},
+        "gpus": plan.gpus,
+        "gpu": plan.gpu,
+        "dtype": plan.dtype,
+        "workload": asdict(plan.workload),
+        "figures": plan.figures,
+        "layouts": [asdict(lp) for lp in plan.layouts],
+        "recommended": None
+        if rec is None
+        else {"tp": rec.tp, "pp": rec.pp, "replicas": rec.replicas, **asdict(rec.best)},  # fmt: skip
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.planner", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--model", default="70B", help=f"{', '.join(SHAPES)}, a checkpoint directory or a config.json"
+    )
+    p.add_argument("--gpus", type=int, default=64, help="accelerators in the cluster")
+    p.add_argument("--gpu", default="H100", help=f"{', '.join(GPU_KINDS)} (cpu: measure this host)")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="weight dtype")
+    p.add_argument("--prompt", type=int, default=Workload.prompt, help="prompt tokens")
+    p.add_argument("--output", type=int, default=Workload.output, help="output tokens")
+    p.add_argument("--ttft-ms", type=float, default=Workload.ttft_s * 1e3, help="time-to-first-token target")
+    p.add_argument("--itl-ms", type=float, default=Workload.itl_s * 1e3, help="inter-token latency target")
+    p.add_argument("--calibration", help="benchmarks/device.py --json output measured on this GPU kind")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        for name in ("gpus", "prompt", "output"):
+            if getattr(args, name) < 1:
+                raise PlanError(f"--{name} must be at least 1, got {getattr(args, name)}")
+        if args.ttft_ms <= 0 or args.itl_ms <= 0:
+            raise PlanError(
+                f"latency targets must be positive, got --ttft-ms {args.ttft_ms} --itl-ms {args.itl_ms}"
+            )
+        shape = model_shape(args.model)
+        work = Workload(args.prompt, args.output, args.ttft_ms / 1e3, args.itl_ms / 1e3)
+        if args.gpu.lower() == "cpu":
+            if args.calibration:
+                raise PlanError("--calibration applies to GPU kinds; --gpu cpu measures this host")
+            device = measure_host()
+            device = dataclasses.replace(device, memory=device.memory / args.gpus)
+            dtype = "float32" if args.dtype == "bf16" else args.dtype
+        else:
+            kind = gpu(args.gpu)
+            eff = calibration(args.calibration, kind) if args.calibration else BANDWIDTH_EFFICIENCY
+            device = gpu_device(kind, eff, FLOPS_EFFICIENCY, calibrated=bool(args.calibration))
+            dtype = args.dtype
+        plan = make_plan(shape, args.gpus, device, dtype, work)
+    except (RingleaderError, ValueError) as e:
+        print(f"planner: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(to_json(plan), indent=2) if args.json else render(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""The deployment planner: memory arithmetic against hand-computed cases, feasibility, its errors,
+and that its CPU predictions are the ones benchmarks/plan_check.py checks against measurements."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from comm.cost import Fitted, Link
+from engine import planner
+from topologies.gpus import GPUS, gpu
+
+ROOT = Path(__file__).resolve().parent.parent
+SEVENTY = planner.SHAPES["70B"]
+USABLE_H100 = 80e9 * 0.9
+
+
+def h100() -> planner.Device:
+    return planner.gpu_device(GPUS["H100"], 0.7, 0.5, calibrated=False)
+
+
+def test_70b_shape_has_llama_3_1_70b_parameter_count():
+    # per layer: q and o 8192 x 8192 each, k and v 8192 x 1024 each, three 8192 x 28672 MLP matrices,
+    # two norms; embedding and head 128256 x 8192 each, the final norm
+    per_layer = 2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192
+    assert per_layer == 855_654_400
+    assert SEVENTY.params == 80 * per_layer + 2 * 128256 * 8192 + 8192 == 70_553_706_496
+
+
+def test_70b_bf16_tp8_memory_by_hand():
+    # per rank and layer: q, o 8192 x 1024; k, v 8192 x 128 (one of 8 kv heads); MLP 3 x 8192 x 3584
+    proj = 8192 * 1024 * 2 + 8192 * 128 * 2 + 3 * 8192 * 3584
+    assert proj == 106_954_752
+    layer = proj * 2 + 2 * 8192 * 2  # bf16, and the two norms
+    table = 16032 * 8192 * 2  # 128256 / 8 rows of the embedding, and as many of the head
+    weights = 80 * layer + 2 * table + 8192 * 2
+    assert weights == 17_640_734_720
+    kv_per_token = 2 * 80 * 1 * 128 * 2  # k and v, 80 layers, 1 kv head per rank, bf16
+    tokens = int((USABLE_H100 - weights) // kv_per_token)
+    assert tokens == 1_327_130
+    mem = planner.memory(SEVENTY, 8, 1, "bf16", h100(), 1024 + 256)
+    assert (mem.weights_per_rank, mem.kv_tokens, mem.sequences) == (weights, tokens, tokens // 1280)
+
+
+def test_70b_int8_tp8_memory_by_hand():
+    proj = 106_954_752  # int8: a byte each, plus one bf16 scale per output channel
+    channels = 1024 + 2 * 128 + 8192 + 2 * 3584 + 8192
+    layer = proj + channels * 2 + 2 * 8192 * 2
+    weights = 80 * layer + 16032 * 8192 * 2 + (16032 * 8192 + 16032 * 2) + 8192 * 2  # bf16 embedding
+    assert weights == 8_957_025_600
+    assert planner.memory(SEVENTY, 8, 1, "int8", h100(), 1280).weights_per_rank == weights
+
+
+def test_70b_tp4_pp2_the_fuller_stage_decides():
+    # tp 4: q, o 8192 x 2048, k, v 8192 x 256 (2 kv heads), MLP 3 x 8192 x 7168; 40 layers a stage
+    layer = (2 * 8192 * 2048 + 2 * 8192 * 256 + 3 * 8192 * 7168) * 2 + 2 * 8192 * 2
+    table = 32064 * 8192 * 2
+    first, last = 40 * layer + table, 40 * layer + table + 8192 * 2
+    kv_per_token = 2 * 40 * 2 * 128 * 2
+    mem = planner.memory(SEVENTY, 4, 2, "bf16", h100(), 1280)
+    assert mem.weights_per_rank == last == 17_639_424_000 and first < last
+    assert mem.kv_tokens == int((USABLE_H100 - last) // kv_per_token) == 1_327_162
+
+
+def test_kv_heads_are_replicated_past_the_kv_head_count():
+    assert planner.kv_heads_per_rank(SEVENTY, 4) == 2
+    assert planner.kv_heads_per_rank(SEVENTY, 16) == 1
+    a = planner.stages(SEVENTY, 8, 1, "bf16")[0]
+    b = planner.stages(SEVENTY, 16, 1, "bf16")[0]
+    assert a.kv_token_bytes == b.kv_token_bytes == 2 * 80 * 128 * 2
+
+
+def test_a_layout_that_does_not_fit_is_never_recommended():
+    work = planner.Workload(1024, 256, 2.0, 0.05)
+    for name, gpus, kind in (
+        ("70B", 8, "H100"),
+        ("405B", 16, "H100"),
+        ("405B", 64, "A100"),
+        ("405B", 8, "H200"),
+    ):
+        device = planner.gpu_device(gpu(kind), 0.7, 0.5, calibrated=False)
+        plan = planner.make_plan(planner.SHAPES[name], gpus, device, "bf16", work)
+        assert any(not lp.feasible for lp in plan.layouts)
+        for lp in plan.layouts:
+            if not lp.feasible:
+                assert lp.options == [] and lp.best is None
+        rec = plan.recommended
+        assert rec is None or rec.feasible
+        if rec is not None:
+            st = planner.stages(planner.SHAPES[name], rec.tp, rec.pp, "bf16")
+            need = max(s.weight_bytes + rec.best.batch * 1280 * s.kv_token_bytes for s in st)
+            assert need <= device.memory and rec.best.meets
+            assert rec.best.step_ms <= 50 and rec.best.ttft_ms <= 2000
+
+
+def test_no_room_for_one_sequence_is_infeasible_and_targets_can_rule_out_every_layout():
+    st = planner.stages(SEVENTY, 8, 1, "bf16")[0]
+    tight = dataclasses.replace(h100(), memory=st.weight_bytes + 1279 * st.kv_token_bytes)
+    plan = planner.make_plan(SEVENTY, 8, tight, "bf16", planner.Workload(1024, 256))
+    lp = next(lp for lp in plan.layouts if (lp.tp, lp.pp) == (8, 1))
+    assert lp.kv_tokens == 1279 and not lp.feasible and plan.recommended is not lp
+    impossible = planner.make_plan(SEVENTY, 64, h100(), "bf16", planner.Workload(1024, 256, 2.0, 1e-4))
+    assert impossible.recommended is None
+    assert "no layout meets the targets" in planner.render(impossible)
+
+
+def test_more_gpus_never_lower_the_best_cluster_throughput():
+    work = planner.Workload(1024, 256, 2.0, 0.05)
+    best = [
+        planner.make_plan(SEVENTY, n, h100(), "bf16", work).recommended.best.cluster_tok_s for n in (64, 256)
+    ]
+    assert best[1] >= 3.9 * best[0]
+
+
+def test_a_pipeline_with_one_micro_batch_pays_its_bubbles():
+    device = h100()
+    one = planner.decode_step(SEVENTY, 8, 2, "bf16", device, 256, 1152, micro_batches=1)
+    two = planner.decode_step(SEVENTY, 8, 2, "bf16", device, 256, 1152, micro_batches=2)
+    single = planner.decode_step(SEVENTY, 8, 1, "bf16", device, 256, 1152)
+    assert two.seconds < one.seconds
+    assert one.seconds > single.seconds  # both stages in turn, plus the hand-offs
+    assert one.handoff > 0 and single.handoff > 0 and one.allreduce > 0
+
+
+def test_every_spec_figure_names_its_source():
+    for kind in GPUS.values():
+        assert set(kind.sources) == {"memory", "bandwidth", "flops", "nvlink", "network"}
+        assert all("datasheet" in s for s in kind.sources.values())
+    with pytest.raises(ValueError, match="unknown GPU 'V100'"):
+        gpu("V100")
+
+
+def fake_host() -> planner.Device:
+    fitted = Fitted({n: Link(1e-4, 1e-9) for n in ("native", "star", "tree", "ring")}, "test")
+    return planner.Device("cpu", 8e9, 20e9, ((1, 10e9), (16, 30e9), (256, 80e9)), planner.Host(fitted),
+                          act_bytes=4, cores=2, layer_s=3e-4, pass_s=3e-4)  # fmt: skip
+
+
+def demo_config(tmp_path: Path) -> Path:
+    from engine.demo import PRESETS
+
+    raw = {"architectures": ["LlamaForCausalLM"], "tie_word_embeddings": True, **PRESETS["demo"]}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def load_plan_check():
+    spec = importlib.util.spec_from_file_location("plan_check", ROOT / "benchmarks" / "plan_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_predictions_come_from_the_code_path_the_benchmark_checks(tmp_path, monkeypatch):
+    check = load_plan_check()
+    shape = planner.ModelShape.from_path(demo_config(tmp_path))
+    assert (shape.layers, shape.hidden, shape.heads, shape.kv_heads, shape.tied) == (8, 384, 8, 4, True)
+    host = fake_host()
+    for tp, pp in check.LAYOUTS:
+        for batch in (1, 16, 64):
+            micro = max(1, min(pp, batch // 32))
+            got = check.predictions(shape, host, tp, pp, batch, micro)
+            assert got == planner.decode_step(shape, tp, pp, "float32", host, batch, check.CONTEXT, micro)
+    # the planner's own plan for this host uses the same function at the workload's context
+    work = planner.Workload(check.PROMPT, check.LONG, 10.0, 10.0)
+    plan = planner.make_plan(shape, 4, host, "float32", work)
+    lp = next(lp for lp in plan.layouts if (lp.tp, lp.pp) == (2, 2))
+    for o in lp.options:
+        step = planner.decode_step(shape, 2, 2, "float32", host, o.batch, work.context)
+        assert o.step_ms == step.seconds * 1e3
+    calls = []
+    monkeypatch.setattr(planner, "decode_step", lambda *a, **k: calls.append(a) or "sentinel")
+    assert check.predictions(shape, host, 2, 2, 64, 2) == "sentinel" and calls[0][4] is host
+
+
+def test_tensor_parallel_cpu_steps_pay_the_algorithm_auto_would_pick(tmp_path):
+    from comm.cost import choose
+
+    shape = planner.ModelShape.from_path(demo_config(tmp_path))
+    host = fake_host()
+    step = planner.decode_step(shape, 2, 1, "float32", host, 16, 40)
+    assert step.algorithm == choose(16 * 384 * 4, 2, 2, host.network.fitted)
+    assert step.allreduce == pytest.approx((2 * 8 + 1) * host.network.allreduce(16 * 384 * 4, 2)[0])
+
+
+def test_measure_host_measures_this_machine():
+    device = planner.measure_host(repeats=1)
+    assert device.bandwidth > 1e8 and all(f > 1e7 for _, f in device.flops)
+    assert [r for r, _ in device.flops] == [1, 4, 16, 64, 256]
+    assert device.layer_s > 0 and device.cores >= 1 and isinstance(device.network, planner.Host)
+    assert all(v.startswith(("measured", "fitted")) or k == "cores" for k, v in device.figures.items())
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine.planner", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)  # fmt: skip
+
+
+def test_cli_prints_a_sourced_plan_and_json():
+    text = run_cli("--model", "405B", "--gpus", "256", "--gpu", "H200")
+    assert text.returncode == 0, text.stderr
+    assert "H200 Tensor Core GPU datasheet" in text.stdout and "assumption" in text.stdout
+    assert "no GPU run exists" in text.stdout and "recommended: tp" in text.stdout
+    out = run_cli("--model", "70B", "--gpus", "64", "--gpu", "h100", "--dtype", "int8", "--json")
+    plan = json.loads(out.stdout)
+    rec = plan["recommended"]
+    assert plan["dtype"] == "int8" and rec["meets"] and rec["tp"] * rec["pp"] * rec["replicas"] <= 64
+    chosen = next(lp for lp in plan["layouts"] if (lp["tp"], lp["pp"]) == (rec["tp"], rec["pp"]))
+    assert chosen["feasible"] and rec["cluster_tok_s"] == max(
+        lp["best"]["cluster_tok_s"] for lp in plan["layouts"] if lp["best"]
+    )
+
+
+def test_cli_errors_name_the_bad_input(tmp_path):
+    cases = [
+        (("--gpu", "V100"), "unknown GPU 'V100'"),
+        (("--model", str(tmp_path / "nowhere")), "nowhere: neither a named shape"),
+        (("--model", str(tmp_path)), "config.json not found"),
+        (("--gpus", "0"), "--gpus must be at least 1, got 0"),
+        (("--itl-ms", "0"), "latency targets must be positive"),
+        (("--calibration", str(tmp_path / "x.json")), "not a benchmarks/device.py --json file"),
+    ]
+    for args, message in cases:
+        run = run_cli(*args)
+        assert run.returncode == 2 and message in run.stderr, (args, run.stderr)
+    measured = tmp_path / "device.json"
+    rows = [{"runtime": "engine bfloat16, compiled", "batch": 1, "gb_s": 3360.0, "tok_s": 1.0}]
+    measured.write_text(json.dumps({"device": "NVIDIA H200", "rows": rows}))
+    run = run_cli("--gpu", "H100", "--calibration", str(measured))
+    assert run.returncode == 2 and "measured on 'NVIDIA H200', not on an H100" in run.stderr
+    run = run_cli("--gpu", "H200", "--calibration", str(measured), "--json")
+    assert run.returncode == 0, run.stderr
+    assert "calibrated: the fraction 0.70" in json.loads(run.stdout)["figures"]["bandwidth efficiency"]
