@@ -362,8 +362,18 @@ async def _stream(
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
 
+    # the events made at one wake-up go out in one write: when tokens arrive faster than they are
+    # relayed (a busy front end), several share a send; when not, each goes out as it comes
+    events: list[bytes] = []
+
     async def send(payload) -> None:
-        await response.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
+        events.append(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
+
+    async def flush() -> None:
+        if events:
+            data = b"".join(events)
+            events.clear()
+            await response.write(data)
 
     async def chunk(choice_list, **extra) -> None:
         await send({**head, "object": shape.chunk_object, "choices": choice_list, **extra})
@@ -374,9 +384,11 @@ async def _stream(
     started = [False] * len(choices)
     try:
         while pending:
+            await flush()
             done, _ = await asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED)
-            for index in [i for i, f in pending.items() if f in done]:
-                item = pending.pop(index).result()
+            ready = [(i, pending.pop(i).result()) for i in [i for i, f in pending.items() if f in done]]
+            while ready:
+                index, item = ready.pop(0)
                 error = _failure(item, timeout)
                 if error is not None:
                     # the status line has gone out: the error is the stream's last event
@@ -387,6 +399,7 @@ async def _stream(
                         "code": error.code,
                     }
                     await send({"error": body})
+                    await flush()
                     await response.write(b"data: [DONE]\n\n")
                     return response
                 c = choices[index]
@@ -404,9 +417,13 @@ async def _stream(
                     await chunk([shape.delta(index, text, reason, first, logprobs)])
                     started[index] = True
                 if item.finish_reason is None:
-                    pending[index] = asyncio.ensure_future(c.queue.get())
+                    if not c.queue.empty():  # already there: no wait, no task
+                        ready.append((index, c.queue.get_nowait()))
+                    else:
+                        pending[index] = asyncio.ensure_future(c.queue.get())
         if include_usage:
             await chunk([], usage=_usage(choices, counts))
+        await flush()
         await response.write(b"data: [DONE]\n\n")
     except ConnectionResetError:
         pass  # the client went away; the caller cancels its requests
