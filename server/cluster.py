@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import inspect
 import json
 import os
 import random
@@ -922,36 +923,30 @@ def verified(request_body: bytes, signature: str | None, signer: Signer, metrics
 
 
 def add_control_routes(app, cluster: Cluster, signer: Signer, metrics: dict) -> None:
-    """``POST /_control/heartbeat`` and ``/_control/vote`` on ``app`` (aiohttp)."""
+    """``POST /_control/heartbeat``, ``/vote``, ``/join`` and ``/remove`` on ``app`` (aiohttp)."""
     from aiohttp import web
 
     def handler(method):
+        """A signed message's route: ``method`` answers it with a JSON body, or (a membership
+        change, which waits for its commit) a coroutine of (status, body)."""
+
         async def handle(request: web.Request) -> web.Response:
             body = await request.read()
             try:
                 message = verified(body, request.headers.get(SIGNATURE), signer, metrics)
             except Forged as e:
                 return web.json_response({"error": f"control message refused: {e.reason}"}, status=403)
-            return web.json_response(method(message))
-
-        return handle
-
-    def changer(method):
-        async def handle(request: web.Request) -> web.Response:
-            body = await request.read()
-            try:
-                message = verified(body, request.headers.get(SIGNATURE), signer, metrics)
-            except Forged as e:
-                return web.json_response({"error": f"control message refused: {e.reason}"}, status=403)
-            status, answer = await method(message)
+            answer, status = method(message), 200
+            if inspect.isawaitable(answer):
+                status, answer = await answer
             return web.json_response(answer, status=status)
 
         return handle
 
     app.router.add_post("/_control/heartbeat", handler(cluster.handle_heartbeat))
     app.router.add_post("/_control/vote", handler(cluster.handle_vote))
-    app.router.add_post("/_control/join", changer(cluster.handle_join))
-    app.router.add_post("/_control/remove", changer(cluster.handle_remove))
+    app.router.add_post("/_control/join", handler(cluster.handle_join))
+    app.router.add_post("/_control/remove", handler(cluster.handle_remove))
 
 
 def cluster_metrics(registry) -> dict:
