@@ -1,7 +1,9 @@
 """The planner's model of time against measured decode steps of every layout this host can run.
 
 For each model, the host is measured first (``engine.planner.measure_host``: one thread's weight
-bandwidth and matmul rates, host dispatch, the gloo links of topologies/fitted.json), then every
+bandwidth and matmul rates, host work beyond the matmuls on random 1- and 3-layer models of the
+model's shape, the gloo links of topologies/fitted.json, and ``calibrate_allreduce``: all-reduces
+interleaved with matmuls of a layer's size, with 2 and 4 ranks and with waiting ranks), then every
 layout (tp = 1, 2, 4; pp = 2; tp 2 x pp 2) runs as its own torchrun job with one thread per rank
 and ``--allreduce auto``, timing decode steps at each batch size (``time_decode_step``: the time of
 20 generated tokens less that of 4, over the 16 steps between). Beside each measurement it prints
@@ -85,7 +87,7 @@ def driver(args) -> int:
     for preset in args.presets.split(","):
         model_dir = str(ensure_demo(default_demo_dir(preset), preset))
         shape = planner.ModelShape.from_path(model_dir)
-        device = planner.measure_host()
+        device = planner.measure_host(shape=shape)
         print(f"# {preset}: " + "; ".join(f"{k} {v}" for k, v in device.figures.items()), flush=True)
         for tp, pp in LAYOUTS:
             job = ["--role", "worker", "--model", model_dir, "--tp", str(tp), "--pp", str(pp)]

@@ -8,7 +8,8 @@ One model of time serves every device (``decode_step``, ``prefill``). A pass of 
 pipeline stage on one rank costs
 
     max(bytes read / bandwidth, matmul flops / flop rate at b rows) x oversubscription
-      + host dispatch (per layer and per pass) + tp all-reduces (2 per layer, 1 for the embedding)
+      + host dispatch (per layer and per pass, each a fixed and a per-row part) x oversubscription
+      + tp all-reduces (2 per layer, 1 for the embedding)
       + the logits gather on the last stage
 
 where the bytes are the rank's weights plus the KV cache its rows attend to. A micro-batch goes
@@ -18,6 +19,15 @@ max(that critical path, m x the busiest stage's pass), so a pipeline with fewer 
 stages pays its bubbles. All-reduces take the best algorithm of the fitted cost model
 (``comm.cost``): two levels of links (NVLink, InfiniBand) for GPUs; on this host, the gloo fit of
 topologies/fitted.json, with the algorithm ``--allreduce auto`` picks.
+
+On this host three more terms come in, all measured by ``measure_host`` and all CPU-only (a GPU's
+decode step runs as CUDA graphs and each rank has its own device, so they are zero there): host
+work per layer and per pass that grows with the rows (elementwise work, KV writes, the sampler),
+measured on random models of the planned model's shape; what an all-reduce costs inside a step
+(``calibrate_allreduce``: interleaved with matmuls, ranks no longer arrive together, and a rank
+blocked in a receive waits for a core), which replaces the back-to-back fit; and the core time of
+ranks that wait in receives (a pipeline with fewer micro-batches than stages), counted into the
+oversubscription of the busy ones.
 
 GPU figures are datasheet figures (topologies/gpus.py) times efficiency factors that are
 assumptions until ``--calibration`` reads benchmarks/device.py's measurement; ``--gpu cpu``
@@ -136,7 +146,9 @@ class Nodes:
     inter: Link
     per_node: int
 
-    def allreduce(self, nbytes: int, n: int) -> tuple[float, str]:
+    def allreduce(self, nbytes: int, n: int, procs: int = 0) -> tuple[float, str]:
+        """An all-reduce's predicted time and algorithm (``procs``, the layout's ranks, is a
+        CPU-host term: GPU ranks do not share processors)."""
         times = {
             t: predict_two_level(
                 t, n, self.per_node, nbytes, self.intra, self.inter, chunks_for(t, nbytes, n)
@@ -161,14 +173,37 @@ class Nodes:
 
 
 @dataclass(frozen=True)
+class InStep:
+    """An all-reduce of ``n`` ranks inside a decode step, with ``procs`` ranks of the layout on
+    the host (the others wait in receives): ``alpha + bytes * beta`` seconds, measured with the
+    all-reduces interleaved with matmuls of a layer's size (``calibrate_allreduce``)."""
+
+    n: int
+    procs: int
+    alpha: float
+    beta: float
+    back_to_back: tuple[float, ...] = ()  # the same all-reduces without the matmuls, for reference
+
+    def at(self, nbytes: int) -> float:
+        return max(0.0, self.alpha + nbytes * self.beta)
+
+
+@dataclass(frozen=True)
 class Host:
     """Ranks on this one host over gloo: the links fitted by benchmarks/collectives.py, and the
-    algorithm ``--allreduce auto`` chooses by them (``comm.cost.choose``)."""
+    algorithm ``--allreduce auto`` chooses by them (``comm.cost.choose``). ``in_step``: what an
+    all-reduce costs inside a decode step, measured on this host; where it holds the group size,
+    it replaces the back-to-back fit, which holds ranks that arrive together."""
 
     fitted: Fitted
+    in_step: tuple[InStep, ...] = ()
 
-    def allreduce(self, nbytes: int, n: int) -> tuple[float, str]:
+    def allreduce(self, nbytes: int, n: int, procs: int = 0) -> tuple[float, str]:
         name = choose(nbytes, n, n, self.fitted)
+        same = [c for c in self.in_step if c.n == n]
+        if same:  # the measured case with the nearest number of ranks on the host
+            near = min(same, key=lambda c: (abs(c.procs - (procs or n)), -c.procs))
+            return near.at(nbytes), name
         link = self.fitted.links[name]
         return predict(name, n, nbytes, link, n, chunks_for(name, nbytes, n)), name
 
@@ -196,6 +231,11 @@ class Device:
     cores: int = 0  # processors shared by the ranks of a host; 0: one per rank
     layer_s: float = 0.0  # host dispatch per layer per pass
     pass_s: float = 0.0  # host dispatch per pass (embedding, head, sampling, the loop)
+    # CPU-host terms, measured by measure_host (none on a GPU: decode steps run as CUDA graphs,
+    # and every rank has its own processor)
+    layer_row_s: float = 0.0  # host work per layer per pass per row, beyond the matmuls
+    pass_row_s: float = 0.0  # host work per pass per row (the sampler, the plan), beyond the matmuls
+    waiting_weight: float = 0.0  # core time a rank waiting in a receive takes, in busy ranks
     figures: dict[str, str] = field(default_factory=dict)  # figure -> source, calibrated or assumed
 
     def flops_at(self, rows: int) -> float:
@@ -275,12 +315,19 @@ def kv_heads_per_rank(shape: ModelShape, tp: int) -> int:
     return max(1, shape.kv_heads // tp)
 
 
+def layer_params(shape: ModelShape, tp: int) -> int:
+    """A tp rank's projection weights in one layer (multiply-adds per row)."""
+    q = shape.heads // tp * shape.head_dim
+    kv = kv_heads_per_rank(shape, tp) * shape.head_dim
+    return shape.hidden * (2 * q + 2 * kv) + 3 * shape.hidden * (shape.intermediate // tp)
+
+
 def stages(shape: ModelShape, tp: int, pp: int, dtype: str, act_bytes: int = 2) -> list[Stage]:
     """Each stage's tp rank, with the layers split as ``comm.layout.ParallelLayout`` splits them."""
     wb = WEIGHT_BYTES[dtype]
     kvr = kv_heads_per_rank(shape, tp)
     q = shape.heads // tp * shape.head_dim
-    proj = shape.hidden * (2 * q + 2 * kvr * shape.head_dim) + 3 * shape.hidden * (shape.intermediate // tp)
+    proj = layer_params(shape, tp)
     out_channels = q + 2 * kvr * shape.head_dim + shape.hidden + 2 * (shape.intermediate // tp) + shape.hidden
     scales = out_channels * act_bytes if dtype == "int8" else 0
     layer_bytes = proj * wb + scales + 2 * shape.hidden * act_bytes
@@ -350,6 +397,7 @@ def _pass(
     context: float,
     device: Device,
     factor: float,
+    procs: int = 0,
 ) -> tuple[float, float, float, float, str]:
     """(compute, dispatch, all-reduce, gather, algorithm) of one stage's pass over ``rows``
     sequences of ``tokens`` new tokens each, attending to ``context`` tokens on average."""
@@ -358,14 +406,14 @@ def _pass(
     read = st.read_bytes + rows * context * st.kv_token_bytes
     compute = max(read / device.bandwidth, (2 * n * st.matmul_params + attn_flops) / device.flops_at(n))
     compute *= factor
-    dispatch = device.layer_s * st.layers * factor
+    dispatch = (device.layer_s + device.layer_row_s * n) * st.layers * factor
     ar = gather = 0.0
     algorithm = ""
     if tp > 1:
-        each, algorithm = device.network.allreduce(n * shape.hidden * device.act_bytes, tp)
+        each, algorithm = device.network.allreduce(n * shape.hidden * device.act_bytes, tp, procs)
         ar = 2 * st.layers * each
         if st.first:
-            ar += device.network.allreduce(n * shape.hidden * device.act_bytes, tp)[0]
+            ar += each
         if st.last:
             part = rows * -(-shape.vocab // tp) * LOGIT_BYTES
             gather = (tp - 1) * device.network.message(part, device.network.spans(tp))
@@ -385,9 +433,11 @@ def _pipeline(
 ) -> StepTime:
     st = stages(shape, tp, pp, dtype, device.act_bytes)
     active = tp * min(micro_batches, pp)
-    factor = max(1.0, active / device.cores) if device.cores else 1.0
+    waiting = tp * pp - active  # ranks of the stages with no micro-batch, in receives
+    load = active + device.waiting_weight * waiting
+    factor = max(1.0, load / device.cores) if device.cores else 1.0
     net = device.network
-    parts = [_pass(shape, s, tp, rows, tokens, context, device, factor) for s in st]
+    parts = [_pass(shape, s, tp, rows, tokens, context, device, factor, tp * pp) for s in st]
     busy = [c + d + a + g for c, d, a, g, _ in parts]
     hidden_bytes = rows * tokens * shape.hidden * device.act_bytes
     handoff = sum(net.message(hidden_bytes, net.crosses((s + 1) * tp)) for s in range(pp - 1))
@@ -396,7 +446,7 @@ def _pipeline(
     members = tp * pp
     if members > 1:  # the head sends the plan (header, ints, floats) to every other rank
         handoff += 3 * net.message(rows * PLAN_ROW_BYTES, net.spans(members))
-    dispatch = device.pass_s * factor
+    dispatch = (device.pass_s + device.pass_row_s * rows * tokens) * factor
     path = sum(busy) + handoff + dispatch
     seconds = max(path, micro_batches * (max(busy) + dispatch / pp))
     return StepTime(
@@ -554,11 +604,16 @@ def make_plan(shape: ModelShape, gpus: int, device: Device, dtype: str, work: Wo
 
 
 # ----------------------------------------------------------------------------------------------
-def measure_host(fitted: Fitted | None = None, repeats: int = 5) -> Device:
+def measure_host(
+    fitted: Fitted | None = None, repeats: int = 5, shape: ModelShape | None = None, calibrate: bool = True
+) -> Device:
     """This host as a ``Device`` for its ranks, one intra-op thread each: the weight-read bandwidth
-    and matmul flop rate of one thread (a float32 4096 x 4096 layer at 1 to 256 rows), host
-    dispatch per layer and per pass (decode steps of random 1- and 9-layer models of hidden size
-    64, where the arithmetic is negligible), the fitted gloo links, and its cores."""
+    and matmul flop rate of one thread (a float32 4096 x 4096 layer at 1 to 256 rows); host work
+    per layer and per pass beyond those matmuls, at 1 row and per further row (decode steps of
+    random 1- and 3-layer models of ``shape``'s layer and vocabulary sizes, less what the bytes and
+    flops terms predict for them; without a shape, of hidden size 64); the gloo links fitted in
+    topologies/fitted.json; and, unless ``calibrate`` is off, what an all-reduce costs inside a
+    decode step and the core time of a waiting rank (``calibrate_allreduce``)."""
     import statistics
 
     import torch
@@ -581,51 +636,213 @@ def measure_host(fitted: Fitted | None = None, repeats: int = 5) -> Device:
                 times.append(time.perf_counter() - t)
             points.append((rows, 2 * rows * w.numel() / statistics.median(times)))
         bandwidth = w.numel() * 4 / (2 * w.numel() / points[0][1])
-        one, nine = (_dispatch_step(layers, repeats) for layers in (1, 9))
+        import psutil
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        bare = Device(
+            "cpu", psutil.virtual_memory().available, bandwidth, tuple(points), Host(fitted), 4, cores
+        )
+        host = _host_work(bare, shape or TINY, repeats)
     finally:
         torch.set_num_threads(threads)
-    layer_s = max(0.0, (nine - one) / 8)
-    import psutil
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return Device(
-        "cpu",
-        memory=psutil.virtual_memory().available,
-        bandwidth=bandwidth,
-        flops=tuple(points),
-        network=Host(fitted),
-        act_bytes=4,
-        cores=cores,
+    layer_s, layer_row_s, pass_s, pass_row_s = host
+    in_step: tuple[InStep, ...] = ()
+    waiting = 0.0
+    if calibrate:
+        in_step, waiting = calibrate_allreduce(fitted, shape or TINY, cores)
+    where = f"{shape.name}'s" if shape else "hidden-size-64"
+    figures = {
+        "bandwidth": f"measured: {bandwidth / 1e9:.1f} GB/s, a batch-1 float32 4096x4096 layer on one thread",
+        "flops": "measured: "
+        + ", ".join(f"{f / 1e9:.0f} GF/s at {r} rows" for r, f in points)
+        + " (the same layer)",
+        "host dispatch": f"measured: {layer_s * 1e3:.3f} ms + {layer_row_s * 1e6:.2f} us/row per layer, "
+        f"{pass_s * 1e3:.3f} ms + {pass_row_s * 1e6:.2f} us/row per pass beyond the matmuls "
+        f"(decode steps at 1 and {HOST_ROWS[-1]} rows of random 1- and 3-layer models of {where} "
+        "layer and vocabulary sizes)",
+        "links": f"fitted: {fitted.source}",
+    }
+    if calibrate:
+        cases = "; ".join(
+            f"{c.n} ranks of {c.procs} on the host {c.at(0) * 1e3:.3f} ms + {c.beta * 1e9:.2f} ns/byte "
+            f"(back to back {', '.join(f'{b * 1e3:.3f}' for b in c.back_to_back)} ms)"
+            for c in in_step
+        )
+        rows = ", ".join(map(str, CALIBRATION_ROWS))
+        figures["all-reduce in a step"] = (
+            f"measured: {cases}, at {rows} rows interleaved with matmuls of half a layer"
+        )
+        figures["waiting ranks"] = (
+            f"measured: a rank waiting in a receive takes {waiting:.2f} of a busy rank's core time"
+        )
+    figures["cores"] = f"{cores}: ranks beyond them share cores"
+    figures["usable memory"] = "measured: the host's available memory, shared by its ranks"
+    return dataclasses.replace(
+        bare,
+        network=Host(fitted, in_step),
         layer_s=layer_s,
-        pass_s=max(0.0, one - layer_s),
-        figures={
-            "bandwidth": f"measured: {bandwidth / 1e9:.1f} GB/s, a batch-1 float32 4096x4096 layer "
-            "on one thread",
-            "flops": "measured: "
-            + ", ".join(f"{f / 1e9:.0f} GF/s at {r} rows" for r, f in points)
-            + " (the same layer)",
-            "host dispatch": f"measured: {layer_s * 1e3:.3f} ms per layer, "
-            f"{max(0.0, one - layer_s) * 1e3:.3f} ms per pass (decode steps of random models of "
-            "hidden size 64)",
-            "links": f"fitted: {fitted.source}",
-            "cores": f"{cores}: ranks beyond them share cores",
-            "usable memory": "measured: the host's available memory, shared by its ranks",
-        },
+        pass_s=pass_s,
+        layer_row_s=layer_row_s,
+        pass_row_s=pass_row_s,
+        waiting_weight=waiting,
+        figures=figures,
     )
 
 
-def _dispatch_step(layers: int, repeats: int) -> float:
+TINY = ModelShape("tiny", 1, 64, 128, 4, 2, 16, 256)  # host dispatch alone: its arithmetic is negligible
+HOST_ROWS = (1, 32)  # rows of the host-work measurements
+HOST_CONTEXT = 8 + (4 + 20) / 2  # the tokens those decode steps attend to, on average
+HOST_LAYERS = (1, 3)
+
+
+def _host_work(bare: Device, shape: ModelShape, repeats: int) -> tuple[float, float, float, float]:
+    """(per layer, per layer and row, per pass, per pass and row): a decode step's time less what
+    the bytes and flops terms predict for it, split between layers and the pass by the difference
+    between models of 1 and 3 layers, and between a fixed and a per-row part by 1 and 32 rows."""
+    rest: dict[int, list[float]] = {}
+    for layers in HOST_LAYERS:
+        small = dataclasses.replace(shape, layers=layers)
+        gen = _random_generator(small)
+        for rows in HOST_ROWS:
+            measured = time_decode_step(gen, rows, 8, repeats)
+            predicted = decode_step(small, 1, 1, "float32", bare, rows, HOST_CONTEXT).compute
+            rest.setdefault(rows, []).append(measured - predicted)
+    a, b = HOST_LAYERS
+    per_layer = {r: (v[1] - v[0]) / (b - a) for r, v in rest.items()}
+    per_pass = {r: v[0] - a * per_layer[r] for r, v in rest.items()}
+
+    def line(v: dict[int, float]) -> tuple[float, float]:
+        (r0, v0), (r1, v1) = sorted(v.items())
+        slope = max(0.0, (v1 - v0) / (r1 - r0))
+        return max(0.0, v0 - slope * r0), slope
+
+    return (*line(per_layer), *line(per_pass))
+
+
+def _random_generator(shape: ModelShape):
     import torch
 
     from engine.config import ModelConfig
     from engine.generate import Generator
     from engine.model import CausalLM
 
-    cfg = ModelConfig("LlamaForCausalLM", 256, 64, 128, layers, 4, 2, 16, max_position_embeddings=128)
+    cfg = ModelConfig("LlamaForCausalLM", shape.vocab, shape.hidden, shape.intermediate, shape.layers,
+                      shape.heads, shape.kv_heads, shape.head_dim, max_position_embeddings=128,
+                      tie_word_embeddings=shape.tied)  # fmt: skip
     torch.manual_seed(0)
     model = CausalLM(cfg, max_len=128).eval()
     model.rotary.build(torch.device("cpu"), torch.float32)
-    return time_decode_step(Generator(model), 1, 16, repeats)
+    return Generator(model)
+
+
+CALIBRATION_ROWS = (1, 32)
+CALIBRATION_STEPS = 40  # all-reduces per timed loop
+
+
+def calibrate_allreduce(fitted: Fitted, shape: ModelShape, cores: int) -> tuple[tuple[InStep, ...], float]:
+    """What an all-reduce costs inside a decode step on this host, and the core time a waiting rank
+    takes. Ranks (gloo, one thread each, ``comm.collectives.all_reduce`` with ``auto`` by
+    ``fitted``) time loops of a matmul of half a tp rank's layer of ``shape`` (the work between a
+    step's all-reduces) followed by an all-reduce of the activations, and loops of the matmul
+    alone: the difference per all-reduce is its cost in a step. Groups of 2 and of 4 ranks alone,
+    then 2 ranks while 2 more wait in a receive, as a pipeline stage with no micro-batch waits;
+    the last run's matmul loop against the 2-rank run's gives the waiting ranks' weight."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for world, cases in ((2, ((2, 2),)), (4, ((4, 4), (2, 4)))):
+            path = Path(tmp) / f"{world}.json"
+            mp.start_processes(_calibration_rank, (world, _free_port(), fitted, shape, cases, str(path)),
+                               nprocs=world, join=True, start_method="spawn")  # fmt: skip
+            out += json.loads(path.read_text())
+    in_step = []
+    for r in out:
+        (r0, t0), (r1, t1) = r["rows"][0], r["rows"][-1]
+        b0, b1 = (r0 * shape.hidden * 4, r1 * shape.hidden * 4)
+        beta = max(0.0, (t1 - t0) / (b1 - b0))  # a fall with the bytes is noise: then the mean
+        alpha = t0 - beta * b0 if beta else (t0 + t1) / 2
+        in_step.append(InStep(r["n"], r["procs"], alpha, beta, tuple(r["back_to_back"])))
+    alone = next(r for r in out if (r["n"], r["procs"]) == (2, 2))["matmul"]
+    shared = next(r for r in out if (r["n"], r["procs"]) == (2, 4))["matmul"]
+    # (2 busy + 2 x weight) ranks on the cores: the matmul slows by that over max(2, cores)
+    weight = max(0.0, shared / alone - 1.0) * max(2, cores) / 2
+    return tuple(in_step), weight
+
+
+def _loop(x, w, buf, tp, compute: bool, reduce: bool) -> float:
+    """Seconds per iteration of a matmul of ``x`` by ``w`` and/or an all-reduce of ``buf``."""
+    import torch
+    import torch.distributed as dist
+
+    from comm.collectives import all_reduce
+
+    dist.barrier(group=tp.group)
+    t = time.perf_counter()
+    for _ in range(CALIBRATION_STEPS):
+        if compute:
+            torch.nn.functional.linear(x, w)
+        if reduce:
+            all_reduce(buf, tp)
+    return (time.perf_counter() - t) / CALIBRATION_STEPS
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _calibration_rank(rank: int, world: int, port: int, fitted: Fitted, shape: ModelShape, cases, path: str):
+    import statistics
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from comm import cost
+    from comm.collectives import TPGroup
+
+    torch.set_num_threads(1)
+    cost.use(fitted)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=300))  # fmt: skip
+    groups = {n: dist.new_group(list(range(n))) if n < world else None for n, _ in cases}
+    results = []
+    for n, procs in cases:
+        if rank >= n:  # wait in a receive until the group is done
+            dist.recv(torch.empty(1), src=0)
+            continue
+        tp = TPGroup(rank, n, groups[n], tuple(range(n)), "auto", n)
+        w = torch.randn(max(1, layer_params(shape, n) // (2 * shape.hidden)), shape.hidden)
+        rows_out = []
+        b2b, matmul = [], 0.0
+        for rows in CALIBRATION_ROWS:
+            x = torch.randn(rows, shape.hidden)
+            buf = torch.zeros(rows, shape.hidden)
+
+            _loop(x, w, buf, tp, True, True)  # warm-up
+            both, alone, only = [], [], []
+            for _ in range(3):
+                both.append(_loop(x, w, buf, tp, True, True))
+                alone.append(_loop(x, w, buf, tp, True, False))
+                only.append(_loop(x, w, buf, tp, False, True))
+            rows_out.append((rows, statistics.median(both) - statistics.median(alone)))
+            b2b.append(statistics.median(only))
+            if rows == CALIBRATION_ROWS[-1]:
+                matmul = statistics.median(alone)
+        if rank == 0:
+            for other in range(n, procs):
+                dist.send(torch.zeros(1), dst=other)
+            results.append({"n": n, "procs": procs, "rows": rows_out, "back_to_back": b2b, "matmul": matmul})
+    if rank == 0:
+        Path(path).write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def time_decode_step(gen, batch: int, prompt: int, repeats: int, short: int = 4, long: int = 20) -> float:
@@ -754,7 +971,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.gpu.lower() == "cpu":
             if args.calibration:
                 raise PlanError("--calibration applies to GPU kinds; --gpu cpu measures this host")
-            device = measure_host()
+            device = measure_host(shape=shape)
             device = dataclasses.replace(device, memory=device.memory / args.gpus)
             dtype = "float32" if args.dtype == "bf16" else args.dtype
         else:

@@ -194,8 +194,132 @@ def test_measure_host_measures_this_machine():
     device = planner.measure_host(repeats=1)
     assert device.bandwidth > 1e8 and all(f > 1e7 for _, f in device.flops)
     assert [r for r, _ in device.flops] == [1, 4, 16, 64, 256]
-    assert device.layer_s > 0 and device.cores >= 1 and isinstance(device.network, planner.Host)
+    assert device.layer_s + device.pass_s > 0 and device.cores >= 1
+    assert device.layer_row_s >= 0 and device.pass_row_s >= 0 and device.waiting_weight >= 0
     assert all(v.startswith(("measured", "fitted")) or k == "cores" for k, v in device.figures.items())
+    # the all-reduces of a step, measured on this host: 2 and 4 ranks alone, 2 with 2 waiting
+    host = device.network
+    assert isinstance(host, planner.Host)
+    assert sorted((c.n, c.procs) for c in host.in_step) == [(2, 2), (2, 4), (4, 4)]
+    for c in host.in_step:
+        assert c.at(384 * 4) > 0 and c.beta >= 0 and len(c.back_to_back) == 2
+        assert all(b > 0 for b in c.back_to_back)
+        assert host.allreduce(384 * 4, c.n, c.procs)[0] == c.at(384 * 4)
+    assert "all-reduce in a step" in device.figures and "waiting ranks" in device.figures
+
+
+def in_step_host(waiting_weight: float = 0.0) -> planner.Device:
+    fitted = fake_host().network.fitted
+    cases = (
+        planner.InStep(2, 2, 6e-4, 1e-9),
+        planner.InStep(2, 4, 9e-4, 1e-9),
+        planner.InStep(4, 4, 1.2e-3, 2e-9),
+    )
+    return dataclasses.replace(
+        fake_host(), network=planner.Host(fitted, cases), waiting_weight=waiting_weight
+    )
+
+
+def test_cpu_all_reduces_cost_what_was_measured_inside_a_step_not_the_back_to_back_fit(tmp_path):
+    shape = planner.ModelShape.from_path(demo_config(tmp_path))
+    old, new = fake_host(), in_step_host()
+    nbytes = 16 * 384 * 4
+    for tp, pp, each in (
+        (2, 1, 6e-4 + nbytes * 1e-9),
+        (4, 1, 1.2e-3 + nbytes * 2e-9),
+        (2, 2, 9e-4 + nbytes * 1e-9),
+    ):
+        step = planner.decode_step(shape, tp, pp, "float32", new, 16, 40, 1)
+        # each stage: 2 per layer, and the first stage one more for the embedding
+        assert step.allreduce == pytest.approx((2 * 8 + 1) * each), (tp, pp)
+        assert step.allreduce / (2 * 8 + 1) != pytest.approx(old.network.allreduce(nbytes, tp)[0])
+        # the algorithm is still the one auto picks by the fit; only its cost is measured
+        assert step.algorithm == planner.decode_step(shape, tp, pp, "float32", old, 16, 40, 1).algorithm
+    # a group size with no measurement falls back to the fit
+    assert new.network.allreduce(nbytes, 8, 8) == old.network.allreduce(nbytes, 8)
+    # the nearest number of ranks on the host: 2 of 8 is nearer the 4-rank measurement
+    assert new.network.allreduce(nbytes, 2, 8)[0] == pytest.approx(9e-4 + nbytes * 1e-9)
+
+
+def test_waiting_ranks_take_core_time_only_while_their_stage_has_no_micro_batch(tmp_path):
+    shape = planner.ModelShape.from_path(demo_config(tmp_path))
+    quiet, busy = in_step_host(0.0), in_step_host(0.5)
+    one = [planner.decode_step(shape, 2, 2, "float32", d, 16, 40, 1) for d in (quiet, busy)]
+    # 2 busy ranks and 2 waiting at half weight on 2 cores: compute and dispatch slow by 1.5
+    assert one[1].compute == pytest.approx(1.5 * one[0].compute)
+    assert one[1].dispatch == pytest.approx(1.5 * one[0].dispatch)
+    assert one[1].allreduce == one[0].allreduce
+    two = [planner.decode_step(shape, 2, 2, "float32", d, 64, 40, 2) for d in (quiet, busy)]
+    assert two[1].seconds == two[0].seconds  # both stages busy: nobody waits
+    solo = [planner.decode_step(shape, 2, 1, "float32", d, 16, 40) for d in (quiet, busy)]
+    assert solo[1].seconds == solo[0].seconds
+
+
+def test_host_work_grows_with_the_rows(tmp_path):
+    shape = planner.ModelShape.from_path(demo_config(tmp_path))
+    base = fake_host()
+    rowed = dataclasses.replace(base, layer_row_s=2e-6, pass_row_s=5e-6)
+    for batch in (1, 16, 64):
+        a = planner.decode_step(shape, 1, 1, "float32", base, batch, 40)
+        b = planner.decode_step(shape, 1, 1, "float32", rowed, batch, 40)
+        assert b.dispatch - a.dispatch == pytest.approx(batch * (8 * 2e-6 + 5e-6))
+        assert b.seconds - a.seconds == pytest.approx(batch * (8 * 2e-6 + 5e-6))
+
+
+def test_host_work_is_split_between_layers_passes_and_rows(monkeypatch):
+    """Decode steps that cost the bytes-and-flops terms plus known host work give that work back."""
+    shape = planner.ModelShape("s", 4, 256, 512, 4, 2, 64, 512)
+    bare = dataclasses.replace(fake_host(), layer_s=0.0, pass_s=0.0)
+    layer, layer_row, step, step_row = 4e-4, 3e-6, 1.5e-3, 2e-5
+    gens = []
+    monkeypatch.setattr(planner, "_random_generator", lambda s: gens.append(s) or s)
+
+    def fake_time(gen, rows, prompt, repeats):
+        compute = planner.decode_step(gen, 1, 1, "float32", bare, rows, planner.HOST_CONTEXT).compute
+        return compute + gen.layers * (layer + layer_row * rows) + step + step_row * rows
+
+    monkeypatch.setattr(planner, "time_decode_step", fake_time)
+    got = planner._host_work(bare, shape, 1)
+    assert got == pytest.approx((layer, layer_row, step, step_row))
+    assert [g.layers for g in gens] == list(planner.HOST_LAYERS)
+    assert all((g.hidden, g.intermediate, g.vocab) == (256, 512, 512) for g in gens)
+
+
+def test_calibration_fits_each_case_and_weighs_the_waiting_ranks(monkeypatch):
+    import torch.multiprocessing as mp
+
+    hidden = planner.TINY.hidden
+    b0, b1 = (r * hidden * 4 for r in planner.CALIBRATION_ROWS)
+
+    def fake_start(fn, args, nprocs, join, start_method):
+        world, _, _, _, cases, path = args
+        assert world == nprocs and start_method == "spawn"
+        out = []
+        for n, procs in cases:
+            t0, t1 = 1e-4 * n + 1e-4 * (procs - n), 1e-4 * n + 1e-4 * (procs - n) + (b1 - b0) * 1e-9
+            matmul = 1e-3 if procs == 2 else 1.3e-3
+            out.append({"n": n, "procs": procs, "rows": [[1, t0], [32, t1]], "back_to_back": [5e-5, 6e-5],
+                        "matmul": matmul})  # fmt: skip
+        Path(path).write_text(json.dumps(out))
+
+    monkeypatch.setattr(mp, "start_processes", fake_start)
+    cases, weight = planner.calibrate_allreduce(fake_host().network.fitted, planner.TINY, 2)
+    got = {(c.n, c.procs): c for c in cases}
+    assert set(got) == {(2, 2), (4, 4), (2, 4)}
+    assert got[(2, 2)].beta == pytest.approx(1e-9) and got[(2, 2)].at(b0) == pytest.approx(2e-4)
+    assert got[(2, 4)].at(b0) == pytest.approx(4e-4) and got[(4, 4)].at(b1) == pytest.approx(
+        4e-4 + (b1 - b0) * 1e-9
+    )
+    assert got[(2, 2)].back_to_back == (5e-5, 6e-5)
+    # the matmul 1.3 times slower beside 2 waiting ranks on 2 cores: each takes 0.3 of a core
+    assert weight == pytest.approx(0.3)
+
+
+def test_gpu_devices_have_none_of_the_cpu_host_terms():
+    device = h100()
+    assert (device.layer_row_s, device.pass_row_s, device.waiting_weight, device.cores) == (0, 0, 0, 0)
+    net = device.network
+    assert net.allreduce(8192 * 2, 8, 64) == net.allreduce(8192 * 2, 8)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
