@@ -87,14 +87,42 @@ class Source:
     transposed: bool = False
 
 
+def cpu_threads(x: torch.Tensor) -> int:
+    """Threads an eager CPU product of ``x`` may split over (1 on other devices, and under
+    torch.compile, where the compiler lays the product out itself)."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return 1
+    return torch.get_num_threads()
+
+
+def split_k_matmul(
+    x: torch.Tensor, weight: torch.Tensor, threads: int, transposed: bool = False
+) -> torch.Tensor:
+    """x [rows, in] @ weight, as ``threads`` partial products over slices of the input dimension,
+    summed: each thread streams its own contiguous part of the weight. ``weight`` is [in, out], or
+    [out, in] with ``transposed`` (nn.Linear's layout, as the head's weight is: it may be the
+    embedding table)."""
+    rows, n_in = x.shape
+    xs = x.view(rows, threads, n_in // threads).transpose(0, 1)  # [T, rows, in / T]
+    if transposed:
+        ws = weight.view(-1, threads, n_in // threads).permute(1, 2, 0)  # [T, in / T, out], no copy
+    else:
+        ws = weight.view(threads, n_in // threads, -1)
+    return torch.bmm(xs, ws).sum(0)
+
+
 class Linear(nn.Module):
     """y = x @ weight (+ bias), with weight stored [in_features, out_features].
 
-    On CPU, a product with few rows (a decode step) is a matrix-vector product, which the BLAS
-    runs on one thread however many torch has. Viewing the weight as T column blocks [T, in,
-    out / T] (no copy) and multiplying them as a batch spreads it over T threads.
+    On CPU, a product with few rows (a decode step) is bound by reading the weight, and the BLAS
+    runs it on one thread however many torch has. Two no-copy views spread it over T threads:
+    up to ``SPLIT_K_MAX_ROWS`` rows, T slices of the input dimension, each a contiguous block of
+    the weight, whose partial products are summed (``split_k_matmul``: the weight is read at the
+    machine's full bandwidth); up to ``BLOCKED_MAX_ROWS``, T blocks of output columns multiplied
+    as a batch. BENCHMARKS.md has the measurements that chose the bounds.
     """
 
+    SPLIT_K_MAX_ROWS = 2
     BLOCKED_MAX_ROWS = 32
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
@@ -111,16 +139,34 @@ class Linear(nn.Module):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         n_in, n_out = self.weight.shape
         rows = x.numel() // n_in
-        # (under torch.compile the compiler lays the product out itself)
-        eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
-        threads = torch.get_num_threads() if eager_cpu else 1
-        if threads > 1 and n_out % threads == 0 and rows <= self.BLOCKED_MAX_ROWS:
+        threads = cpu_threads(x)
+        if threads > 1 and n_in % threads == 0 and rows <= self.SPLIT_K_MAX_ROWS:
+            y = split_k_matmul(x.reshape(rows, n_in), self.weight, threads)
+        elif threads > 1 and n_out % threads == 0 and rows <= self.BLOCKED_MAX_ROWS:
             blocks = self.weight.view(n_in, threads, n_out // threads).transpose(0, 1)
             y = torch.bmm(x.reshape(1, rows, n_in).expand(threads, -1, -1), blocks)
-            y = y.transpose(0, 1).reshape(*x.shape[:-1], n_out)
+            y = y.transpose(0, 1)
         else:
-            y = x @ self.weight
-        return y
+            return x @ self.weight
+        return y.reshape(*x.shape[:-1], n_out)
+
+
+class Head(nn.Linear):
+    """The output projection, in nn.Linear's [vocab, hidden] layout so that it can share the
+    embedding table; up to ``MAX_SPLIT_ROWS`` rows on CPU it multiplies by slices of the hidden
+    dimension (``split_k_matmul``), which reads the weight faster than F.linear at every batch
+    size a decode step has."""
+
+    MAX_SPLIT_ROWS = 64
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n_out, n_in = self.weight.shape
+        rows = x.numel() // n_in
+        threads = cpu_threads(x)
+        if self.bias is None and threads > 1 and n_in % threads == 0 and rows <= self.MAX_SPLIT_ROWS:
+            y = split_k_matmul(x.reshape(rows, n_in), self.weight, threads, transposed=True)
+            return y.reshape(*x.shape[:-1], n_out)
+        return super().forward(x)
 
 
 class RMSNorm(nn.Module):
@@ -313,7 +359,7 @@ class CausalLM(nn.Module):
         self.layer_ids = list(range(config.num_layers)) if layer_ids is None else list(layer_ids)
         self.model = Decoder(config, self.layer_ids, first, last, tp)
         rows = vocab_rows_per_rank(config.vocab_size, tp.size)
-        self.lm_head = nn.Linear(config.hidden_size, rows, bias=False) if last else None
+        self.lm_head = Head(config.hidden_size, rows, bias=False) if last else None
         self.rotary = Rotary(config, max_len)
         self.kv_heads = max(1, config.num_kv_heads // tp.size)
         self.tie_weights()

@@ -87,3 +87,30 @@ def test_batched_prefill_logits_match_per_prompt(pair):
     for i, p in enumerate(prompts):
         ref = hf(p[None]).logits[0, -1]
         assert (logits[i] - ref).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@torch.inference_mode()
+def test_logits_match_transformers_with_products_split_over_threads(pair, threads):
+    """On CPU a product of few rows is split over the threads (slices of the input dimension up
+    to 2 rows, blocks of output columns up to 32, the head by input slices up to 64; 3 threads
+    divide some of these models' widths and not others, so the fallbacks run too): every batch
+    size, prefill and decode, within TOL of transformers."""
+    hf, gen = pair
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(5)
+        for rows in (1, 2, 5, 40):
+            tokens = torch.randint(0, hf.config.vocab_size, (rows, 8), generator=g)
+            ref = hf(tokens).logits
+            cache = _cache(gen, rows, tokens.shape[1])
+            prefill = tokens[:, :5]
+            logits = gen.model(prefill, make_step(prefill, [0] * rows, list(range(rows)), gen.windows), cache)
+            assert (logits - ref[:, :5]).abs().max().item() <= TOL, f"prefill of {rows} rows"
+            for t in range(5, tokens.shape[1]):
+                x = tokens[:, t : t + 1]
+                logits = gen.model(x, make_step(x, [t] * rows, list(range(rows)), gen.windows), cache)
+                assert (logits[:, 0] - ref[:, t]).abs().max().item() <= TOL, f"{rows} rows at position {t}"
+    finally:
+        torch.set_num_threads(saved)
