@@ -6,6 +6,15 @@ tokens/s for both and their ratio, the engine's achieved weight-read bandwidth n
 machine's measured copy bandwidth, and the peak resident memory added by loading the checkpoint.
 With ``--quantize int8`` it also times the engine with weight-only int8 weights.
 
+It also states the floor of a batch-1 decode step: the bytes of the weights a step reads over the
+machine's read bandwidth (a large ``torch.sum``, which only reads), beside the engine's step time
+(the time of generating N tokens less that of generating 1, over N - 1 steps: no prefill in it),
+and the fraction of the floor reached. For the demo presets it prints each target of the project
+(``TARGETS``) beside the measured figure and whether it holds; ``--check`` exits 1 when one misses.
+The targets are for the eager engine, what the generation CLI and the CPU server run by default;
+``--compiled`` also times the engine with compiled decode steps (``decode_mode="compiled"``) and
+prints how long compiling each batch size took.
+
     python benchmarks/decode.py --preset demo --batch-sizes 1,16
     python benchmarks/decode.py --preset demo-150m --quantize int8
     python benchmarks/decode.py --preset demo-150m --batch-sizes 1,16
@@ -28,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.demo import default_demo_dir, ensure_demo  # noqa: E402
+from engine.executor import LocalExecutor  # noqa: E402
 from engine.generate import Generator  # noqa: E402
 from engine.loader import Checkpoint  # noqa: E402
 from engine.quant import MODES as QUANT_MODES  # noqa: E402
@@ -52,6 +62,25 @@ def perplexity(gen: Generator, ids: list[int]) -> float:
     step = make_step(tokens, [0], [0], gen.windows, torch.arange(len(ids)))
     logits = model.gather_logits(model(tokens, step, cache)).view(len(ids), -1)
     return torch.nn.functional.cross_entropy(logits[:-1], tokens[0, 1:]).exp().item()
+
+
+# preset -> (batch -> engine / transformers tok/s at least, fraction of the batch-1 floor at least)
+TARGETS: dict[str, tuple[dict[int, float], float | None]] = {
+    "demo": ({1: 1.5, 16: 1.2}, None),
+    "demo-150m": ({1: 1.2}, 0.9),
+}
+
+
+def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Bytes read per second by a sum over a tensor far larger than the caches."""
+    src = torch.ones(nbytes // 4)
+    src.sum()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        src.sum()
+        times.append(time.perf_counter() - t)
+    return nbytes / min(times)
 
 
 def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
@@ -98,7 +127,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--quantize", choices=QUANT_MODES, help="also time the engine with weight-only int8")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target of the preset misses")
+    parser.add_argument("--compiled", action="store_true", help="also time compiled decode steps")
     args = parser.parse_args()
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2 (the step time is that of N tokens less 1)")
 
     import transformers
 
@@ -114,6 +147,11 @@ def main() -> int:
         if args.quantize
         else None
     )
+    compiled = (
+        Generator(gen.model, executor=LocalExecutor(gen.model, torch.device("cpu"), "compiled"))
+        if args.compiled
+        else None
+    )
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
@@ -124,17 +162,28 @@ def main() -> int:
     )
     if gen.model.ties_embeddings:
         weights_read += gen.model.lm_head.weight.numel() * gen.model.lm_head.weight.element_size()
-    copy_bw = copy_bandwidth()
+    copy_bw, read_bw = copy_bandwidth(), read_bandwidth()
     rss, ckpt_bytes = load_peak_rss(model_dir)
+    ratio_targets, floor_target = (None, None) if args.model else TARGETS.get(args.preset, (None, None))
 
     print(f"model {model_dir}: {params / 1e6:.1f}M parameters, {ckpt_bytes / 2**20:.1f} MiB checkpoint")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads")
-    print(f"machine copy bandwidth: {copy_bw / 1e9:.2f} GB/s (read + write)")
+    print(
+        f"machine copy bandwidth: {copy_bw / 1e9:.2f} GB/s (read + write), "
+        f"read bandwidth {read_bw / 1e9:.2f} GB/s"
+    )
+    floor_ms = weights_read / read_bw * 1e3
+    print(
+        f"a decode step reads {weights_read / 1e6:.1f} MB of weights: floor {floor_ms:.2f} ms/step "
+        f"at the read bandwidth"
+    )
     print(f"peak RSS added by loading: {rss / 2**20:.1f} MiB = {rss / ckpt_bytes:.2f}x the checkpoint")
     header = f"{'batch':>5} {'engine tok/s':>13} {'transformers tok/s':>19} {'ratio':>6} "
-    header += f"{'engine weight GB/s':>19}"
+    header += f"{'engine weight GB/s':>19} {'engine ms/step':>15}"
     if quantized is not None:
         header += f" {args.quantize + ' tok/s':>11} {args.quantize + '/float':>11}"
+    if compiled is not None:
+        header += f" {'compiled tok/s':>15} {'compiled/tf':>11} {'compiled ms/step':>17}"
     if quantized is not None:
         from engine.tokenizer import load_tokenizer
 
@@ -157,6 +206,11 @@ def main() -> int:
             out = gen.generate(prompts.tolist(), sp)
             assert all(len(o.token_ids) == args.new_tokens for o in out)
 
+        one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+
+        def run_engine_prefill(prompts=prompts, one=one):
+            gen.generate(prompts.tolist(), one)
+
         def run_hf(prompts=prompts):
             with torch.inference_mode():
                 out = hf.generate(
@@ -171,10 +225,24 @@ def main() -> int:
             out = quantized.generate(prompts.tolist(), sp)
             assert all(len(o.token_ids) == args.new_tokens for o in out)
 
-        runs = [("engine", run_engine), ("hf", run_hf)] + ([("quant", run_quantized)] if quantized else [])
+        runs = [("engine", run_engine), ("engine1", run_engine_prefill), ("hf", run_hf)]
+        runs += [("quant", run_quantized)] if quantized else []
+        if compiled is not None:
+
+            def run_compiled(prompts=prompts, sp=sp):
+                out = compiled.generate(prompts.tolist(), sp)
+                assert all(len(o.token_ids) == args.new_tokens for o in out)
+
+            def run_compiled_prefill(prompts=prompts, one=one):
+                compiled.generate(prompts.tolist(), one)
+
+            runs += [("compiled", run_compiled), ("compiled1", run_compiled_prefill)]
         times = {name: [] for name, _ in runs}
-        for _, fn in runs:
-            fn()  # warm-up
+        warm = {}
+        for name, fn in runs:
+            t = time.perf_counter()
+            fn()  # warm-up (compiled: compiles this batch size's decode step)
+            warm[name] = time.perf_counter() - t
         for _ in range(args.repeats):
             for name, fn in runs:
                 t = time.perf_counter()
@@ -183,20 +251,84 @@ def main() -> int:
         tokens = batch * args.new_tokens
         ours = tokens / statistics.median(times["engine"])
         theirs = tokens / statistics.median(times["hf"])
-        bw = weights_read * args.new_tokens / statistics.median(times["engine"])
+        step_s = (statistics.median(times["engine"]) - statistics.median(times["engine1"])) / (
+            args.new_tokens - 1
+        )
+        bw = weights_read / step_s
         line = f"{batch:>5} {ours:>13.1f} {theirs:>19.1f} {ours / theirs:>5.2f}x {bw / 1e9:>19.2f}"
+        line += f" {step_s * 1e3:>15.2f}"
         result = {
             "batch": batch,
             "engine_tok_s": ours,
             "transformers_tok_s": theirs,
+            "engine_step_ms": step_s * 1e3,
             "weight_read_gb_s": bw / 1e9,
+            "floor_fraction": floor_ms / 1e3 / step_s,
         }
         if quantized is not None:
             q = tokens / statistics.median(times["quant"])
             line += f" {q:>11.1f} {q / ours:>10.2f}x"
             result[f"{args.quantize}_tok_s"] = q
+        if compiled is not None:
+            c = tokens / statistics.median(times["compiled"])
+            c_step = (statistics.median(times["compiled"]) - statistics.median(times["compiled1"])) / (
+                args.new_tokens - 1
+            )
+            line += f" {c:>15.1f} {c / theirs:>10.2f}x {c_step * 1e3:>17.2f}"
+            result.update(compiled_tok_s=c, compiled_step_ms=c_step * 1e3, compile_s=warm["compiled"])
         print(line)
         results.append(result)
+
+    checks = []  # (what, target, measured, holds)
+    for r in results:
+        if ratio_targets and r["batch"] in ratio_targets:
+            ratio = r["engine_tok_s"] / r["transformers_tok_s"]
+            goal = ratio_targets[r["batch"]]
+            checks.append(
+                (
+                    f"batch {r['batch']}: engine / transformers",
+                    f">= {goal:.2f}x",
+                    f"{ratio:.2f}x",
+                    ratio >= goal,
+                )
+            )
+        if quantized is not None:
+            ratio = r[f"{args.quantize}_tok_s"] / r["engine_tok_s"]
+            checks.append(
+                (f"batch {r['batch']}: {args.quantize} / float", "> 1.00x", f"{ratio:.2f}x", ratio > 1)
+            )
+    if compiled is not None:
+        print(
+            "first call of each batch size, compiling its decode step included: "
+            + ", ".join(f"batch {r['batch']} {r['compile_s']:.1f} s" for r in results)
+        )
+    first = next((r for r in results if r["batch"] == 1), None)
+    if first is not None:
+        print(
+            f"batch-1 step {first['engine_step_ms']:.2f} ms against the floor {floor_ms:.2f} ms: "
+            f"{first['floor_fraction']:.0%} of the floor"
+            + (
+                f"; compiled {first['compiled_step_ms']:.2f} ms, {floor_ms / first['compiled_step_ms']:.0%}"
+                if compiled is not None
+                else ""
+            )
+        )
+        if floor_target is not None:
+            frac = first["floor_fraction"]
+            checks.append(
+                (
+                    "batch 1: fraction of the floor",
+                    f">= {floor_target:.0%}",
+                    f"{frac:.0%}",
+                    frac >= floor_target,
+                )
+            )
+    if checks:
+        print(f"targets of preset {args.preset}:")
+        for what, goal, got, holds in checks:
+            print(f"  {what:<36} target {goal:>8}  measured {got:>6}  {'holds' if holds else 'MISSES'}")
+        held = sum(c[3] for c in checks)
+        print(f"  {held} of {len(checks)} targets hold")
     if args.json:
         Path(args.json).write_text(
             json.dumps(
@@ -204,13 +336,16 @@ def main() -> int:
                     "model": model_dir,
                     "params": params,
                     "copy_bw_gb_s": copy_bw / 1e9,
+                    "read_bw_gb_s": read_bw / 1e9,
+                    "floor_ms": floor_ms,
+                    "targets": [dict(zip(("what", "target", "measured", "holds"), c)) for c in checks],
                     "load_rss_ratio": rss / ckpt_bytes,
                     "results": results,
                 },
                 indent=2,
             )
         )
-    return 0
+    return 1 if args.check and not all(c[3] for c in checks) else 0
 
 
 if __name__ == "__main__":

@@ -135,7 +135,8 @@ class CompiledDecode:
             raise ValueError("compiled decoding runs a whole model in one process (tp = pp = 1)")
         self.model, self.cache, self.device = model, cache, device
         self.block_size = cache.block_size
-        self.width = -(-max_len // cache.block_size)  # the most blocks any row can use
+        # the most blocks any row can use: its context, or the whole pool (but the reserved block 0)
+        self.width = min(-(-max_len // cache.block_size), cache.num_blocks - 1)
         self.windows = sorted(set(model.config.sliding_windows), key=lambda w: (w is not None, w or 0))
         self.buckets: dict[int, _Bucket] = {}
         self.steps: collections.Counter[int] = collections.Counter()  # steps run, per bucket

@@ -171,10 +171,16 @@ class Plan:
 
 class LocalExecutor:
     """The whole model in this process. ``decode_mode`` "compiled" runs the decode steps of a
-    paged cache through ``engine.compiled`` (CUDA graphs on a GPU); "eager" runs every step as is."""
+    paged cache through ``engine.compiled`` (CUDA graphs on a GPU); "eager" runs every step as is.
+
+    Batch generation asks for a cache of rows (``begin``): contiguous when eager; when compiled, a
+    paged pool in which row r owns a fixed run of blocks, so that its decode steps are the
+    compiled ones too. A new pool means new graphs, so the pool only grows, by powers of two, and
+    a run of ``generate`` calls of similar sizes compiles once."""
 
     distributed = False
     keepalive_s = None  # nobody waits on this executor's plans
+    ROW_BLOCK_SIZE = 16
 
     def __init__(self, model: CausalLM, device: torch.device, decode_mode: str = "eager"):
         self.model, self.device = model, device
@@ -183,18 +189,28 @@ class LocalExecutor:
         self.cache = None
         self.decode_mode = decode_mode
         self.compiled: CompiledDecode | None = None
+        self.row_tables: list[list[int]] | None = None  # the blocks of each row, in compiled rows mode
         self.results: dict[int, Sampled] = {}
 
     def begin(self, rows: int, length: int) -> None:
-        """A contiguous cache: ``rows`` sequences of up to ``length`` positions."""
+        """A cache for ``rows`` sequences of up to ``length`` positions."""
         cfg = self.model.config
-        self.cache = ContiguousKVCache(
-            self.model.layer_ids, rows, length, self.model.kv_heads, cfg.head_dim, self.dtype, self.device
-        )
+        if self.decode_mode != "compiled":
+            self.cache = ContiguousKVCache(
+                self.model.layer_ids, rows, length, self.model.kv_heads, cfg.head_dim, self.dtype, self.device
+            )
+            return
+        size = self.ROW_BLOCK_SIZE
+        per_row = -(-length // size)
+        needed = 1 + rows * per_row  # block 0 is reserved
+        if self.compiled is None or self.cache.block_size != size or self.cache.num_blocks < needed:
+            self.begin_paged(1 << (needed - 1).bit_length(), size)
+        self.row_tables = [list(range(1 + r * per_row, 1 + (r + 1) * per_row)) for r in range(rows)]
 
     def begin_paged(self, num_blocks: int, block_size: int) -> None:
         """A paged cache of ``num_blocks`` blocks (the caller allocates them)."""
         cfg = self.model.config
+        self.row_tables = None
         self.cache = PagedKVCache(
             self.model.layer_ids,
             num_blocks,
@@ -222,6 +238,8 @@ class LocalExecutor:
             self.begin_paged(plan.cache_rows, plan.cache_len)
 
     def submit(self, plan: Plan) -> None:
+        if self.row_tables is not None:  # a plan over cache rows, on the rows' blocks
+            plan.block_tables = [self.row_tables[r] for r in plan.rows or range(len(plan.tokens))]
         if self.compiled is not None and is_decode(plan):
             logits = self.compiled([t[0] for t in plan.tokens], plan.starts, plan.block_tables)
         else:
@@ -232,7 +250,7 @@ class LocalExecutor:
         return self.results.pop(mb)
 
     def shutdown(self) -> None:
-        self.cache = None
+        self.cache = self.compiled = self.row_tables = None
 
 
 def is_decode(plan: Plan) -> bool:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from engine.compiled import resolve_decode_mode
 from engine.config import ModelConfig
 from engine.executor import LocalExecutor, Plan
 from engine.loader import Checkpoint, build_model
@@ -77,14 +78,19 @@ class Generator:
         progress: bool = False,
         with_tokenizer: bool = True,
         quantize: str | None = None,
+        decode_mode: str = "eager",
     ) -> Generator:
+        """Load ``model_dir`` in this process. ``decode_mode`` "compiled" runs the decode steps
+        through ``torch.compile`` (``engine.compiled``), each batch size the first time it is
+        seen (a batch shrinks as its sequences finish); "auto": compiled on a GPU."""
+        mode = resolve_decode_mode(decode_mode, torch.device(device))
         config = ModelConfig.from_hf(model_dir)
         checkpoint = Checkpoint(model_dir)
         tokenizer = load_tokenizer(model_dir, config.vocab_size) if with_tokenizer else None
         model = build_model(
             config, checkpoint, torch.device(device), dtype, max_len, progress=progress, quantize=quantize
         )
-        return cls(model, tokenizer, device)
+        return cls(model, tokenizer, device, LocalExecutor(model, torch.device(device), mode))
 
     @torch.inference_mode()
     def generate(

@@ -87,12 +87,15 @@ class Source:
     transposed: bool = False
 
 
-def cpu_threads(x: torch.Tensor) -> int:
-    """Threads an eager CPU product of ``x`` may split over (1 on other devices, and under
-    torch.compile, where the compiler lays the product out itself)."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
-        return 1
+@torch.compiler.assume_constant_result
+def _intra_op_threads() -> int:
     return torch.get_num_threads()
+
+
+def cpu_threads(x: torch.Tensor) -> int:
+    """Threads a CPU product of ``x`` may split over (1 on other devices); under torch.compile
+    the count when the step was traced."""
+    return _intra_op_threads() if x.device.type == "cpu" else 1
 
 
 def split_k_matmul(
@@ -109,6 +112,25 @@ def split_k_matmul(
     else:
         ws = weight.view(threads, n_in // threads, -1)
     return torch.bmm(xs, ws).sum(0)
+
+
+@torch.library.custom_op("ringleader::split_k_matmul", mutates_args=())
+def _split_k_op(x: torch.Tensor, weight: torch.Tensor, threads: int, transposed: bool) -> torch.Tensor:
+    return split_k_matmul(x, weight, threads, transposed)
+
+
+@_split_k_op.register_fake
+def _(x, weight, threads, transposed):
+    return x.new_empty(x.shape[0], weight.shape[0] if transposed else weight.shape[1])
+
+
+def split_k(x: torch.Tensor, weight: torch.Tensor, threads: int, transposed: bool = False) -> torch.Tensor:
+    """``split_k_matmul``; in a compiled step as one opaque operator, because inductor would
+    otherwise turn a one-row batched product into its own reduction loop, several times slower
+    than the BLAS (BENCHMARKS.md)."""
+    if torch.compiler.is_compiling():
+        return _split_k_op(x, weight, threads, transposed)
+    return split_k_matmul(x, weight, threads, transposed)
 
 
 class Linear(nn.Module):
@@ -140,9 +162,11 @@ class Linear(nn.Module):
         n_in, n_out = self.weight.shape
         rows = x.numel() // n_in
         threads = cpu_threads(x)
-        if threads > 1 and n_in % threads == 0 and rows <= self.SPLIT_K_MAX_ROWS:
-            y = split_k_matmul(x.reshape(rows, n_in), self.weight, threads)
-        elif threads > 1 and n_out % threads == 0 and rows <= self.BLOCKED_MAX_ROWS:
+        if threads == 1 or rows > self.BLOCKED_MAX_ROWS:
+            return x @ self.weight
+        if rows <= self.SPLIT_K_MAX_ROWS and n_in % threads == 0:
+            y = split_k(x.reshape(rows, n_in), self.weight, threads)
+        elif n_out % threads == 0:
             blocks = self.weight.view(n_in, threads, n_out // threads).transpose(0, 1)
             y = torch.bmm(x.reshape(1, rows, n_in).expand(threads, -1, -1), blocks)
             y = y.transpose(0, 1)
@@ -154,8 +178,8 @@ class Linear(nn.Module):
 class Head(nn.Linear):
     """The output projection, in nn.Linear's [vocab, hidden] layout so that it can share the
     embedding table; up to ``MAX_SPLIT_ROWS`` rows on CPU it multiplies by slices of the hidden
-    dimension (``split_k_matmul``), which reads the weight faster than F.linear at every batch
-    size a decode step has."""
+    dimension (``split_k``), which reads the weight faster than F.linear at every batch size a
+    decode step has."""
 
     MAX_SPLIT_ROWS = 64
 
@@ -164,7 +188,7 @@ class Head(nn.Linear):
         rows = x.numel() // n_in
         threads = cpu_threads(x)
         if self.bias is None and threads > 1 and n_in % threads == 0 and rows <= self.MAX_SPLIT_ROWS:
-            y = split_k_matmul(x.reshape(rows, n_in), self.weight, threads, transposed=True)
+            y = split_k(x.reshape(rows, n_in), self.weight, threads, transposed=True)
             return y.reshape(*x.shape[:-1], n_out)
         return super().forward(x)
 
