@@ -104,33 +104,18 @@ def split_k_matmul(
     """x [rows, in] @ weight, as ``threads`` partial products over slices of the input dimension,
     summed: each thread streams its own contiguous part of the weight. ``weight`` is [in, out], or
     [out, in] with ``transposed`` (nn.Linear's layout, as the head's weight is: it may be the
-    embedding table)."""
+    embedding table).
+
+    Written as baddbmm with beta = 0 (its first argument is ignored) rather than bmm: inductor
+    turns a bmm of one row into its own multiply-and-sum loop, three times slower than the BLAS
+    on the CPU, and leaves baddbmm to the BLAS (``benchmarks/matmul.py --compiled``)."""
     rows, n_in = x.shape
     xs = x.view(rows, threads, n_in // threads).transpose(0, 1)  # [T, rows, in / T]
     if transposed:
         ws = weight.view(-1, threads, n_in // threads).permute(1, 2, 0)  # [T, in / T, out], no copy
     else:
         ws = weight.view(threads, n_in // threads, -1)
-    return torch.bmm(xs, ws).sum(0)
-
-
-@torch.library.custom_op("ringleader::split_k_matmul", mutates_args=())
-def _split_k_op(x: torch.Tensor, weight: torch.Tensor, threads: int, transposed: bool) -> torch.Tensor:
-    return split_k_matmul(x, weight, threads, transposed)
-
-
-@_split_k_op.register_fake
-def _(x, weight, threads, transposed):
-    return x.new_empty(x.shape[0], weight.shape[0] if transposed else weight.shape[1])
-
-
-def split_k(x: torch.Tensor, weight: torch.Tensor, threads: int, transposed: bool = False) -> torch.Tensor:
-    """``split_k_matmul``; in a compiled step as one opaque operator, because inductor would
-    otherwise turn a one-row batched product into its own reduction loop, several times slower
-    than the BLAS (BENCHMARKS.md)."""
-    if torch.compiler.is_compiling():
-        return _split_k_op(x, weight, threads, transposed)
-    return split_k_matmul(x, weight, threads, transposed)
+    return torch.baddbmm(x.new_empty(threads, rows, ws.shape[2]), xs, ws, beta=0).sum(0)
 
 
 class Linear(nn.Module):
@@ -165,7 +150,7 @@ class Linear(nn.Module):
         if threads == 1 or rows > self.BLOCKED_MAX_ROWS:
             return x @ self.weight
         if rows <= self.SPLIT_K_MAX_ROWS and n_in % threads == 0:
-            y = split_k(x.reshape(rows, n_in), self.weight, threads)
+            y = split_k_matmul(x.reshape(rows, n_in), self.weight, threads)
         elif n_out % threads == 0:
             blocks = self.weight.view(n_in, threads, n_out // threads).transpose(0, 1)
             y = torch.bmm(x.reshape(1, rows, n_in).expand(threads, -1, -1), blocks)
@@ -178,7 +163,7 @@ class Linear(nn.Module):
 class Head(nn.Linear):
     """The output projection, in nn.Linear's [vocab, hidden] layout so that it can share the
     embedding table; up to ``MAX_SPLIT_ROWS`` rows on CPU it multiplies by slices of the hidden
-    dimension (``split_k``), which reads the weight faster than F.linear at every batch size a
+    dimension (``split_k_matmul``), which reads the weight faster than F.linear at every batch size a
     decode step has."""
 
     MAX_SPLIT_ROWS = 64
@@ -188,7 +173,7 @@ class Head(nn.Linear):
         rows = x.numel() // n_in
         threads = cpu_threads(x)
         if self.bias is None and threads > 1 and n_in % threads == 0 and rows <= self.MAX_SPLIT_ROWS:
-            y = split_k(x.reshape(rows, n_in), self.weight, threads, transposed=True)
+            y = split_k_matmul(x.reshape(rows, n_in), self.weight, threads, transposed=True)
             return y.reshape(*x.shape[:-1], n_out)
         return super().forward(x)
 

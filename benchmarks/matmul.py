@@ -1,0 +1,111 @@
+"""The CPU products of a decode step, each way the engine can lay them out, side by side.
+
+For the projection shapes of a model (a demo preset or a checkpoint) and a range of row counts,
+times x [rows, in] @ W [in, out] as the BLAS does it (``plain``), as T blocks of output columns
+multiplied as a batch (``columns``), and as T slices of the input dimension whose partial
+products are summed (``split-k``, ``engine.model.split_k_matmul``), T being the thread count; with
+``--compiled`` the split-K also inside a compiled function, as the engine writes it (baddbmm,
+which inductor leaves to the BLAS) and as a bmm (which inductor turns into its own loop). Every
+weight is one of ``--copies`` copies cycled through, so that the weights stream from memory as a
+model's do rather than sit in the cache. ``engine.model.Linear`` picks, per row count, the layout
+these figures favour.
+
+    python benchmarks/matmul.py --preset demo-150m --rows 1,2,4,8,16
+    python benchmarks/matmul.py --preset demo --rows 1,16 --compiled
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.config import ModelConfig  # noqa: E402
+from engine.demo import PRESETS  # noqa: E402
+from engine.model import split_k_matmul  # noqa: E402
+
+
+def shapes(args) -> dict[str, tuple[int, int]]:
+    if args.model:
+        cfg = ModelConfig.from_hf(args.model)
+        h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+        heads, kv = cfg.num_heads, cfg.num_kv_heads
+    else:
+        p = PRESETS[args.preset]
+        h, i = p["hidden_size"], p["intermediate_size"]
+        heads, kv = p["num_attention_heads"], p["num_key_value_heads"]
+        d = p.get("head_dim", h // heads)
+    return {"qkv": (h, (heads + 2 * kv) * d), "o": (heads * d, h), "gate_up": (h, 2 * i), "down": (i, h)}
+
+
+def columns(x: torch.Tensor, w: torch.Tensor, threads: int) -> torch.Tensor:
+    n_in, n_out = w.shape
+    blocks = w.view(n_in, threads, n_out // threads).transpose(0, 1)
+    y = torch.bmm(x.expand(threads, -1, -1), blocks)
+    return y.transpose(0, 1).reshape(x.shape[0], n_out)
+
+
+def split_k_bmm(x: torch.Tensor, w: torch.Tensor, threads: int) -> torch.Tensor:
+    n_in, n_out = w.shape
+    xs = x.view(x.shape[0], threads, n_in // threads).transpose(0, 1)
+    return torch.bmm(xs, w.view(threads, n_in // threads, n_out)).sum(0)
+
+
+def best_us(fn, x, weights, repeats: int) -> float:
+    fn(x, weights)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(x, weights)
+        best = min(best, time.perf_counter() - t)
+    return best / len(weights) * 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="checkpoint directory (default: the demo preset below)")
+    parser.add_argument("--preset", default="demo-150m", choices=sorted(PRESETS))
+    parser.add_argument("--rows", default="1,2,4,8,16,32")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument(
+        "--copies", type=int, default=0, help="weights cycled through (default: 256 MB of them, at most 64)"
+    )
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compiled", action="store_true", help="also time the split-K compiled")
+    args = parser.parse_args()
+    torch.set_num_threads(T := args.threads)
+
+    layouts = {
+        "plain": lambda x, ws: [x @ w for w in ws],
+        "columns": lambda x, ws: [columns(x, w, T) for w in ws],
+        "split-k": lambda x, ws: [split_k_matmul(x, w, T) for w in ws],
+    }
+    if args.compiled:
+        torch._dynamo.config.recompile_limit = 1024  # one graph per shape and row count
+        layouts["split-k compiled"] = torch.compile(layouts["split-k"], dynamic=False)
+        layouts["split-k as bmm, compiled"] = torch.compile(
+            lambda x, ws: [split_k_bmm(x, w, T) for w in ws], dynamic=False
+        )
+    print(f"torch {torch.__version__}, {T} threads; microseconds per product (GB/s of weight read)")
+    with torch.inference_mode():
+        for name, (n_in, n_out) in shapes(args).items():
+            copies = args.copies or min(64, max(2, (256 << 20) // (n_in * n_out * 4)))
+            weights = [torch.randn(n_in, n_out) for _ in range(copies)]
+            for rows in [int(r) for r in args.rows.split(",")]:
+                x = torch.randn(rows, n_in)
+                cells = []
+                for layout, fn in layouts.items():
+                    us = best_us(fn, x, weights, args.repeats)
+                    cells.append(f"{layout} {us:7.0f} ({n_in * n_out * 4 / us / 1e3:5.1f})")
+                print(f"{name:>7} {n_in:>5}x{n_out:<5} rows {rows:>3}: " + "  ".join(cells))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
