@@ -31,7 +31,8 @@ MODES = ("auto", "compiled", "eager")
 
 def resolve_decode_mode(requested: str, device: torch.device) -> str:
     """``auto`` compiles on CUDA, where the Python overhead of a decode step is most of its time,
-    and stays eager on CPU, where compiling takes minutes for a few percent."""
+    and stays eager on CPU, where a decode step gains 1.2-1.6x but compiling takes some 15-70 s
+    per batch-size bucket on a small host (BENCHMARKS.md): a choice for a long-running server."""
     if requested not in MODES:
         raise ValueError(f"decode mode must be one of {', '.join(MODES)}, got {requested!r}")
     if requested == "auto":
@@ -148,10 +149,12 @@ class CompiledDecode:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(BUCKETS))
         if cuda:
             self.step = torch.compile(self._step, fullgraph=True, dynamic=False, mode="reduce-overhead")
-        else:  # the CPU flex-attention kernel takes no fused epilogue (the cast before an int8 product)
-            self.step = torch.compile(
-                self._step, fullgraph=True, dynamic=False, options={"epilogue_fusion": False}
-            )
+        else:
+            # the CPU flex-attention kernel takes no fused epilogue (the cast before an int8
+            # product); a C++ wrapper around the kernels instead of a Python one takes about 7%
+            # off a step (BENCHMARKS.md)
+            options = {"epilogue_fusion": False, "cpp_wrapper": True}
+            self.step = torch.compile(self._step, fullgraph=True, dynamic=False, options=options)
 
     def _step(self, tokens, positions, slots, masks) -> torch.Tensor:
         step = Step(

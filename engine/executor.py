@@ -181,6 +181,7 @@ class LocalExecutor:
     distributed = False
     keepalive_s = None  # nobody waits on this executor's plans
     ROW_BLOCK_SIZE = 16
+    MIN_ROW_BLOCKS = 64  # the smallest pool (1024 positions), so that small calls share one
 
     def __init__(self, model: CausalLM, device: torch.device, decode_mode: str = "eager"):
         self.model, self.device = model, device
@@ -204,7 +205,7 @@ class LocalExecutor:
         per_row = -(-length // size)
         needed = 1 + rows * per_row  # block 0 is reserved
         if self.compiled is None or self.cache.block_size != size or self.cache.num_blocks < needed:
-            self.begin_paged(1 << (needed - 1).bit_length(), size)
+            self.begin_paged(max(self.MIN_ROW_BLOCKS, 1 << (needed - 1).bit_length()), size)
         self.row_tables = [list(range(1 + r * per_row, 1 + (r + 1) * per_row)) for r in range(rows)]
 
     def begin_paged(self, num_blocks: int, block_size: int) -> None:
