@@ -31,7 +31,7 @@ MODES = ("auto", "compiled", "eager")
 
 def resolve_decode_mode(requested: str, device: torch.device) -> str:
     """``auto`` compiles on CUDA, where the Python overhead of a decode step is most of its time,
-    and stays eager on CPU, where a decode step gains 1.2-1.6x but compiling takes some 15-70 s
+    and stays eager on CPU, where a decode step gains 1.1-1.6x but compiling takes some 15-70 s
     per batch-size bucket on a small host (BENCHMARKS.md): a choice for a long-running server."""
     if requested not in MODES:
         raise ValueError(f"decode mode must be one of {', '.join(MODES)}, got {requested!r}")

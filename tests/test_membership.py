@@ -199,7 +199,13 @@ def test_a_front_end_with_no_replica_joins_and_serves_through_the_other_members_
         assert [r["name"] for r in state["replicas"]] == ["a"]  # it routes only to a's replica
         seen = json.loads(urllib.request.urlopen(solo.base + "/cluster").read())
         assert {r["name"]: r["routable"] for r in seen["replicas"]} == {"a": True, "fe": False}
-        assert next(m for m in seen["members"] if m["name"] == "fe")["replica"]["state"] == "none"
+
+        def fe_replica_state():  # what a knows of it from fe's first heartbeat acknowledgement
+            seen = json.loads(urllib.request.urlopen(solo.base + "/cluster").read())
+            return next(m for m in seen["members"] if m["name"] == "fe")["replica"].get("state")
+
+        wait_for(lambda: fe_replica_state() is not None, 10, "a to hear from fe")
+        assert fe_replica_state() == "none"
         load = Load(Endpoint(front.base + "/v1", "fe"), expected, workers=2)
         time.sleep(3)
         figures = load.finish()
