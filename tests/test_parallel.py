@@ -31,7 +31,7 @@ LAYOUTS = [(2, 1), (4, 1), (1, 2), (2, 2), (1, 4)]
 # rotary, sandwich norms, one kv head.
 MODELS = {"llama-mqa-tied": {}, "llama": {}, "glm4": {}}
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11, 12, 13], [4], [30, 31, 32, 33, 34]]
-NEW_TOKENS = 32
+NEW_TOKENS = 16
 TOL = 1e-4
 
 
