@@ -87,15 +87,26 @@ class Source:
     transposed: bool = False
 
 
-@torch.compiler.assume_constant_result
 def _intra_op_threads() -> int:
     return torch.get_num_threads()
 
 
+def let_compiler_read_threads() -> None:
+    """Let torch.compile read the thread count as a constant of the traced step (called before
+    compiling: marking it imports torch._dynamo, which would add 1.5 s to every process's start)."""
+    global _intra_op_threads
+    if not getattr(_intra_op_threads, "_dynamo_marked_constant", False):
+        _intra_op_threads = torch.compiler.assume_constant_result(_intra_op_threads)
+
+
 def cpu_threads(x: torch.Tensor) -> int:
     """Threads a CPU product of ``x`` may split over (1 on other devices); under torch.compile
-    the count when the step was traced."""
-    return _intra_op_threads() if x.device.type == "cpu" else 1
+    the count when the step was traced (1 unless ``let_compiler_read_threads`` ran)."""
+    if x.device.type != "cpu":
+        return 1
+    if torch.compiler.is_compiling():
+        return _intra_op_threads() if getattr(_intra_op_threads, "_dynamo_marked_constant", False) else 1
+    return torch.get_num_threads()
 
 
 def split_k_matmul(

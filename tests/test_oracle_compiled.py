@@ -29,6 +29,19 @@ def pair(tmp_path_factory):
     return hf, model
 
 
+def _reference(hf, prompt: list[int]):
+    """transformers' greedy continuation of ``prompt`` with its logits; an explicit attention
+    mask, since generate would otherwise mask prompt tokens equal to pad_token_id (0)."""
+    return hf.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=NEW,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+
+
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
 @torch.inference_mode()
 def test_paged_engine_tokens_and_logits_equal_transformers_past_the_window(pair, mode):
@@ -36,18 +49,7 @@ def test_paged_engine_tokens_and_logits_equal_transformers_past_the_window(pair,
     hf, model = pair
     g = torch.Generator().manual_seed(9)
     prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in (9, 14)]
-    # an explicit attention mask: generate would otherwise mask prompt tokens equal to pad_token_id (0)
-    refs = [
-        hf.generate(
-            torch.tensor([p]),
-            attention_mask=torch.ones(1, len(p), dtype=torch.long),
-            max_new_tokens=NEW,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-        for p in prompts
-    ]
+    refs = [_reference(hf, p) for p in prompts]
     engine = Engine.for_model(model, 40, BLOCK, decode_mode=mode, max_running=2)
     assert engine.warm_up() == ([1, 2] if mode == "compiled" else [])
     # record, per request, the logits of the rows it was sampled from: wrap step() to map rows
@@ -120,14 +122,7 @@ def test_compiled_batch_generation_equals_transformers(pair):
             pool = pool or executor.cache
             assert executor.cache is pool
             for prompt, out in zip(batch, outs):
-                ref = hf.generate(
-                    torch.tensor([prompt]),
-                    attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                    max_new_tokens=NEW,
-                    do_sample=False,
-                    output_logits=True,
-                    return_dict_in_generate=True,
-                )
+                ref = _reference(hf, prompt)
                 assert out.token_ids == ref.sequences[0, len(prompt) :].tolist()
                 for i, (ours, theirs) in enumerate(zip(out.logits, ref.logits)):
                     assert (ours - theirs[0]).abs().max().item() <= TOL, f"token {i}"

@@ -25,13 +25,15 @@ from engine.generate import Generator
 from engine.model import CausalLM
 from engine.request import SamplingParams
 
-LAYOUTS = [(2, 1), (4, 1), (1, 2), (2, 2), (1, 4)]
+# pp = 2 alone is left out: tp 2 x pp 2 hands hidden states between two stages, pp = 4 between four
+LAYOUTS = [(2, 1), (4, 1), (2, 2), (1, 4)]
 # llama-mqa-tied: one kv head (tp > kv heads: replicated), tied embeddings, odd vocabulary (97);
 # llama: two kv heads (split), q/k/v/o and MLP biases; glm4: fused gate_up, partial interleaved
 # rotary, sandwich norms, one kv head.
 MODELS = {"llama-mqa-tied": {}, "llama": {}, "glm4": {}}
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11, 12, 13], [4], [30, 31, 32, 33, 34]]
 NEW_TOKENS = 16
+TOPOLOGY_TOKENS = 8  # per prompt and all-reduce algorithm, in the test of every topology
 TOL = 1e-4
 
 
@@ -152,11 +154,11 @@ def test_tp4_greedy_tokens_are_the_same_under_every_allreduce_topology(checkpoin
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4"]
     cmd += [str(ROOT / "tests" / "parallel_worker.py"), "--tp", "4", "--pp", "1"]
     cmd += ["--models", f"glm4={root / 'glm4'}", "--prompts", json.dumps(PROMPTS[:2])]
-    cmd += ["--max-tokens", str(NEW_TOKENS), "--out", str(tmp_path), "--allreduce", ",".join(algorithms)]
+    cmd += ["--max-tokens", str(TOPOLOGY_TOKENS), "--out", str(tmp_path), "--allreduce", ",".join(algorithms)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = torch.load(tmp_path / "rank0.pt")["results"]
-    expected = [tokens for tokens, _ in refs["glm4"][:2]]
+    expected = [tokens[:TOPOLOGY_TOKENS] for tokens, _ in refs["glm4"][:2]]
     for algorithm in algorithms:
         key = "glm4" if algorithm == "native" else f"glm4@{algorithm}"
         assert results[key]["tokens"] == expected, algorithm
@@ -179,7 +181,7 @@ def test_two_loopback_nodes_generate_what_one_node_does(tiny_demo):
         "--temperature",
         "0.7",
     ]
-    common += ["--seed", "5", "--ignore-eos", "--json", "--tp", "2", "--pp", "2"]
+    common += ["--seed", "5", "--ignore-eos", "--json", "--tp", "2"]  # one rank per node: tp across nodes
     one = _cli(*common)
     assert one.returncode == 0, one.stderr[-3000:]
     port = free_port()  # below the ephemeral range, and not the README's 29400
@@ -195,7 +197,7 @@ def test_two_loopback_nodes_generate_what_one_node_does(tiny_demo):
     printed = [json.loads(o) for o, _ in outs if o.strip()]
     assert len(printed) == 1  # only the head prints
     assert printed[0]["token_ids"] == json.loads(one.stdout)["token_ids"]
-    assert printed[0]["parallel"] == {"tp": 2, "pp": 2, "allreduce": "native"}
+    assert printed[0]["parallel"] == {"tp": 2, "pp": 1, "allreduce": "native"}
 
 
 @pytest.mark.parametrize(
