@@ -200,22 +200,33 @@ def test_two_loopback_nodes_generate_what_one_node_does(tiny_demo):
     assert printed[0]["parallel"] == {"tp": 2, "pp": 1, "allreduce": "native"}
 
 
-@pytest.mark.parametrize(
-    "flags, message",
-    [
-        (["--tp", "3"], "tp=3 does not divide the model's 4 attention heads"),
-        (["--pp", "3"], "pp=3 exceeds the model's 2 layers"),
-        (["--tp", "0"], "tp must be a positive integer"),
-        (["--pp", "2", "--stage-layers", "2,1"], "must be positive and add up to the model's 2 layers"),
-        (["--tp", "2", "--nnodes", "3"], "--nnodes 3 does not divide"),
-    ],
-)
-def test_invalid_layout_fails_at_once_with_its_message(tiny_demo, flags, message):
+INVALID_LAYOUTS = [
+    (["--tp", "3"], "tp=3 does not divide the model's 4 attention heads"),
+    (["--pp", "3"], "pp=3 exceeds the model's 2 layers"),
+    (["--tp", "0"], "tp must be a positive integer"),
+    (["--pp", "2", "--stage-layers", "2,1"], "must be positive and add up to the model's 2 layers"),
+    (["--tp", "2", "--nnodes", "3"], "--nnodes 3 does not divide"),
+]
+
+
+def test_invalid_layout_fails_at_once_through_the_launcher(tiny_demo):
     start = time.monotonic()
+    flags, message = INVALID_LAYOUTS[0]
     proc = _cli("--model", str(tiny_demo), "--prompt", "x", *flags)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize("flags, message", INVALID_LAYOUTS)
+def test_invalid_layout_fails_with_its_message(tiny_demo, capsys, flags, message):
+    """The launcher's checks run in the CLI before any process starts (the test above shows one
+    through launch.sh); each layout's message, from the CLI in this process."""
+    from engine.cli import main
+
+    assert main(["generate", "--model", str(tiny_demo), "--prompt", "x", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def test_a_dead_rank_makes_the_others_exit_promptly(tiny_demo):
