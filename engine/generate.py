@@ -83,14 +83,13 @@ class Generator:
         """Load ``model_dir`` in this process. ``decode_mode`` "compiled" runs the decode steps
         through ``torch.compile`` (``engine.compiled``), each batch size the first time it is
         seen (a batch shrinks as its sequences finish); "auto": compiled on a GPU."""
-        mode = resolve_decode_mode(decode_mode, torch.device(device))
+        where = torch.device(device)
+        mode = resolve_decode_mode(decode_mode, where)
         config = ModelConfig.from_hf(model_dir)
         checkpoint = Checkpoint(model_dir)
         tokenizer = load_tokenizer(model_dir, config.vocab_size) if with_tokenizer else None
-        model = build_model(
-            config, checkpoint, torch.device(device), dtype, max_len, progress=progress, quantize=quantize
-        )
-        return cls(model, tokenizer, device, LocalExecutor(model, torch.device(device), mode))
+        model = build_model(config, checkpoint, where, dtype, max_len, progress=progress, quantize=quantize)
+        return cls(model, tokenizer, where, LocalExecutor(model, where, mode))
 
     @torch.inference_mode()
     def generate(

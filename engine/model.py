@@ -118,7 +118,7 @@ def split_k_matmul(
     embedding table).
 
     Written as baddbmm with beta = 0 (its first argument is ignored) rather than bmm: inductor
-    turns a bmm of one row into its own multiply-and-sum loop, three times slower than the BLAS
+    turns a bmm of one row into its own multiply-and-sum loop, three to four times slower than the BLAS
     on the CPU, and leaves baddbmm to the BLAS (``benchmarks/matmul.py --compiled``)."""
     rows, n_in = x.shape
     xs = x.view(rows, threads, n_in // threads).transpose(0, 1)  # [T, rows, in / T]
