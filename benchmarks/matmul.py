@@ -10,7 +10,11 @@ weight is one of ``--copies`` copies cycled through, so that the weights stream 
 model's do rather than sit in the cache. ``engine.model.Linear`` picks, per row count, the layout
 these figures favour.
 
+The output head ([vocab, hidden], nn.Linear's layout, as ``engine.model.Head`` keeps it) is timed
+as F.linear against the split-K of that layout.
+
     python benchmarks/matmul.py --preset demo-150m --rows 1,2,4,8,16
+    python benchmarks/matmul.py --preset demo-150m --rows 1,16,32,64 --head-vocab 32000
     python benchmarks/matmul.py --preset demo --rows 1,16 --compiled
 """
 
@@ -31,17 +35,24 @@ from engine.demo import PRESETS  # noqa: E402
 from engine.model import split_k_matmul  # noqa: E402
 
 
-def shapes(args) -> dict[str, tuple[int, int]]:
+def shapes(args) -> tuple[dict[str, tuple[int, int]], tuple[int, int]]:
+    """The projections' [in, out] shapes, and the head's [vocab, hidden]."""
     if args.model:
         cfg = ModelConfig.from_hf(args.model)
-        h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+        h, i, d, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.vocab_size
         heads, kv = cfg.num_heads, cfg.num_kv_heads
     else:
         p = PRESETS[args.preset]
-        h, i = p["hidden_size"], p["intermediate_size"]
+        h, i, vocab = p["hidden_size"], p["intermediate_size"], p["vocab_size"]
         heads, kv = p["num_attention_heads"], p["num_key_value_heads"]
         d = p.get("head_dim", h // heads)
-    return {"qkv": (h, (heads + 2 * kv) * d), "o": (heads * d, h), "gate_up": (h, 2 * i), "down": (i, h)}
+    projections = {
+        "qkv": (h, (heads + 2 * kv) * d),
+        "o": (heads * d, h),
+        "gate_up": (h, 2 * i),
+        "down": (i, h),
+    }
+    return projections, (args.head_vocab or vocab, h)
 
 
 def columns(x: torch.Tensor, w: torch.Tensor, threads: int) -> torch.Tensor:
@@ -78,6 +89,7 @@ def main() -> int:
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compiled", action="store_true", help="also time the split-K compiled")
+    parser.add_argument("--head-vocab", type=int, default=0, help="the head's rows (default: the model's)")
     args = parser.parse_args()
     torch.set_num_threads(T := args.threads)
 
@@ -93,17 +105,24 @@ def main() -> int:
             lambda x, ws: [split_k_bmm(x, w, T) for w in ws], dynamic=False
         )
     print(f"torch {torch.__version__}, {T} threads; microseconds per product (GB/s of weight read)")
+    head_layouts = {
+        "F.linear": lambda x, ws: [torch.nn.functional.linear(x, w) for w in ws],
+        "split-k": lambda x, ws: [split_k_matmul(x, w, T, transposed=True) for w in ws],
+    }
+    projections, head = shapes(args)
     with torch.inference_mode():
-        for name, (n_in, n_out) in shapes(args).items():
-            copies = args.copies or min(64, max(2, (256 << 20) // (n_in * n_out * 4)))
-            weights = [torch.randn(n_in, n_out) for _ in range(copies)]
+        for name, shape, timed in [(n, s, layouts) for n, s in projections.items()] + [
+            ("head", head, head_layouts)
+        ]:
+            copies = args.copies or min(64, max(2, (256 << 20) // (shape[0] * shape[1] * 4)))
+            weights = [torch.randn(*shape) for _ in range(copies)]
             for rows in [int(r) for r in args.rows.split(",")]:
-                x = torch.randn(rows, n_in)
+                x = torch.randn(rows, shape[0] if timed is layouts else shape[1])
                 cells = []
-                for layout, fn in layouts.items():
+                for layout, fn in timed.items():
                     us = best_us(fn, x, weights, args.repeats)
-                    cells.append(f"{layout} {us:7.0f} ({n_in * n_out * 4 / us / 1e3:5.1f})")
-                print(f"{name:>7} {n_in:>5}x{n_out:<5} rows {rows:>3}: " + "  ".join(cells))
+                    cells.append(f"{layout} {us:7.0f} ({shape[0] * shape[1] * 4 / us / 1e3:5.1f})")
+                print(f"{name:>7} {shape[0]:>5}x{shape[1]:<5} rows {rows:>3}: " + "  ".join(cells))
     return 0
 
 

@@ -174,10 +174,10 @@ class Linear(nn.Module):
 class Head(nn.Linear):
     """The output projection, in nn.Linear's [vocab, hidden] layout so that it can share the
     embedding table; up to ``MAX_SPLIT_ROWS`` rows on CPU it multiplies by slices of the hidden
-    dimension (``split_k_matmul``), which reads the weight faster than F.linear at every batch size a
-    decode step has."""
+    dimension (``split_k_matmul``), which reads the weight faster than F.linear up to there
+    (BENCHMARKS.md)."""
 
-    MAX_SPLIT_ROWS = 64
+    MAX_SPLIT_ROWS = 32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n_out, n_in = self.weight.shape

@@ -93,7 +93,7 @@ def test_batched_prefill_logits_match_per_prompt(pair):
 @torch.inference_mode()
 def test_logits_match_transformers_with_products_split_over_threads(pair, threads):
     """On CPU a product of few rows is split over the threads (slices of the input dimension up
-    to 2 rows, blocks of output columns up to 32, the head by input slices up to 64; 3 threads
+    to 2 rows, blocks of output columns up to 32, the head by input slices up to 32; 3 threads
     divide some of these models' widths and not others, so the fallbacks run too): every batch
     size, prefill and decode, within TOL of transformers."""
     hf, gen = pair
