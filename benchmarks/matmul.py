@@ -13,9 +13,14 @@ these figures favour.
 The output head ([vocab, hidden], nn.Linear's layout, as ``engine.model.Head`` keeps it) is timed
 as F.linear against the split-K of that layout.
 
+With ``--int8`` the table is that of the int8 projections (``engine.quant.Int8Linear``) instead:
+the packed int8 kernel, the weights converted to float for the call and then F.linear, and the
+float weights' F.linear, per row count.
+
     python benchmarks/matmul.py --preset demo-150m --rows 1,2,4,8,16
     python benchmarks/matmul.py --preset demo-150m --rows 1,16,32,64 --head-vocab 32000
     python benchmarks/matmul.py --preset demo --rows 1,16 --compiled
+    python benchmarks/matmul.py --preset demo-150m --rows 16,32,64,128,256,512 --int8
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.config import ModelConfig  # noqa: E402
 from engine.demo import PRESETS  # noqa: E402
 from engine.model import split_k_matmul  # noqa: E402
+from engine.quant import Int8Linear, quantize_channels  # noqa: E402
 
 
 def shapes(args) -> tuple[dict[str, tuple[int, int]], tuple[int, int]]:
@@ -90,7 +96,10 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compiled", action="store_true", help="also time the split-K compiled")
     parser.add_argument("--head-vocab", type=int, default=0, help="the head's rows (default: the model's)")
+    parser.add_argument("--int8", action="store_true", help="time the int8 projections' products instead")
     args = parser.parse_args()
+    if args.int8:
+        return int8_table(args)
     torch.set_num_threads(T := args.threads)
 
     layouts = {
@@ -123,6 +132,39 @@ def main() -> int:
                     us = best_us(fn, x, weights, args.repeats)
                     cells.append(f"{layout} {us:7.0f} ({shape[0] * shape[1] * 4 / us / 1e3:5.1f})")
                 print(f"{name:>7} {shape[0]:>5}x{shape[1]:<5} rows {rows:>3}: " + "  ".join(cells))
+    return 0
+
+
+def int8_table(args) -> int:
+    """The int8 projections' products against the float one, per shape and row count."""
+    torch.set_num_threads(args.threads)
+    layouts = {
+        "int8 kernel": lambda x, ms: [
+            torch._weight_int8pack_mm(x.to(m.compute_dtype), m.qweight, m.scales).float() for m in ms
+        ],
+        "dequantized": lambda x, ms: [torch.nn.functional.linear(x, m.dequantized(x.dtype)) for m in ms],
+        "float": lambda x, ms: [torch.nn.functional.linear(x, m.weight) for m in ms],
+    }
+    print(f"torch {torch.__version__}, {args.threads} threads; microseconds per product")
+    projections, _ = shapes(args)
+    with torch.inference_mode():
+        for name, (n_in, n_out) in projections.items():
+            copies = args.copies or min(64, max(2, (256 << 20) // (n_in * n_out * 4)))
+            modules = []
+            for _ in range(copies):
+                w = torch.randn(n_out, n_in)
+                m = Int8Linear(*quantize_channels(w), None, torch.float32)
+                m.weight = w
+                modules.append(m)
+            if not modules[0].packed_mm:
+                print("this torch has no packed int8 kernel for the CPU")
+                return 1
+            for rows in [int(r) for r in args.rows.split(",")]:
+                x = torch.randn(rows, n_in)
+                cells = [
+                    f"{layout} {best_us(fn, x, modules, args.repeats):7.0f}" for layout, fn in layouts.items()
+                ]
+                print(f"{name:>7} {n_in:>5}x{n_out:<5} rows {rows:>3}: " + "  ".join(cells))
     return 0
 
 
