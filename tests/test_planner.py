@@ -362,3 +362,18 @@ def test_cli_errors_name_the_bad_input(tmp_path):
     run = run_cli("--gpu", "H200", "--calibration", str(measured), "--json")
     assert run.returncode == 0, run.stderr
     assert "calibrated: the fraction 0.70" in json.loads(run.stdout)["figures"]["bandwidth efficiency"]
+
+
+def test_the_host_work_models_read_real_weights():
+    """Allocated but unwritten weights would all map to the zero page and be read for nothing, so
+    the host-work measurement would take the weights' reading for free; the random models write
+    theirs (normal, std 0.02), and the norms stay ones."""
+    import torch
+
+    shape = planner.ModelShape("s", 2, 64, 128, 4, 2, 16, 256)
+    gen = planner._random_generator(shape)
+    for name, p in gen.model.named_parameters():
+        if p.dim() > 1:
+            assert p.std().item() == pytest.approx(0.02, rel=0.2), name
+        else:
+            assert torch.equal(p, torch.ones_like(p)), name
