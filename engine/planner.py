@@ -608,7 +608,9 @@ def measure_host(
     fitted: Fitted | None = None, repeats: int = 5, shape: ModelShape | None = None, calibrate: bool = True
 ) -> Device:
     """This host as a ``Device`` for its ranks, one intra-op thread each: the weight-read bandwidth
-    and matmul flop rate of one thread (a float32 4096 x 4096 layer at 1 to 256 rows); host work
+    and matmul flop rate of one thread (float32 products of the projections of one layer of
+    ``shape``, or of a 4096 x 4096 layer without one, at 1 to 256 rows, their weights read from
+    memory); host work
     per layer and per pass beyond those matmuls, at 1 row and per further row (decode steps of
     random 1- and 3-layer models of ``shape``'s layer and vocabulary sizes, less what the bytes and
     flops terms predict for them; without a shape, of hidden size 64); the gloo links fitted in
@@ -624,18 +626,32 @@ def measure_host(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        w = torch.randn(4096, 4096)
+        # the products as a decode step runs them: x @ w for w [in, out], on one thread; the
+        # projections of one layer of ``shape`` (or one 4096 x 4096 layer), in copies cycled
+        # through so that every product reads its weights from memory, as a step does
+        if shape is None:
+            dims = [(4096, 4096)]
+        else:
+            h, d = shape.hidden, shape.head_dim
+            dims = [(h, (shape.heads + 2 * shape.kv_heads) * d), (shape.heads * d, h)]
+            dims += [(h, 2 * shape.intermediate), (shape.intermediate, h)]
+        per_copy = sum(i * o for i, o in dims)
+        copies = max(2, min(64, (256 << 20) // (4 * per_copy)))
+        gen = torch.Generator().manual_seed(0)
+        weights = [[torch.randn(i, o, generator=gen) for i, o in dims] for _ in range(copies)]
         points = []
         for rows in (1, 4, 16, 64, 256):
-            x = torch.randn(rows, 4096)
-            torch.nn.functional.linear(x, w)
+            xs = [torch.randn(rows, i) for i, _ in dims]
             times = []
-            for _ in range(repeats):
+            for _ in range(repeats + 1):  # the first pass warms up
                 t = time.perf_counter()
-                torch.nn.functional.linear(x, w)
-                times.append(time.perf_counter() - t)
-            points.append((rows, 2 * rows * w.numel() / statistics.median(times)))
-        bandwidth = w.numel() * 4 / (2 * w.numel() / points[0][1])
+                for layer in weights:
+                    for x, w in zip(xs, layer):
+                        x @ w
+                times.append((time.perf_counter() - t) / copies)
+            points.append((rows, 2 * rows * per_copy / statistics.median(times[1:])))
+        bandwidth = per_copy * 4 / (2 * per_copy / points[0][1])
+        del weights
         import psutil
 
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -651,11 +667,13 @@ def measure_host(
     if calibrate:
         in_step, waiting = calibrate_allreduce(fitted, shape or TINY, cores)
     where = f"{shape.name}'s" if shape else "hidden-size-64"
+    layers = f"the projections of a layer of {shape.name}" if shape else "a 4096 x 4096 layer"
     figures = {
-        "bandwidth": f"measured: {bandwidth / 1e9:.1f} GB/s, a batch-1 float32 4096x4096 layer on one thread",
+        "bandwidth": f"measured: {bandwidth / 1e9:.1f} GB/s, batch-1 float32 products of {layers} "
+        "on one thread",
         "flops": "measured: "
         + ", ".join(f"{f / 1e9:.0f} GF/s at {r} rows" for r, f in points)
-        + " (the same layer)",
+        + " (the same products)",
         "host dispatch": f"measured: {layer_s * 1e3:.3f} ms + {layer_row_s * 1e6:.2f} us/row per layer, "
         f"{pass_s * 1e3:.3f} ms + {pass_row_s * 1e6:.2f} us/row per pass beyond the matmuls "
         f"(decode steps at 1 and {HOST_ROWS[-1]} rows of random 1- and 3-layer models of {where} "
