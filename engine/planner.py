@@ -23,11 +23,12 @@ topologies/fitted.json, with the algorithm ``--allreduce auto`` picks.
 On this host three more terms come in, all measured by ``measure_host`` and all CPU-only (a GPU's
 decode step runs as CUDA graphs and each rank has its own device, so they are zero there): host
 work per layer and per pass that grows with the rows (elementwise work, KV writes, the sampler),
-measured on random models of the planned model's shape; what an all-reduce costs inside a step
-(``calibrate_allreduce``: interleaved with matmuls, ranks no longer arrive together, and a rank
-blocked in a receive waits for a core), which replaces the back-to-back fit; and the core time of
-ranks that wait in receives (a pipeline with fewer micro-batches than stages), counted into the
-oversubscription of the busy ones.
+measured on random models of the planned model's shape and of a tp rank's shard of it (its
+heads, columns and vocabulary: the part of that work tensor parallelism divides); what an
+all-reduce costs inside a step (``calibrate_allreduce``: interleaved with matmuls, ranks no longer
+arrive together, and a rank blocked in a receive waits for a core), which replaces the
+back-to-back fit; and the core time of ranks that wait in receives (a pipeline with fewer
+micro-batches than stages), counted into the oversubscription of the busy ones.
 
 GPU figures are datasheet figures (topologies/gpus.py) times efficiency factors that are
 assumptions until ``--calibration`` reads benchmarks/device.py's measurement; ``--gpu cpu``
@@ -236,7 +237,19 @@ class Device:
     layer_row_s: float = 0.0  # host work per layer per pass per row, beyond the matmuls
     pass_row_s: float = 0.0  # host work per pass per row (the sampler, the plan), beyond the matmuls
     waiting_weight: float = 0.0  # core time a rank waiting in a receive takes, in busy ranks
+    # (tp, layer_s, layer_row_s, pass_s, pass_row_s): the host work of one tp rank's shard, where
+    # measured (the fields above are the whole model's)
+    shard_host: tuple[tuple[int, float, float, float, float], ...] = ()
     figures: dict[str, str] = field(default_factory=dict)  # figure -> source, calibrated or assumed
+
+    def host_work(self, tp: int) -> tuple[float, float, float, float]:
+        """(per layer, per layer and row, per pass, per pass and row) of a rank of ``tp``: the
+        shard's measured figures, those of the largest measured tp below it, or the whole
+        model's."""
+        below = [h for h in self.shard_host if h[0] <= tp]
+        if not below:
+            return self.layer_s, self.layer_row_s, self.pass_s, self.pass_row_s
+        return max(below)[1:]
 
     def flops_at(self, rows: int) -> float:
         """Matmul flop rate at ``rows`` rows: log-log interpolation of the measured points."""
@@ -313,6 +326,21 @@ class Stage:
 
 def kv_heads_per_rank(shape: ModelShape, tp: int) -> int:
     return max(1, shape.kv_heads // tp)
+
+
+def shard_shape(shape: ModelShape, tp: int) -> ModelShape | None:
+    """One tp rank's part of ``shape`` as a whole model: its heads, kv heads, intermediate columns
+    and vocabulary rows (the all-reduces left out), or None where tp does not divide it."""
+    if shape.heads % tp or shape.intermediate % tp:
+        return None
+    return dataclasses.replace(
+        shape,
+        name=f"{shape.name} / tp {tp}",
+        intermediate=shape.intermediate // tp,
+        heads=shape.heads // tp,
+        kv_heads=kv_heads_per_rank(shape, tp),
+        vocab=-(-shape.vocab // tp),
+    )
 
 
 def layer_params(shape: ModelShape, tp: int) -> int:
@@ -406,7 +434,8 @@ def _pass(
     read = st.read_bytes + rows * context * st.kv_token_bytes
     compute = max(read / device.bandwidth, (2 * n * st.matmul_params + attn_flops) / device.flops_at(n))
     compute *= factor
-    dispatch = (device.layer_s + device.layer_row_s * n) * st.layers * factor
+    layer_s, layer_row_s, _, _ = device.host_work(tp)
+    dispatch = (layer_s + layer_row_s * n) * st.layers * factor
     ar = gather = 0.0
     algorithm = ""
     if tp > 1:
@@ -446,7 +475,8 @@ def _pipeline(
     members = tp * pp
     if members > 1:  # the head sends the plan (header, ints, floats) to every other rank
         handoff += 3 * net.message(rows * PLAN_ROW_BYTES, net.spans(members))
-    dispatch = (device.pass_s + device.pass_row_s * rows * tokens) * factor
+    _, _, pass_s, pass_row_s = device.host_work(tp)
+    dispatch = (pass_s + pass_row_s * rows * tokens) * factor
     path = sum(busy) + handoff + dispatch
     seconds = max(path, micro_batches * (max(busy) + dispatch / pp))
     return StepTime(
@@ -659,6 +689,12 @@ def measure_host(
             "cpu", psutil.virtual_memory().available, bandwidth, tuple(points), Host(fitted), 4, cores
         )
         host = _host_work(bare, shape or TINY, repeats)
+        # the host work of a tp rank: the part that grows with its heads and columns shrinks
+        shard_host = []
+        for tp in SHARD_TPS:
+            shard = shard_shape(shape or TINY, tp)
+            if shard is not None:
+                shard_host.append((tp, *_host_work(bare, shard, repeats)))
     finally:
         torch.set_num_threads(threads)
     layer_s, layer_row_s, pass_s, pass_row_s = host
@@ -680,6 +716,12 @@ def measure_host(
         "layer and vocabulary sizes)",
         "links": f"fitted: {fitted.source}",
     }
+    for tp, *h in shard_host:
+        figures[f"host dispatch, tp {tp}"] = (
+            f"measured: {h[0] * 1e3:.3f} ms + {h[1] * 1e6:.2f} us/row per layer, {h[2] * 1e3:.3f} ms + "
+            f"{h[3] * 1e6:.2f} us/row per pass (the same, on a tp {tp} rank's share of the heads, "
+            "columns and vocabulary)"
+        )
     if calibrate:
         cases = "; ".join(
             f"{c.n} ranks of {c.procs} on the host {c.at(0) * 1e3:.3f} ms + {c.beta * 1e9:.2f} ns/byte "
@@ -703,6 +745,7 @@ def measure_host(
         layer_row_s=layer_row_s,
         pass_row_s=pass_row_s,
         waiting_weight=waiting,
+        shard_host=tuple(shard_host),
         figures=figures,
     )
 
@@ -711,6 +754,7 @@ TINY = ModelShape("tiny", 1, 64, 128, 4, 2, 16, 256)  # host dispatch alone: its
 HOST_ROWS = (1, 32)  # rows of the host-work measurements
 HOST_CONTEXT = 8 + (4 + 20) / 2  # the tokens those decode steps attend to, on average
 HOST_LAYERS = (1, 3)
+SHARD_TPS = (2, 4)  # the tp ranks' shards whose host work is measured too
 
 
 def _host_work(bare: Device, shape: ModelShape, repeats: int) -> tuple[float, float, float, float]:

@@ -196,6 +196,8 @@ def test_measure_host_measures_this_machine():
     assert [r for r, _ in device.flops] == [1, 4, 16, 64, 256]
     assert device.layer_s + device.pass_s > 0 and device.cores >= 1
     assert device.layer_row_s >= 0 and device.pass_row_s >= 0 and device.waiting_weight >= 0
+    # the hidden-size-64 model's shards of tp 2 and 4 measured too, every figure non-negative
+    assert [h[0] for h in device.shard_host] == [2, 4] and all(min(h) >= 0 for h in device.shard_host)
     assert all(v.startswith(("measured", "fitted")) or k == "cores" for k, v in device.figures.items())
     # the all-reduces of a step, measured on this host: 2 and 4 ranks alone, 2 with 2 waiting
     host = device.network
@@ -266,6 +268,35 @@ def test_host_work_grows_with_the_rows(tmp_path):
         assert b.seconds - a.seconds == pytest.approx(batch * (8 * 2e-6 + 5e-6))
 
 
+def test_a_tp_rank_pays_the_host_work_of_its_shard(tmp_path):
+    """Where the host work of a tp rank's shard was measured, a step of that tp (and of a larger
+    one without its own figures) takes it instead of the whole model's."""
+    shape = planner.ModelShape.from_path(demo_config(tmp_path))
+    whole = dataclasses.replace(fake_host(), layer_s=4e-4, layer_row_s=2e-5, pass_s=1e-3, pass_row_s=3e-5)
+    sharded = dataclasses.replace(whole, shard_host=((2, 1e-4, 5e-6, 5e-4, 1e-5),))
+    for tp, figures in (
+        (1, (4e-4, 2e-5, 1e-3, 3e-5)),
+        (2, (1e-4, 5e-6, 5e-4, 1e-5)),
+        (4, (1e-4, 5e-6, 5e-4, 1e-5)),
+    ):
+        assert sharded.host_work(tp) == figures
+        a = planner.decode_step(shape, tp, 1, "float32", whole, 16, 40)
+        b = planner.decode_step(shape, tp, 1, "float32", sharded, 16, 40)
+        layer_s, layer_row_s, pass_s, pass_row_s = figures
+        expected = (layer_s + 16 * layer_row_s) * 8 + pass_s + 16 * pass_row_s
+        assert b.dispatch == pytest.approx(expected * max(1.0, tp / 2))  # 2 cores: tp 4 shares them
+        assert (b.compute, b.allreduce) == (a.compute, a.allreduce)
+
+
+def test_a_shard_is_a_tp_ranks_share_of_the_model():
+    shape = planner.SHAPES["70B"]
+    shard = planner.shard_shape(shape, 8)
+    assert (shard.heads, shard.kv_heads, shard.intermediate, shard.vocab) == (8, 1, 3584, 16032)
+    assert (shard.layers, shard.hidden, shard.head_dim) == (shape.layers, shape.hidden, shape.head_dim)
+    assert planner.layer_params(shard, 1) == planner.layer_params(shape, 8)
+    assert planner.shard_shape(shape, 3) is None  # 64 heads do not split over 3 ranks
+
+
 def test_host_work_is_split_between_layers_passes_and_rows(monkeypatch):
     """Decode steps that cost the bytes-and-flops terms plus known host work give that work back."""
     shape = planner.ModelShape("s", 4, 256, 512, 4, 2, 64, 512)
@@ -318,6 +349,7 @@ def test_calibration_fits_each_case_and_weighs_the_waiting_ranks(monkeypatch):
 def test_gpu_devices_have_none_of_the_cpu_host_terms():
     device = h100()
     assert (device.layer_row_s, device.pass_row_s, device.waiting_weight, device.cores) == (0, 0, 0, 0)
+    assert device.shard_host == ()
     net = device.network
     assert net.allreduce(8192 * 2, 8, 64) == net.allreduce(8192 * 2, 8)
 
