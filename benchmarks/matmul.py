@@ -135,34 +135,36 @@ def main() -> int:
     return 0
 
 
+def dequantized(m: Int8Linear, dtype: torch.dtype) -> torch.Tensor:
+    """``m``'s weights as q * scales [out, in] in ``dtype``, converted for one call."""
+    return m.qweight.to(dtype).mul_(m.scales.to(dtype)[:, None])
+
+
 def int8_table(args) -> int:
     """The int8 projections' products against the float one, per shape and row count."""
     torch.set_num_threads(args.threads)
-    layouts = {
-        "int8 kernel": lambda x, ms: [
-            torch._weight_int8pack_mm(x.to(m.compute_dtype), m.qweight, m.scales).float() for m in ms
+    linear = torch.nn.functional.linear
+    layouts = {  # each over (module, its float weights) pairs
+        "int8 kernel": lambda x, pairs: [
+            torch._weight_int8pack_mm(x.to(m.compute_dtype), m.qweight, m.scales).float() for m, _ in pairs
         ],
-        "dequantized": lambda x, ms: [torch.nn.functional.linear(x, m.dequantized(x.dtype)) for m in ms],
-        "float": lambda x, ms: [torch.nn.functional.linear(x, m.weight) for m in ms],
+        "dequantized": lambda x, pairs: [linear(x, dequantized(m, x.dtype)) for m, _ in pairs],
+        "float": lambda x, pairs: [linear(x, w) for _, w in pairs],
     }
     print(f"torch {torch.__version__}, {args.threads} threads; microseconds per product")
     projections, _ = shapes(args)
     with torch.inference_mode():
         for name, (n_in, n_out) in projections.items():
             copies = args.copies or min(64, max(2, (256 << 20) // (n_in * n_out * 4)))
-            modules = []
-            for _ in range(copies):
-                w = torch.randn(n_out, n_in)
-                m = Int8Linear(*quantize_channels(w), None, torch.float32)
-                m.weight = w
-                modules.append(m)
-            if not modules[0].packed_mm:
+            weights = [torch.randn(n_out, n_in) for _ in range(copies)]
+            pairs = [(Int8Linear(*quantize_channels(w), None, torch.float32), w) for w in weights]
+            if not pairs[0][0].packed_mm:
                 print("this torch has no packed int8 kernel for the CPU")
                 return 1
             for rows in [int(r) for r in args.rows.split(",")]:
                 x = torch.randn(rows, n_in)
                 cells = [
-                    f"{layout} {best_us(fn, x, modules, args.repeats):7.0f}" for layout, fn in layouts.items()
+                    f"{layout} {best_us(fn, x, pairs, args.repeats):7.0f}" for layout, fn in layouts.items()
                 ]
                 print(f"{name:>7} {n_in:>5}x{n_out:<5} rows {rows:>3}: " + "  ".join(cells))
     return 0

@@ -640,10 +640,10 @@ def measure_host(
     """This host as a ``Device`` for its ranks, one intra-op thread each: the weight-read bandwidth
     and matmul flop rate of one thread (float32 products of the projections of one layer of
     ``shape``, or of a 4096 x 4096 layer without one, at 1 to 256 rows, their weights read from
-    memory); host work
-    per layer and per pass beyond those matmuls, at 1 row and per further row (decode steps of
-    random 1- and 3-layer models of ``shape``'s layer and vocabulary sizes, less what the bytes and
-    flops terms predict for them; without a shape, of hidden size 64); the gloo links fitted in
+    memory); host work per layer and per pass beyond those matmuls, at 1 row and per further row
+    (decode steps of random 1- and 3-layer models of ``shape``'s layer and vocabulary sizes, and of
+    its tp 2 and 4 shards, less what the bytes and flops terms predict for them; without a shape,
+    of hidden size 64); the gloo links fitted in
     topologies/fitted.json; and, unless ``calibrate`` is off, what an all-reduce costs inside a
     decode step and the core time of a waiting rank (``calibrate_allreduce``)."""
     import statistics
@@ -669,7 +669,7 @@ def measure_host(
         copies = max(2, min(64, (256 << 20) // (4 * per_copy)))
         gen = torch.Generator().manual_seed(0)
         weights = [[torch.randn(i, o, generator=gen) for i, o in dims] for _ in range(copies)]
-        points = []
+        points, bandwidth = [], 0.0
         for rows in (1, 4, 16, 64, 256):
             xs = [torch.randn(rows, i) for i, _ in dims]
             times = []
@@ -679,8 +679,10 @@ def measure_host(
                     for x, w in zip(xs, layer):
                         x @ w
                 times.append((time.perf_counter() - t) / copies)
-            points.append((rows, 2 * rows * per_copy / statistics.median(times[1:])))
-        bandwidth = per_copy * 4 / (2 * per_copy / points[0][1])
+            seconds = statistics.median(times[1:])
+            points.append((rows, 2 * rows * per_copy / seconds))
+            if rows == 1:
+                bandwidth = per_copy * 4 / seconds
         del weights
         import psutil
 
@@ -688,20 +690,18 @@ def measure_host(
         bare = Device(
             "cpu", psutil.virtual_memory().available, bandwidth, tuple(points), Host(fitted), 4, cores
         )
-        host = _host_work(bare, shape or TINY, repeats)
+        measured = shape or TINY
+        host = _host_work(bare, measured, repeats)
         # the host work of a tp rank: the part that grows with its heads and columns shrinks
-        shard_host = []
-        for tp in SHARD_TPS:
-            shard = shard_shape(shape or TINY, tp)
-            if shard is not None:
-                shard_host.append((tp, *_host_work(bare, shard, repeats)))
+        shards = [(tp, shard_shape(measured, tp)) for tp in SHARD_TPS]
+        shard_host = [(tp, *_host_work(bare, s, repeats)) for tp, s in shards if s is not None]
     finally:
         torch.set_num_threads(threads)
     layer_s, layer_row_s, pass_s, pass_row_s = host
     in_step: tuple[InStep, ...] = ()
     waiting = 0.0
     if calibrate:
-        in_step, waiting = calibrate_allreduce(fitted, shape or TINY, cores)
+        in_step, waiting = calibrate_allreduce(fitted, measured, cores)
     where = f"{shape.name}'s" if shape else "hidden-size-64"
     layers = f"the projections of a layer of {shape.name}" if shape else "a 4096 x 4096 layer"
     figures = {
