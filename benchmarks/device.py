@@ -10,7 +10,15 @@ or ``tiny`` (for a smoke run on a CPU). Then, side by side:
   ones, and the bandwidth each achieves: the bytes one decode step reads (every weight but the
   embedding table, plus the KV cache so far) times the steps, over the time;
 - throughput at batch 32 and 64;
-- transformers' ``generate`` (greedy, its default cache, SDPA attention) on the same checkpoint.
+- the time to first token of a ``--prefill-len`` prompt (one prefill step and its sampled token),
+  and the matmul flop rate it reached (2 flops per weight and token, plus attention's);
+- transformers' ``generate`` (greedy, its default cache, SDPA attention) on the same checkpoint,
+  on the same prompts, and how many of each row's greedy tokens the engine's configurations share
+  with it before their first difference (a check that the device's path computes the model).
+
+A configuration that fails (a kernel this torch lacks on the device, say) is reported with its
+error and the run goes on; ``--json`` is rewritten after every row, so a run stopped at a time
+limit keeps what it measured.
 
     python benchmarks/device.py --size 7b            # on a GPU: the figures of BENCHMARKS.md
     python benchmarks/device.py --size 1b --batch-sizes 1,32,64
@@ -26,6 +34,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -140,32 +149,62 @@ def build_engine(model_dir, args, device, dtype, quantize, mode, max_batch) -> E
     from engine.config import ModelConfig
 
     cfg = ModelConfig.from_hf(model_dir)
-    max_len = args.prompt_len + args.new_tokens + 16
+    max_len = max(args.prompt_len + args.new_tokens, args.prefill_len) + 16
     per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
     kv_mib = -(-(max_batch + 1) * (max_len + 16) * per_token // (1 << 20))
     return Engine.from_pretrained(
         model_dir, device=device, dtype=dtype, max_len=max_len, kv_cache_mib=kv_mib, quantize=quantize,
-        decode_mode=mode, max_running=max_batch, max_batched_tokens=max_batch * args.prompt_len,
+        decode_mode=mode, max_running=max_batch,
+        max_batched_tokens=max(max_batch * args.prompt_len, args.prefill_len),  # a prefill in one step
     )  # fmt: skip
 
 
-def run_engine(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> None:
+def prefill_flops(model, tokens: int) -> float:
+    """Flops of one prefill of ``tokens``: 2 per weight (not the embedding table) and token, and
+    causal attention's two products (q.k and p.v) over half the square of the prompt."""
+    weights = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    weights += sum(b.numel() for n, b in model.named_buffers() if "qweight" in n)  # int8 projections
+    cfg = model.config
+    attention = 2 * 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * tokens * tokens / 2
+    return 2 * weights * tokens + attention
+
+
+def run_engine(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """Every prompt through the engine at once; each row's generated tokens."""
+    out: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), prompt, params)
     while engine.has_work():
-        engine.step()
+        for o in engine.step():
+            out[o.request_id] += o.token_ids
+    return [out[str(i)] for i in range(len(prompts))]
 
 
-def time_it(fn, device, repeats: int) -> float:
-    fn()  # warm-up (and any one-time set-up)
+def agreement(ours: list[list[int]], ref: list[list[int]]) -> float:
+    """The mean, over rows, of the tokens two greedy runs share before their first difference."""
+    lead = []
+    for a, b in zip(ours, ref, strict=True):
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        lead.append(n)
+    return statistics.mean(lead)
+
+
+def time_it(fn, device, repeats: int):
+    """The median seconds of ``repeats`` calls after a first one (which compiles what it needs, in
+    compiled mode), the last call's result, and the first call's seconds."""
+    sync(device)
+    t = time.perf_counter()
+    result = fn()
+    sync(device)
+    first = time.perf_counter() - t
     times = []
     for _ in range(repeats):
         sync(device)
         t = time.perf_counter()
-        fn()
+        result = fn()
         sync(device)
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(times), result, first
 
 
 def main() -> int:
@@ -180,6 +219,7 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prefill-len", type=int, default=2048, help="the TTFT prompt's length (0: none)")
     parser.add_argument(
         "--modes", default=None, help="decode modes (default: compiled,eager on a GPU, eager on a CPU)"
     )
@@ -200,65 +240,127 @@ def main() -> int:
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
     modes = (args.modes or ("compiled,eager" if device.type == "cuda" else "eager")).split(",")
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     g = torch.Generator().manual_seed(0)
-    rows = []
+    prompts = {b: torch.randint(3, vocab, (b, args.prompt_len), generator=g).tolist() for b in batches}
+    rows: list[dict] = []
+    tokens: dict[tuple[str, int], list[list[int]]] = {}  # (runtime, batch) -> each row's greedy tokens
+
+    def save() -> None:
+        if args.json:
+            run = {"command": command, "device": name, "torch": torch.__version__, "copy_bw_gb_s": bw / 1e9}
+            Path(args.json).write_text(json.dumps({**run, "rows": rows}, indent=2))
+
+    def report(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        save()
+
+    def failed(label: str, batch: int | None, e: BaseException) -> None:
+        traceback.print_exc()
+        report({"runtime": label, "batch": batch, "tok_s": None, "gb_s": None, "of_copy_bw": None,
+                "error": f"{type(e).__name__}: {e}"[:500]})  # fmt: skip
+
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     for quantize in (None, "int8"):
         for mode in modes:
             label = f"engine {quantize or args.dtype}, {mode}"
-            engine = build_engine(model_dir, args, device, dtype, quantize, mode, max(batches))
-            t0 = time.perf_counter()
-            compiled = engine.warm_up()
-            if compiled:
-                print(f"{label}: compiled batch sizes {compiled} in {time.perf_counter() - t0:.0f} s")
+            try:  # no warm-up of every batch size: each run's first call compiles the one it uses
+                engine = build_engine(model_dir, args, device, dtype, quantize, mode, max(batches))
+            except Exception as e:  # noqa: BLE001 - reported, and the other configurations run
+                failed(label, None, e)
+                continue
             model = engine.executor.model
             for batch in batches:
-                shape = (batch, args.prompt_len)
-                prompts = torch.randint(3, model.config.vocab_size, shape, generator=g).tolist()
-                params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
-                seconds = time_it(lambda e=engine, p=prompts, s=params: run_engine(e, p, s),
-                                  device, args.repeats)  # fmt: skip
+                try:
+                    seconds, out, first = time_it(lambda e=engine, p=prompts[batch]: run_engine(e, p, params),
+                                                  device, args.repeats)  # fmt: skip
+                except Exception as e:  # noqa: BLE001
+                    failed(label, batch, e)
+                    continue
+                took = f"first run {first:.1f} s (compiling included), then {seconds:.2f} s"
+                print(f"{label}, batch {batch}: {took}", flush=True)
+                tokens[label, batch] = out
                 read = step_bytes(model, batch, args.prompt_len, args.new_tokens)
                 achieved = read * args.new_tokens / seconds
-                rows.append({"runtime": label, "batch": batch, "tok_s": batch * args.new_tokens / seconds,
-                             "gb_s": achieved / 1e9, "of_copy_bw": achieved / bw})  # fmt: skip
-                print(json.dumps(rows[-1]), flush=True)
+                report({"runtime": label, "batch": batch, "tok_s": batch * args.new_tokens / seconds,
+                        "gb_s": achieved / 1e9, "of_copy_bw": achieved / bw})  # fmt: skip
+            if args.prefill_len and mode == modes[0]:  # prefills run eager in every mode
+                ttft_prompts = iter(
+                    torch.randint(3, vocab, (args.repeats + 1, 1, args.prefill_len), generator=g).tolist()
+                )
+                one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+                try:  # a new prompt each time: none of it is in the prefix cache
+                    seconds, _, _ = time_it(
+                        lambda e=engine, it=ttft_prompts, p=one: run_engine(e, next(it), p),
+                        device,
+                        args.repeats,
+                    )
+                except Exception as e:  # noqa: BLE001
+                    failed(label + ", prefill", 1, e)
+                else:
+                    flops = prefill_flops(model, args.prefill_len)
+                    report({"runtime": label + ", prefill", "batch": 1, "prompt_tokens": args.prefill_len,
+                            "ttft_ms": seconds * 1e3, "tflops": flops / seconds / 1e12})  # fmt: skip
             del engine, model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if not args.no_transformers:
         import transformers
 
-        hf = transformers.AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=dtype, attn_implementation="sdpa"
-        )
-        hf = hf.to(device).eval()
-        hf.generation_config.eos_token_id = None
-        hf.generation_config.pad_token_id = 0
-        for batch in batches:
-            prompts = torch.randint(3, hf.config.vocab_size, (batch, args.prompt_len), generator=g).to(device)
+        label = "transformers " + args.dtype
+        try:
+            hf = transformers.AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=dtype, attn_implementation="sdpa"
+            )
+            hf = hf.to(device).eval()
+            hf.generation_config.eos_token_id = None
+            hf.generation_config.pad_token_id = 0
+        except Exception as e:  # noqa: BLE001
+            failed(label, None, e)
+            hf = None
+        for batch in batches if hf is not None else []:
+            ids = torch.tensor(prompts[batch], device=device)
 
-            def run(prompts=prompts):
+            def run(ids=ids):
                 with torch.inference_mode():
                     n = args.new_tokens
-                    mask = torch.ones_like(prompts)
-                    hf.generate(
-                        prompts, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False
-                    )
+                    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False)  # fmt: skip
+                    return out[:, ids.shape[1] :].tolist()
 
-            seconds = time_it(run, device, args.repeats)
-            tok_s = batch * args.new_tokens / seconds
-            row = {"runtime": "transformers " + args.dtype, "batch": batch, "tok_s": tok_s}
-            rows.append({**row, "gb_s": None, "of_copy_bw": None})
-            print(json.dumps(rows[-1]), flush=True)
-    print("\n| runtime | batch | tok/s | achieved GB/s | of copy bandwidth |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+            try:
+                seconds, out, _ = time_it(run, device, args.repeats)
+            except Exception as e:  # noqa: BLE001
+                failed(label, batch, e)
+                continue
+            tokens[label, batch] = out
+            report({"runtime": label, "batch": batch, "tok_s": batch * args.new_tokens / seconds,
+                    "gb_s": None, "of_copy_bw": None})  # fmt: skip
+        for r in rows:
+            ref = tokens.get((label, r["batch"]))
+            if r["runtime"].startswith("engine") and (r["runtime"], r["batch"]) in tokens and ref is not None:
+                r["greedy_agreement"] = agreement(tokens[r["runtime"], r["batch"]], ref)
+        save()
+    agree = f"greedy tokens as transformers' (of {args.new_tokens})"
+    print(f"\n| runtime | batch | tok/s | achieved GB/s | of copy bandwidth | {agree} |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
+        if "ttft_ms" in r:
+            continue
+        if r.get("error"):
+            print(f"| {r['runtime']} | {r['batch'] or ''} | failed: {r['error'][:120]} | | | |")
+            continue
         gb = f"{r['gb_s']:.1f}" if r["gb_s"] is not None else ""
         share = f"{r['of_copy_bw'] * 100:.0f}%" if r["of_copy_bw"] is not None else ""
-        print(f"| {r['runtime']} | {r['batch']} | {r['tok_s']:.1f} | {gb} | {share} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"command": command, "device": name, "copy_bw_gb_s": bw / 1e9,
-                                               "rows": rows}, indent=2))  # fmt: skip
+        agree = f"{r['greedy_agreement']:.1f}" if "greedy_agreement" in r else ""
+        print(f"| {r['runtime']} | {r['batch']} | {r['tok_s']:.1f} | {gb} | {share} | {agree} |")
+    prefills = [r for r in rows if "ttft_ms" in r]
+    if prefills:
+        print("\n| runtime | prompt tokens | time to first token, ms | matmul TFLOP/s |")
+        print("| --- | ---: | ---: | ---: |")
+        for r in prefills:
+            print(f"| {r['runtime']} | {r['prompt_tokens']} | {r['ttft_ms']:.1f} | {r['tflops']:.1f} |")
     return 0
 
 

@@ -305,7 +305,8 @@ def calibration(path: str | Path, kind: GPU) -> float:
         raise PlanError(f"--calibration {p}: measured on {device!r}, not on an {kind.name}")
     for r in rows:
         label = str(r.get("runtime", ""))
-        if label.startswith("engine") and "int8" not in label and "compiled" in label and r.get("batch") == 1:
+        compiled_bf16 = label.startswith("engine") and "int8" not in label and "compiled" in label
+        if compiled_bf16 and r.get("batch") == 1 and r.get("gb_s"):  # (a failed row has none)
             return r["gb_s"] * 1e9 / kind.bandwidth
     raise PlanError(f"--calibration {p}: no batch-1 compiled bf16 engine row")
 
