@@ -40,7 +40,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.demo import default_demo_dir, ensure_demo  # noqa: E402
-from engine.executor import LocalExecutor  # noqa: E402
 from engine.generate import Generator  # noqa: E402
 from engine.loader import Checkpoint  # noqa: E402
 from engine.quant import MODES as QUANT_MODES  # noqa: E402
@@ -150,8 +149,9 @@ def main() -> int:
         if args.quantize
         else None
     )
+    # a model of its own: a compiled CPU decoder stores its layers' weights by rows (engine.model.Linear)
     compiled = (
-        Generator(gen.model, executor=LocalExecutor(gen.model, torch.device("cpu"), "compiled"))
+        Generator.from_pretrained(model_dir, with_tokenizer=False, decode_mode="compiled")
         if args.compiled
         else None
     )

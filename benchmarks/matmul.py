@@ -5,9 +5,12 @@ times x [rows, in] @ W [in, out] as the BLAS does it (``plain``), as T blocks of
 multiplied as a batch (``columns``), and as T slices of the input dimension whose partial
 products are summed (``split-k``, ``engine.model.split_k_matmul``), T being the thread count; with
 ``--compiled`` the split-K also inside a compiled function, as the engine writes it (baddbmm,
-which inductor leaves to the BLAS) and as a bmm (which inductor turns into its own loop). Every
+which inductor leaves to the BLAS) and as a bmm (which inductor turns into its own loop), and the
+product by rows of the [out, in] weight as a compiled CPU decode step writes it up to
+``REDUCTION_MAX_ROWS`` rows (``engine.model.by_rows_matmul``: a multiply-and-sum per output). Every
 weight is one of ``--copies`` copies cycled through, so that the weights stream from memory as a
-model's do rather than sit in the cache. ``engine.model.Linear`` picks, per row count, the layout
+model's do rather than sit in the cache; ``sum`` reads the same weights with ``torch.sum``, the
+speed of reading them and nothing else. ``engine.model.Linear`` picks, per row count, the layout
 these figures favour.
 
 The output head ([vocab, hidden], nn.Linear's layout, as ``engine.model.Head`` keeps it) is timed
@@ -37,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.config import ModelConfig  # noqa: E402
 from engine.demo import PRESETS  # noqa: E402
-from engine.model import split_k_matmul  # noqa: E402
+from engine.model import by_rows_matmul, split_k_matmul  # noqa: E402
 from engine.quant import Int8Linear, quantize_channels  # noqa: E402
 
 
@@ -107,16 +110,23 @@ def main() -> int:
         "columns": lambda x, ws: [columns(x, w, T) for w in ws],
         "split-k": lambda x, ws: [split_k_matmul(x, w, T) for w in ws],
     }
+    by_rows = set()  # the layouts given the weights as [out, in]
     if args.compiled:
         torch._dynamo.config.recompile_limit = 1024  # one graph per shape and row count
         layouts["split-k compiled"] = torch.compile(layouts["split-k"], dynamic=False)
         layouts["split-k as bmm, compiled"] = torch.compile(
             lambda x, ws: [split_k_bmm(x, w, T) for w in ws], dynamic=False
         )
+        layouts["by rows, compiled"] = torch.compile(
+            lambda x, ws: [by_rows_matmul(x, w, x.shape[0]) for w in ws], dynamic=False
+        )
+        by_rows.add("by rows, compiled")
+    layouts["sum"] = lambda x, ws: [w.sum() for w in ws]
     print(f"torch {torch.__version__}, {T} threads; microseconds per product (GB/s of weight read)")
     head_layouts = {
         "F.linear": lambda x, ws: [torch.nn.functional.linear(x, w) for w in ws],
         "split-k": lambda x, ws: [split_k_matmul(x, w, T, transposed=True) for w in ws],
+        "sum": layouts["sum"],
     }
     projections, head = shapes(args)
     with torch.inference_mode():
@@ -125,11 +135,12 @@ def main() -> int:
         ]:
             copies = args.copies or min(64, max(2, (256 << 20) // (shape[0] * shape[1] * 4)))
             weights = [torch.randn(*shape) for _ in range(copies)]
+            turned = [w.t().contiguous() for w in weights] if by_rows and timed is layouts else []
             for rows in [int(r) for r in args.rows.split(",")]:
                 x = torch.randn(rows, shape[0] if timed is layouts else shape[1])
                 cells = []
                 for layout, fn in timed.items():
-                    us = best_us(fn, x, weights, args.repeats)
+                    us = best_us(fn, x, turned if layout in by_rows else weights, args.repeats)
                     cells.append(f"{layout} {us:7.0f} ({shape[0] * shape[1] * 4 / us / 1e3:5.1f})")
                 print(f"{name:>7} {shape[0]:>5}x{shape[1]:<5} rows {rows:>3}: " + "  ".join(cells))
     return 0

@@ -23,7 +23,7 @@ import collections
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from engine.model import CausalLM, Step, let_compiler_read_threads
+from engine.model import CausalLM, Linear, Step, let_compiler_read_threads
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 MODES = ("auto", "compiled", "eager")
@@ -136,6 +136,10 @@ class CompiledDecode:
             raise ValueError("compiled decoding runs a whole model in one process (tp = pp = 1)")
         self.model, self.cache, self.device = model, cache, device
         let_compiler_read_threads()  # the CPU products split over the threads in compiled steps too
+        if device.type == "cpu":  # compiled steps multiply by rows (Linear's docstring)
+            for m in model.modules():
+                if isinstance(m, Linear):
+                    m.store_by_rows()
         self.block_size = cache.block_size
         # the most blocks any row can use: its context, or the whole pool (but the reserved block 0)
         self.width = min(-(-max_len // cache.block_size), cache.num_blocks - 1)

@@ -4,7 +4,8 @@ Module names follow the Hugging Face checkpoint (``model.layers.3.mlp.down_proj`
 deliberate differences, both declared in ``CausalLM.checkpoint_layout`` so that the loader maps names
 and never needs model code: q/k/v projections live in one ``qkv_proj`` and gate/up in one
 ``gate_up_proj`` (one matrix product instead of three or two), and projection weights are stored
-transposed, [in, out], which the CPU multiplies faster for the few rows of a decode step.
+transposed, [in, out], which the CPU multiplies faster for the few rows of an eager decode step
+(a compiled CPU decoder turns them back by rows: ``Linear.store_by_rows``).
 
 Tensor parallelism is built in (Megatron's pairing): qkv and gate_up are split by output columns,
 o_proj and down_proj by input rows, each followed by the one all-reduce of its block, written in
@@ -129,8 +130,27 @@ def split_k_matmul(
     return torch.baddbmm(x.new_empty(threads, rows, ws.shape[2]), xs, ws, beta=0).sum(0)
 
 
+def compiled_cpu_rows(x: torch.Tensor, rows: int) -> bool:
+    """Whether a product of ``rows`` rows is being traced for a compiled CPU step and is few enough
+    rows (``REDUCTION_MAX_ROWS``) to be written as one multiply-and-sum per output."""
+    return x.device.type == "cpu" and rows <= REDUCTION_MAX_ROWS and torch.compiler.is_compiling()
+
+
+# Up to this many rows, a compiled CPU step multiplies by an [out, in] weight as a multiply-and-sum
+# over each output's contiguous row: inductor generates that loop vectorised over the row and
+# parallel over the outputs, and it reads the weights about as fast as ``torch.sum`` reads memory,
+# 1.3x the BLAS in a whole decode step (BENCHMARKS.md).
+REDUCTION_MAX_ROWS = 2
+
+
+def by_rows_matmul(x: torch.Tensor, weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """x [rows, in] @ weight.T, for weight [out, in], as one multiply-and-sum per output."""
+    return (x.reshape(rows, 1, weight.shape[1]) * weight).sum(-1)
+
+
 class Linear(nn.Module):
-    """y = x @ weight (+ bias), with weight stored [in_features, out_features].
+    """y = x @ W.T (+ bias), with the weight stored [in_features, out_features] (``x @ weight``),
+    or [out_features, in_features] (nn.Linear's layout) once ``store_by_rows`` has run.
 
     On CPU, a product with few rows (a decode step) is bound by reading the weight, and the BLAS
     runs it on one thread however many torch has. Two no-copy views spread it over T threads:
@@ -138,6 +158,10 @@ class Linear(nn.Module):
     the weight, whose partial products are summed (``split_k_matmul``: the weight is read at the
     machine's full bandwidth); up to ``BLOCKED_MAX_ROWS``, T blocks of output columns multiplied
     as a batch. BENCHMARKS.md has the measurements that chose the bounds.
+
+    Compiled CPU decode steps read the weights faster by rows (``REDUCTION_MAX_ROWS``), while the
+    eager split-K reads the [in, out] layout faster: so the weights load as [in, out], and a
+    compiled decoder on the CPU calls ``store_by_rows`` on its model's layers once.
     """
 
     SPLIT_K_MAX_ROWS = 2
@@ -147,6 +171,14 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(in_features, out_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.by_rows = False
+
+    def store_by_rows(self) -> None:
+        """Hold the weight as [out, in] from now on (a transposed copy; the old one is freed)."""
+        if not self.by_rows:
+            w = self.weight
+            self.weight = nn.Parameter(w.detach().t().contiguous(), requires_grad=w.requires_grad)
+            self.by_rows = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.add_bias(self.matmul(x))
@@ -155,6 +187,8 @@ class Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.by_rows:
+            return self._matmul_by_rows(x)
         n_in, n_out = self.weight.shape
         rows = x.numel() // n_in
         threads = cpu_threads(x)
@@ -170,18 +204,34 @@ class Linear(nn.Module):
             return x @ self.weight
         return y.reshape(*x.shape[:-1], n_out)
 
+    def _matmul_by_rows(self, x: torch.Tensor) -> torch.Tensor:
+        n_out, n_in = self.weight.shape
+        rows = x.numel() // n_in
+        threads = cpu_threads(x)
+        if compiled_cpu_rows(x, rows):
+            y = by_rows_matmul(x, self.weight, rows)
+        elif 1 < threads and rows <= self.BLOCKED_MAX_ROWS and n_out % threads == 0:
+            # T contiguous blocks of output rows, multiplied as a batch
+            blocks = self.weight.view(threads, n_out // threads, n_in).transpose(1, 2)
+            y = torch.bmm(x.reshape(1, rows, n_in).expand(threads, -1, -1), blocks).transpose(0, 1)
+        else:
+            return F.linear(x, self.weight)
+        return y.reshape(*x.shape[:-1], n_out)
+
 
 class Head(nn.Linear):
     """The output projection, in nn.Linear's [vocab, hidden] layout so that it can share the
     embedding table; up to ``MAX_SPLIT_ROWS`` rows on CPU it multiplies by slices of the hidden
     dimension (``split_k_matmul``), which reads the weight faster than F.linear up to there
-    (BENCHMARKS.md)."""
+    (BENCHMARKS.md), and in a compiled CPU step of few rows by rows, as ``Linear`` does."""
 
     MAX_SPLIT_ROWS = 32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n_out, n_in = self.weight.shape
         rows = x.numel() // n_in
+        if self.bias is None and compiled_cpu_rows(x, rows):
+            return by_rows_matmul(x, self.weight, rows).reshape(*x.shape[:-1], n_out)
         threads = cpu_threads(x)
         if self.bias is None and threads > 1 and n_in % threads == 0 and rows <= self.MAX_SPLIT_ROWS:
             y = split_k_matmul(x.reshape(rows, n_in), self.weight, threads, transposed=True)

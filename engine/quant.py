@@ -54,7 +54,8 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_linear(cls, module: nn.Module) -> Int8Linear:
         weight = module.weight.detach()
-        w = weight.t() if isinstance(module, Linear) else weight  # ours is stored [in, out]
+        # ours is stored [in, out] unless turned by rows
+        w = weight.t() if isinstance(module, Linear) and not module.by_rows else weight
         q, scales = quantize_channels(w)
         return cls(q, scales, module.bias, weight.dtype)
 
