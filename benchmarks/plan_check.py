@@ -8,7 +8,10 @@ layout (tp = 1, 2, 4; pp = 2; tp 2 x pp 2) runs as its own torchrun job with one
 and ``--allreduce auto``, timing decode steps at each batch size (``time_decode_step``: the time of
 20 generated tokens less that of 4, over the 16 steps between). Beside each measurement it prints
 what ``engine.planner.decode_step`` predicts for it, the code path of ``python -m engine.planner
---gpu cpu``, with its parts.
+--gpu cpu``, with its parts. A layout of tp ranks alone (pp = 1) also times its all-reduces in a
+step in its own tp group (``engine.planner.time_in_step``, the loops of the host's calibration)
+just before and just after its steps, and is predicted with the mean of those; the prediction
+with the host's calibration of minutes before is printed beside it ("host-calibrated").
 
     python benchmarks/plan_check.py
     python benchmarks/plan_check.py --presets demo --batches 1,16 --json out.json
@@ -17,6 +20,7 @@ what ``engine.planner.decode_step`` predicts for it, the code path of ``python -
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -37,6 +41,16 @@ CONTEXT = PROMPT + (SHORT + LONG) / 2  # cached tokens of the steps timed, on av
 def predictions(shape: planner.ModelShape, device: planner.Device, tp: int, pp: int, batch: int, micro: int):
     """What the planner predicts for one measured case (float32 weights, as the demo models)."""
     return planner.decode_step(shape, tp, pp, "float32", device, batch, CONTEXT, micro)
+
+
+def with_in_step(device: planner.Device, tp: int, fits: list[planner.InStep]) -> planner.Device:
+    """``device`` with the in-step all-reduce of ``tp`` ranks alone on the host replaced by the mean
+    of ``fits``, measured in the layout's own tp group beside its steps (the host's calibration
+    runs minutes earlier, and what an all-reduce costs in a step moves on this host from minute to
+    minute: BENCHMARKS.md)."""
+    mean = planner.InStep(tp, tp, *(sum(getattr(f, k) for f in fits) / len(fits) for k in ("alpha", "beta")))
+    kept = tuple(c for c in device.network.in_step if (c.n, c.procs) != (tp, tp))
+    return dataclasses.replace(device, network=dataclasses.replace(device.network, in_step=(*kept, mean)))
 
 
 def _torchrun(nproc: int, *args: str) -> list[dict]:
@@ -64,6 +78,9 @@ def worker(args) -> None:
         tp = make_groups(layout, env.rank, 300, algorithm="auto")
         replica = load_stage(args.model, layout, env, tp, device, progress=False)
         gen = replica.generator() if replica.is_head else None
+    beside = args.pp == 1 and args.tp > 1  # the tp group's all-reduces timed before and after its steps
+    shape = planner.ModelShape.from_path(args.model)
+    calibrations = [planner.time_in_step(tp, shape)] if beside else []
     if gen is not None:
         for batch in [int(b) for b in args.batches.split(",")]:
             micro = max(1, min(gen.micro_batches, batch // max(1, gen.min_micro_batch_rows)))
@@ -72,6 +89,10 @@ def worker(args) -> None:
         gen.close()
     else:
         replica.follow()
+    if beside:
+        calibrations.append(planner.time_in_step(tp, shape))
+        if env.rank == 0:
+            print(json.dumps({"in_step": [{**c, "procs": args.tp} for c in calibrations]}), flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -83,7 +104,9 @@ def driver(args) -> int:
     head = (
         f"{'model':>10} {'tp':>3} {'pp':>3} {'batch':>5} {'mb':>3} {'predicted ms':>12} {'measured ms':>11}"
     )
-    print(head + f" {'error':>7}   compute dispatch all-reduce gather hand-off (ms)  algorithm")
+    print(
+        head + f" {'error':>7}   compute dispatch all-reduce gather hand-off (ms)  algorithm  host-calibrated"
+    )
     for preset in args.presets.split(","):
         model_dir = str(ensure_demo(default_demo_dir(preset), preset))
         shape = planner.ModelShape.from_path(model_dir)
@@ -92,17 +115,33 @@ def driver(args) -> int:
         for tp, pp in LAYOUTS:
             job = ["--role", "worker", "--model", model_dir, "--tp", str(tp), "--pp", str(pp)]
             got = _torchrun(tp * pp, *job, "--batches", args.batches, "--repeats", str(args.repeats))
-            for r in got:
-                p = predictions(shape, device, tp, pp, r["batch"], r["micro_batches"])
+            fits = [planner.in_step_fit(c, shape) for r in got for c in r.get("in_step", [])]
+            used = with_in_step(device, tp, fits) if fits else device
+            if fits:
+                host = device.network.allreduce(0, tp, tp)[0]
+                print(f"# {preset} tp {tp}: an all-reduce in a step, measured before and after the steps: "
+                      + ", ".join(f"{f.at(0) * 1e3:.3f} ms + {f.beta * 1e9:.2f} ns/byte" for f in fits)
+                      + f" (the host's calibration: {host * 1e3:.3f} ms)", flush=True)  # fmt: skip
+            for r in (r for r in got if "batch" in r):
+                p = predictions(shape, used, tp, pp, r["batch"], r["micro_batches"])
                 err = p.seconds / r["seconds"] - 1
+                host_err = (
+                    predictions(shape, device, tp, pp, r["batch"], r["micro_batches"]).seconds / r["seconds"]
+                    - 1
+                )
                 parts = {k: getattr(p, k) for k in ("compute", "dispatch", "allreduce", "gather", "handoff")}
+                extra = {
+                    "in_step_beside": [dataclasses.asdict(f) for f in fits],
+                    "host_calibrated_error": host_err,
+                }
                 rows.append({"model": preset, "tp": tp, "pp": pp, **r, "predicted": p.seconds, "error": err,
-                             "parts": parts})  # fmt: skip
+                             "parts": parts, **extra})  # fmt: skip
                 print(
                     f"{preset:>10} {tp:>3} {pp:>3} {r['batch']:>5} {r['micro_batches']:>3} "
                     f"{p.seconds * 1e3:>12.2f} {r['seconds'] * 1e3:>11.2f} {err * 100:>+6.1f}%   "
                     f"{p.compute * 1e3:7.2f} {p.dispatch * 1e3:8.2f} {p.allreduce * 1e3:10.2f} "
-                    f"{p.gather * 1e3:6.2f} {p.handoff * 1e3:8.2f}       {p.algorithm or '-'}",
+                    f"{p.gather * 1e3:6.2f} {p.handoff * 1e3:8.2f}       {p.algorithm or '-':>9} "
+                    f"{host_err * 100:>+15.1f}%",
                     flush=True,
                 )
     worst = max(abs(r["error"]) for r in rows)

@@ -828,18 +828,51 @@ def calibrate_allreduce(fitted: Fitted, shape: ModelShape, cores: int) -> tuple[
             mp.start_processes(_calibration_rank, (world, _free_port(), fitted, shape, cases, str(path)),
                                nprocs=world, join=True, start_method="spawn")  # fmt: skip
             out += json.loads(path.read_text())
-    in_step = []
-    for r in out:
-        (r0, t0), (r1, t1) = r["rows"][0], r["rows"][-1]
-        b0, b1 = (r0 * shape.hidden * 4, r1 * shape.hidden * 4)
-        beta = max(0.0, (t1 - t0) / (b1 - b0))  # a fall with the bytes is noise: then the mean
-        alpha = t0 - beta * b0 if beta else (t0 + t1) / 2
-        in_step.append(InStep(r["n"], r["procs"], alpha, beta, tuple(r["back_to_back"])))
+    in_step = [in_step_fit(r, shape) for r in out]
     alone = next(r for r in out if (r["n"], r["procs"]) == (2, 2))["matmul"]
     shared = next(r for r in out if (r["n"], r["procs"]) == (2, 4))["matmul"]
     # (2 busy + 2 x weight) ranks on the cores: the matmul slows by that over max(2, cores)
     weight = max(0.0, shared / alone - 1.0) * max(2, cores) / 2
     return tuple(in_step), weight
+
+
+def in_step_fit(measured: dict, shape: ModelShape) -> InStep:
+    """An ``InStep`` from ``time_in_step``'s measurement (with its ``n`` and ``procs``): alpha and
+    beta through the costs at the fewest and the most rows."""
+    (r0, t0), (r1, t1) = measured["rows"][0], measured["rows"][-1]
+    b0, b1 = (r0 * shape.hidden * 4, r1 * shape.hidden * 4)
+    beta = max(0.0, (t1 - t0) / (b1 - b0))  # a fall with the bytes is noise: then the mean
+    alpha = t0 - beta * b0 if beta else (t0 + t1) / 2
+    return InStep(measured["n"], measured["procs"], alpha, beta, tuple(measured["back_to_back"]))
+
+
+def time_in_step(tp, shape: ModelShape) -> dict:
+    """On every rank of the tp group ``tp`` at once: loops of a matmul of half a tp rank's layer of
+    ``shape`` followed by an all-reduce of the activations, of the matmul alone and of the
+    all-reduce alone, at each of ``CALIBRATION_ROWS`` rows. Returns the cost of an all-reduce in
+    such a loop per row count, the back-to-back all-reduce times, and the matmul loop's time at
+    the most rows (for ``in_step_fit``)."""
+    import statistics
+
+    import torch
+
+    n = tp.size
+    w = torch.randn(max(1, layer_params(shape, n) // (2 * shape.hidden)), shape.hidden)
+    rows_out, b2b, matmul = [], [], 0.0
+    for rows in CALIBRATION_ROWS:
+        x = torch.randn(rows, shape.hidden)
+        buf = torch.zeros(rows, shape.hidden)
+        _loop(x, w, buf, tp, True, True)  # warm-up
+        both, alone, only = [], [], []
+        for _ in range(3):
+            both.append(_loop(x, w, buf, tp, True, True))
+            alone.append(_loop(x, w, buf, tp, True, False))
+            only.append(_loop(x, w, buf, tp, False, True))
+        rows_out.append((rows, statistics.median(both) - statistics.median(alone)))
+        b2b.append(statistics.median(only))
+        if rows == CALIBRATION_ROWS[-1]:
+            matmul = statistics.median(alone)
+    return {"n": n, "rows": rows_out, "back_to_back": b2b, "matmul": matmul}
 
 
 def _loop(x, w, buf, tp, compute: bool, reduce: bool) -> float:
@@ -868,7 +901,6 @@ def _free_port() -> int:
 
 
 def _calibration_rank(rank: int, world: int, port: int, fitted: Fitted, shape: ModelShape, cases, path: str):
-    import statistics
     from datetime import timedelta
 
     import torch
@@ -888,27 +920,11 @@ def _calibration_rank(rank: int, world: int, port: int, fitted: Fitted, shape: M
             dist.recv(torch.empty(1), src=0)
             continue
         tp = TPGroup(rank, n, groups[n], tuple(range(n)), "auto", n)
-        w = torch.randn(max(1, layer_params(shape, n) // (2 * shape.hidden)), shape.hidden)
-        rows_out = []
-        b2b, matmul = [], 0.0
-        for rows in CALIBRATION_ROWS:
-            x = torch.randn(rows, shape.hidden)
-            buf = torch.zeros(rows, shape.hidden)
-
-            _loop(x, w, buf, tp, True, True)  # warm-up
-            both, alone, only = [], [], []
-            for _ in range(3):
-                both.append(_loop(x, w, buf, tp, True, True))
-                alone.append(_loop(x, w, buf, tp, True, False))
-                only.append(_loop(x, w, buf, tp, False, True))
-            rows_out.append((rows, statistics.median(both) - statistics.median(alone)))
-            b2b.append(statistics.median(only))
-            if rows == CALIBRATION_ROWS[-1]:
-                matmul = statistics.median(alone)
+        measured = time_in_step(tp, shape)
         if rank == 0:
             for other in range(n, procs):
                 dist.send(torch.zeros(1), dst=other)
-            results.append({"n": n, "procs": procs, "rows": rows_out, "back_to_back": b2b, "matmul": matmul})
+            results.append({**measured, "procs": procs})
     if rank == 0:
         Path(path).write_text(json.dumps(results))
     dist.barrier()

@@ -180,6 +180,40 @@ def test_cpu_predictions_come_from_the_code_path_the_benchmark_checks(tmp_path, 
     assert check.predictions(shape, host, 2, 2, 64, 2) == "sentinel" and calls[0][4] is host
 
 
+def test_a_tp_layout_measured_beside_its_steps_is_predicted_with_that_measurement(tmp_path):
+    """plan_check replaces the host's in-step all-reduce of tp ranks alone by the mean of the
+    measurements taken in the layout's own group, and keeps every other case."""
+    check = load_plan_check()
+    shape = planner.ModelShape.from_path(demo_config(tmp_path))
+    calibrated = (
+        planner.InStep(2, 2, 1e-3, 0.0),
+        planner.InStep(2, 4, 5e-3, 0.0),
+        planner.InStep(4, 4, 2e-3, 0.0),
+    )
+    host = dataclasses.replace(fake_host(), network=planner.Host(fake_host().network.fitted, calibrated))
+    b0, b1 = (r * shape.hidden * 4 for r in planner.CALIBRATION_ROWS)
+    measured = [
+        {"n": 2, "procs": 2, "rows": [[1, 3e-4], [32, 3e-4 + (b1 - b0) * 2e-9]], "back_to_back": [1e-4]},
+        {"n": 2, "procs": 2, "rows": [[1, 5e-4], [32, 5e-4]], "back_to_back": [1e-4]},
+    ]
+    fits = [planner.in_step_fit(m, shape) for m in measured]
+    assert fits[0].beta == pytest.approx(2e-9) and fits[1].beta == 0 and fits[1].alpha == pytest.approx(5e-4)
+    used = check.with_in_step(host, 2, fits)
+    cases = {(c.n, c.procs): c for c in used.network.in_step}
+    assert cases[(2, 4)] == calibrated[1] and cases[(4, 4)] == calibrated[2]
+    assert cases[(2, 2)].alpha == pytest.approx((fits[0].alpha + fits[1].alpha) / 2)
+    assert cases[(2, 2)].beta == pytest.approx(1e-9)
+    one = planner.decode_step(shape, 2, 1, "float32", used, 1, check.CONTEXT, 1)
+    before = planner.decode_step(shape, 2, 1, "float32", host, 1, check.CONTEXT, 1)
+    # two all-reduces a layer and the embedding's, each now costing the measured mean, not 1 ms
+    each = cases[(2, 2)].at(shape.hidden * 4)
+    assert one.allreduce == pytest.approx((2 * shape.layers + 1) * each)
+    assert before.allreduce == pytest.approx((2 * shape.layers + 1) * 1e-3)
+    assert planner.decode_step(shape, 2, 2, "float32", used, 1, check.CONTEXT, 1) == planner.decode_step(
+        shape, 2, 2, "float32", host, 1, check.CONTEXT, 1
+    )
+
+
 def test_tensor_parallel_cpu_steps_pay_the_algorithm_auto_would_pick(tmp_path):
     from comm.cost import choose
 
