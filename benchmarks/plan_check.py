@@ -1,8 +1,8 @@
 """The planner's model of time against measured decode steps of every layout this host can run.
 
 For each model, the host is measured first (``engine.planner.measure_host``: one thread's weight
-bandwidth and matmul rates, host work beyond the matmuls on random 1- and 3-layer models of the
-model's shape, the gloo links of topologies/fitted.json, and ``calibrate_allreduce``: all-reduces
+bandwidth and matmul rates, host work beyond the matmuls on two random models of the model's
+shape (``host_layers``), the gloo links of topologies/fitted.json, and ``calibrate_allreduce``: all-reduces
 interleaved with matmuls of a layer's size, with 2 and 4 ranks and with waiting ranks), then every
 layout (tp = 1, 2, 4; pp = 2; tp 2 x pp 2) runs as its own torchrun job with one thread per rank
 and ``--allreduce auto``, timing decode steps at each batch size (``time_decode_step``: the time of

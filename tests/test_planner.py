@@ -331,6 +331,21 @@ def test_a_shard_is_a_tp_ranks_share_of_the_model():
     assert planner.shard_shape(shape, 3) is None  # 64 heads do not split over 3 ranks
 
 
+def test_the_host_work_models_are_out_of_the_cache():
+    """The smaller host-work model holds at least HOST_MODEL_BYTES of layer weights (up to 8
+    layers), the larger three times its layers."""
+    for name in ("70B", "8B"):
+        assert planner.host_layers(planner.SHAPES[name]) == (1, 3)
+    demo = planner.ModelShape("demo", 8, 384, 1536, 8, 4, 48, 4096)
+    per_layer = planner.layer_params(demo, 1) * 4
+    small, big = planner.host_layers(demo)
+    assert (small, big) == (8, 24) and small * per_layer >= planner.HOST_MODEL_BYTES
+    wide = planner.ModelShape("150m", 18, 768, 2816, 12, 4, 64, 4096)
+    small, big = planner.host_layers(wide)
+    per_layer = planner.layer_params(wide, 1) * 4
+    assert big == 3 * small and (small - 1) * per_layer < planner.HOST_MODEL_BYTES <= small * per_layer
+
+
 def test_host_work_is_split_between_layers_passes_and_rows(monkeypatch):
     """Decode steps that cost the bytes-and-flops terms plus known host work give that work back."""
     shape = planner.ModelShape("s", 4, 256, 512, 4, 2, 64, 512)
@@ -346,7 +361,7 @@ def test_host_work_is_split_between_layers_passes_and_rows(monkeypatch):
     monkeypatch.setattr(planner, "time_decode_step", fake_time)
     got = planner._host_work(bare, shape, 1)
     assert got == pytest.approx((layer, layer_row, step, step_row))
-    assert [g.layers for g in gens] == list(planner.HOST_LAYERS)
+    assert [g.layers for g in gens] == list(planner.host_layers(shape)) == [8, 24]
     assert all((g.hidden, g.intermediate, g.vocab) == (256, 512, 512) for g in gens)
 
 
