@@ -164,6 +164,10 @@ class Nodes:
         alpha, beta = link.at(nbytes)
         return alpha + nbytes * beta
 
+    def woken(self, nbytes: int, across: bool = False) -> float:
+        """A message to a rank waiting for it: a GPU rank's wait costs nothing more."""
+        return self.message(nbytes, across)
+
     def crosses(self, first_rank: int) -> bool:
         """Whether ranks first_rank - 1 and first_rank sit on different nodes."""
         return (first_rank - 1) // self.per_node != first_rank // self.per_node
@@ -194,10 +198,13 @@ class Host:
     """Ranks on this one host over gloo: the links fitted by benchmarks/collectives.py, and the
     algorithm ``--allreduce auto`` chooses by them (``comm.cost.choose``). ``in_step``: what an
     all-reduce costs inside a decode step, measured on this host; where it holds the group size,
-    it replaces the back-to-back fit, which holds ranks that arrive together."""
+    it replaces the back-to-back fit, which holds ranks that arrive together. ``in_step_message``
+    does the same for the first message of a hand-off, to a rank that waits in a receive."""
 
     fitted: Fitted
     in_step: tuple[InStep, ...] = ()
+    # a message to a rank waiting for it in a receive, inside a step (``calibrate_allreduce``)
+    in_step_message: InStep | None = None
 
     def allreduce(self, nbytes: int, n: int, procs: int = 0) -> tuple[float, str]:
         name = choose(nbytes, n, n, self.fitted)
@@ -211,6 +218,10 @@ class Host:
     def message(self, nbytes: int, across: bool = False) -> float:
         alpha, beta = self.fitted.links["star"].at(nbytes)  # one point-to-point message
         return alpha + nbytes * beta
+
+    def woken(self, nbytes: int, across: bool = False) -> float:
+        """A message to a rank waiting for it in a receive, inside a step: measured where it was."""
+        return self.in_step_message.at(nbytes) if self.in_step_message else self.message(nbytes, across)
 
     def crosses(self, first_rank: int) -> bool:
         return False
@@ -446,7 +457,8 @@ def _pass(
             ar += each
         if st.last:
             part = rows * -(-shape.vocab // tp) * LOGIT_BYTES
-            gather = (tp - 1) * device.network.message(part, device.network.spans(tp))
+            span = device.network.spans(tp)  # the head waits for the first part
+            gather = device.network.woken(part, span) + (tp - 2) * device.network.message(part, span)
     return compute, dispatch, ar, gather, algorithm
 
 
@@ -470,12 +482,15 @@ def _pipeline(
     parts = [_pass(shape, s, tp, rows, tokens, context, device, factor, tp * pp) for s in st]
     busy = [c + d + a + g for c, d, a, g, _ in parts]
     hidden_bytes = rows * tokens * shape.hidden * device.act_bytes
-    handoff = sum(net.message(hidden_bytes, net.crosses((s + 1) * tp)) for s in range(pp - 1))
+    # each hand-off's first message reaches a rank that waits for it in a receive
+    handoff = sum(net.woken(hidden_bytes, net.crosses((s + 1) * tp)) for s in range(pp - 1))
     if pp > 1:  # the ids go back to the head, two messages
-        handoff += 2 * net.message(rows * ID_BYTES, net.spans((pp - 1) * tp + 1))
+        span = net.spans((pp - 1) * tp + 1)
+        handoff += net.woken(rows * ID_BYTES, span) + net.message(rows * ID_BYTES, span)
     members = tp * pp
     if members > 1:  # the head sends the plan (header, ints, floats) to every other rank
-        handoff += 3 * net.message(rows * PLAN_ROW_BYTES, net.spans(members))
+        span = net.spans(members)
+        handoff += net.woken(rows * PLAN_ROW_BYTES, span) + 2 * net.message(rows * PLAN_ROW_BYTES, span)
     _, _, pass_s, pass_row_s = device.host_work(tp)
     dispatch = (pass_s + pass_row_s * rows * tokens) * factor
     path = sum(busy) + handoff + dispatch
@@ -701,9 +716,9 @@ def measure_host(
         torch.set_num_threads(threads)
     layer_s, layer_row_s, pass_s, pass_row_s = host
     in_step: tuple[InStep, ...] = ()
-    waiting = 0.0
+    waiting, message = 0.0, None
     if calibrate:
-        in_step, waiting = calibrate_allreduce(fitted, measured, cores)
+        in_step, waiting, message = calibrate_allreduce(fitted, measured, cores)
     where = f"{shape.name}'s" if shape else "hidden-size-64"
     layers = f"the projections of a layer of {shape.name}" if shape else "a 4096 x 4096 layer"
     figures = {
@@ -734,6 +749,11 @@ def measure_host(
         figures["all-reduce in a step"] = (
             f"measured: {cases}, at {rows} rows interleaved with matmuls of half a layer"
         )
+        figures["message in a step"] = (
+            f"measured: {message.at(0) * 1e3:.3f} ms + {message.beta * 1e9:.2f} ns/byte to a rank waiting in "
+            f"a receive (back to back {', '.join(f'{b * 1e3:.3f}' for b in message.back_to_back)} ms), "
+            f"at {rows} rows, each side a matmul of half a layer before it sends"
+        )
         figures["waiting ranks"] = (
             f"measured: a rank waiting in a receive takes {waiting:.2f} of a busy rank's core time"
         )
@@ -741,7 +761,7 @@ def measure_host(
     figures["usable memory"] = "measured: the host's available memory, shared by its ranks"
     return dataclasses.replace(
         bare,
-        network=Host(fitted, in_step),
+        network=Host(fitted, in_step, message),
         layer_s=layer_s,
         pass_s=pass_s,
         layer_row_s=layer_row_s,
@@ -826,18 +846,21 @@ def _random_generator(shape: ModelShape):
     return Generator(model)
 
 
-CALIBRATION_ROWS = (1, 32)
+CALIBRATION_ROWS = (1, 64)  # the validation's batches run from 1 to 64 rows
 CALIBRATION_STEPS = 40  # all-reduces per timed loop
 
 
-def calibrate_allreduce(fitted: Fitted, shape: ModelShape, cores: int) -> tuple[tuple[InStep, ...], float]:
+def calibrate_allreduce(
+    fitted: Fitted, shape: ModelShape, cores: int
+) -> tuple[tuple[InStep, ...], float, InStep]:
     """What an all-reduce costs inside a decode step on this host, and the core time a waiting rank
     takes. Ranks (gloo, one thread each, ``comm.collectives.all_reduce`` with ``auto`` by
     ``fitted``) time loops of a matmul of half a tp rank's layer of ``shape`` (the work between a
     step's all-reduces) followed by an all-reduce of the activations, and loops of the matmul
     alone: the difference per all-reduce is its cost in a step. Groups of 2 and of 4 ranks alone,
     then 2 ranks while 2 more wait in a receive, as a pipeline stage with no micro-batch waits;
-    the last run's matmul loop against the 2-rank run's gives the waiting ranks' weight."""
+    the last run's matmul loop against the 2-rank run's gives the waiting ranks' weight. And, with
+    2 ranks, what a message costs a rank that waits for it in a receive (``time_in_step_message``)."""
     import tempfile
 
     import torch.multiprocessing as mp
@@ -849,12 +872,14 @@ def calibrate_allreduce(fitted: Fitted, shape: ModelShape, cores: int) -> tuple[
             mp.start_processes(_calibration_rank, (world, _free_port(), fitted, shape, cases, str(path)),
                                nprocs=world, join=True, start_method="spawn")  # fmt: skip
             out += json.loads(path.read_text())
+    message = in_step_fit(next(r for r in out if r.get("message")), shape)
+    out = [r for r in out if not r.get("message")]
     in_step = [in_step_fit(r, shape) for r in out]
     alone = next(r for r in out if (r["n"], r["procs"]) == (2, 2))["matmul"]
     shared = next(r for r in out if (r["n"], r["procs"]) == (2, 4))["matmul"]
     # (2 busy + 2 x weight) ranks on the cores: the matmul slows by that over max(2, cores)
     weight = max(0.0, shared / alone - 1.0) * max(2, cores) / 2
-    return tuple(in_step), weight
+    return tuple(in_step), weight, message
 
 
 def in_step_fit(measured: dict, shape: ModelShape) -> InStep:
@@ -894,6 +919,59 @@ def time_in_step(tp, shape: ModelShape) -> dict:
         if rows == CALIBRATION_ROWS[-1]:
             matmul = statistics.median(alone)
     return {"n": n, "rows": rows_out, "back_to_back": b2b, "matmul": matmul}
+
+
+def time_in_step_message(rank: int, shape: ModelShape) -> dict:
+    """On ranks 0 and 1 of the default group at once: rounds in which rank 0 runs a matmul of half
+    a layer of ``shape`` and sends the activations to rank 1, which waits for them in a receive,
+    runs the same matmul and sends them back, against the matmul alone with the other rank waiting;
+    and the same rounds without the matmuls. Returns a message's cost in such rounds per row count
+    and back to back (for ``in_step_fit``)."""
+    import statistics
+
+    import torch
+    import torch.distributed as dist
+
+    w = torch.randn(max(1, layer_params(shape, 1) // (2 * shape.hidden)), shape.hidden)
+    peer = 1 - rank
+
+    def rounds(x, buf, compute: bool) -> float:
+        dist.barrier()
+        t = time.perf_counter()
+        for _ in range(CALIBRATION_STEPS):
+            if rank == 1:
+                dist.recv(buf, peer)
+            if compute:
+                torch.nn.functional.linear(x, w)
+            dist.send(x, peer)
+            if rank == 0:
+                dist.recv(buf, peer)
+        return (time.perf_counter() - t) / CALIBRATION_STEPS
+
+    def matmul_alone(x) -> float:
+        dist.barrier()
+        t = time.perf_counter()
+        if rank == 0:
+            for _ in range(CALIBRATION_STEPS):
+                torch.nn.functional.linear(x, w)
+            dist.send(torch.zeros(1), peer)
+        else:
+            dist.recv(torch.empty(1), peer)
+        return (time.perf_counter() - t) / CALIBRATION_STEPS
+
+    rows_out, b2b = [], []
+    for rows in CALIBRATION_ROWS:
+        x, buf = torch.randn(rows, shape.hidden), torch.empty(rows, shape.hidden)
+        rounds(x, buf, True)  # warm-up
+        both, alone, only = [], [], []
+        for _ in range(3):
+            both.append(rounds(x, buf, True))
+            alone.append(matmul_alone(x))
+            only.append(rounds(x, buf, False))
+        # a round: two matmuls, one after the other, and two messages
+        rows_out.append((rows, (statistics.median(both) - 2 * statistics.median(alone)) / 2))
+        b2b.append(statistics.median(only) / 2)
+    return {"n": 2, "procs": 2, "rows": rows_out, "back_to_back": b2b, "message": True}
 
 
 def _loop(x, w, buf, tp, compute: bool, reduce: bool) -> float:
@@ -946,6 +1024,10 @@ def _calibration_rank(rank: int, world: int, port: int, fitted: Fitted, shape: M
             for other in range(n, procs):
                 dist.send(torch.zeros(1), dst=other)
             results.append({**measured, "procs": procs})
+    if world == 2:
+        measured = time_in_step_message(rank, shape)
+        if rank == 0:
+            results.append(measured)
     if rank == 0:
         Path(path).write_text(json.dumps(results))
     dist.barrier()

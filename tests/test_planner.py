@@ -191,10 +191,11 @@ def test_a_tp_layout_measured_beside_its_steps_is_predicted_with_that_measuremen
         planner.InStep(4, 4, 2e-3, 0.0),
     )
     host = dataclasses.replace(fake_host(), network=planner.Host(fake_host().network.fitted, calibrated))
+    r0, r1 = planner.CALIBRATION_ROWS
     b0, b1 = (r * shape.hidden * 4 for r in planner.CALIBRATION_ROWS)
     measured = [
-        {"n": 2, "procs": 2, "rows": [[1, 3e-4], [32, 3e-4 + (b1 - b0) * 2e-9]], "back_to_back": [1e-4]},
-        {"n": 2, "procs": 2, "rows": [[1, 5e-4], [32, 5e-4]], "back_to_back": [1e-4]},
+        {"n": 2, "procs": 2, "rows": [[r0, 3e-4], [r1, 3e-4 + (b1 - b0) * 2e-9]], "back_to_back": [1e-4]},
+        {"n": 2, "procs": 2, "rows": [[r0, 5e-4], [r1, 5e-4]], "back_to_back": [1e-4]},
     ]
     fits = [planner.in_step_fit(m, shape) for m in measured]
     assert fits[0].beta == pytest.approx(2e-9) and fits[1].beta == 0 and fits[1].alpha == pytest.approx(5e-4)
@@ -242,6 +243,10 @@ def test_measure_host_measures_this_machine():
         assert all(b > 0 for b in c.back_to_back)
         assert host.allreduce(384 * 4, c.n, c.procs)[0] == c.at(384 * 4)
     assert "all-reduce in a step" in device.figures and "waiting ranks" in device.figures
+    # and a message to a rank waiting in a receive
+    assert host.in_step_message is not None and host.in_step_message.at(384 * 4) > 0
+    assert host.woken(384 * 4) == host.in_step_message.at(384 * 4)
+    assert device.figures["message in a step"].startswith("measured: ")
 
 
 def in_step_host(waiting_weight: float = 0.0) -> planner.Device:
@@ -369,6 +374,7 @@ def test_calibration_fits_each_case_and_weighs_the_waiting_ranks(monkeypatch):
     import torch.multiprocessing as mp
 
     hidden = planner.TINY.hidden
+    r0, r1 = planner.CALIBRATION_ROWS
     b0, b1 = (r * hidden * 4 for r in planner.CALIBRATION_ROWS)
 
     def fake_start(fn, args, nprocs, join, start_method):
@@ -378,12 +384,17 @@ def test_calibration_fits_each_case_and_weighs_the_waiting_ranks(monkeypatch):
         for n, procs in cases:
             t0, t1 = 1e-4 * n + 1e-4 * (procs - n), 1e-4 * n + 1e-4 * (procs - n) + (b1 - b0) * 1e-9
             matmul = 1e-3 if procs == 2 else 1.3e-3
-            out.append({"n": n, "procs": procs, "rows": [[1, t0], [32, t1]], "back_to_back": [5e-5, 6e-5],
+            out.append({"n": n, "procs": procs, "rows": [[r0, t0], [r1, t1]], "back_to_back": [5e-5, 6e-5],
                         "matmul": matmul})  # fmt: skip
+        if world == 2:  # a message to a waiting rank: 0.5 ms + 2 ns/byte
+            rows = [[r0, 5e-4 + b0 * 2e-9], [r1, 5e-4 + b1 * 2e-9]]
+            out.append({"n": 2, "procs": 2, "rows": rows, "back_to_back": [4e-5, 5e-5], "message": True})
         Path(path).write_text(json.dumps(out))
 
     monkeypatch.setattr(mp, "start_processes", fake_start)
-    cases, weight = planner.calibrate_allreduce(fake_host().network.fitted, planner.TINY, 2)
+    cases, weight, message = planner.calibrate_allreduce(fake_host().network.fitted, planner.TINY, 2)
+    assert message.alpha == pytest.approx(5e-4) and message.beta == pytest.approx(2e-9)
+    assert message.back_to_back == (4e-5, 5e-5)
     got = {(c.n, c.procs): c for c in cases}
     assert set(got) == {(2, 2), (4, 4), (2, 4)}
     assert got[(2, 2)].beta == pytest.approx(1e-9) and got[(2, 2)].at(b0) == pytest.approx(2e-4)
@@ -393,6 +404,33 @@ def test_calibration_fits_each_case_and_weighs_the_waiting_ranks(monkeypatch):
     assert got[(2, 2)].back_to_back == (5e-5, 6e-5)
     # the matmul 1.3 times slower beside 2 waiting ranks on 2 cores: each takes 0.3 of a core
     assert weight == pytest.approx(0.3)
+
+
+def test_the_first_message_of_each_hand_off_costs_a_message_to_a_waiting_rank(tmp_path):
+    """A pipeline step's hand-offs (the activations to the next stage, the ids back to the head,
+    the plan to every other rank) and a tp head's gather each reach a rank that waits in a
+    receive: their first message costs the in-step figure, the rest the back-to-back link."""
+    shape = planner.ModelShape.from_path(demo_config(tmp_path))
+    message = planner.InStep(2, 2, 2e-3, 1e-9, (1e-4,))
+    host = fake_host()
+    woken = dataclasses.replace(host, network=planner.Host(host.network.fitted, (), message))
+    net = woken.network
+    plain = planner.decode_step(shape, 1, 2, "float32", host, 1, 16.0, 1)
+    step = planner.decode_step(shape, 1, 2, "float32", woken, 1, 16.0, 1)
+    hidden, ids, plan = shape.hidden * 4, planner.ID_BYTES, planner.PLAN_ROW_BYTES
+    assert step.handoff == pytest.approx(
+        message.at(hidden) + message.at(ids) + net.message(ids) + message.at(plan) + 2 * net.message(plan)
+    )
+    assert step.handoff - plain.handoff == pytest.approx(
+        message.at(hidden) - net.message(hidden) + message.at(ids) - net.message(ids) + message.at(plan)
+        - net.message(plan)
+    )  # fmt: skip
+    tp2 = planner.decode_step(shape, 2, 1, "float32", woken, 1, 16.0, 1)
+    part = -(-shape.vocab // 2) * planner.LOGIT_BYTES
+    assert tp2.gather == pytest.approx(message.at(part))
+    # GPUs: a waiting rank costs nothing more than the message
+    gpu = h100().network
+    assert gpu.woken(hidden) == gpu.message(hidden)
 
 
 def test_gpu_devices_have_none_of_the_cpu_host_terms():
