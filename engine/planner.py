@@ -251,7 +251,17 @@ class Device:
     # (tp, layer_s, layer_row_s, pass_s, pass_row_s): the host work of one tp rank's shard, where
     # measured (the fields above are the whole model's)
     shard_host: tuple[tuple[int, float, float, float, float], ...] = ()
+    # (ranks, bytes/s): a rank's weight-read bandwidth while that many ranks read at once, where
+    # measured (the ranks of one host share its memory; a GPU rank has its own)
+    shared_bandwidth: tuple[tuple[int, float], ...] = ()
     figures: dict[str, str] = field(default_factory=dict)  # figure -> source, calibrated or assumed
+
+    def bandwidth_for(self, ranks: int) -> float:
+        """A rank's weight-read bandwidth while ``ranks`` ranks compute at once (on a host, at
+        most as many as it has cores run at a time)."""
+        running = min(ranks, self.cores) if self.cores else ranks
+        below = [(k, bw) for k, bw in self.shared_bandwidth if k <= running]
+        return min(self.bandwidth, max(below)[1]) if below else self.bandwidth
 
     def host_work(self, tp: int) -> tuple[float, float, float, float]:
         """(per layer, per layer and row, per pass, per pass and row) of a rank of ``tp``: the
@@ -438,13 +448,15 @@ def _pass(
     device: Device,
     factor: float,
     procs: int = 0,
+    active: int = 1,
 ) -> tuple[float, float, float, float, str]:
     """(compute, dispatch, all-reduce, gather, algorithm) of one stage's pass over ``rows``
     sequences of ``tokens`` new tokens each, attending to ``context`` tokens on average."""
     n = rows * tokens
     attn_flops = 4 * n * context * (shape.heads // tp) * shape.head_dim * st.layers
     read = st.read_bytes + rows * context * st.kv_token_bytes
-    compute = max(read / device.bandwidth, (2 * n * st.matmul_params + attn_flops) / device.flops_at(n))
+    bandwidth = device.bandwidth_for(active)  # the ranks computing at once share a host's memory
+    compute = max(read / bandwidth, (2 * n * st.matmul_params + attn_flops) / device.flops_at(n))
     compute *= factor
     layer_s, layer_row_s, _, _ = device.host_work(tp)
     dispatch = (layer_s + layer_row_s * n) * st.layers * factor
@@ -479,7 +491,7 @@ def _pipeline(
     load = active + device.waiting_weight * waiting
     factor = max(1.0, load / device.cores) if device.cores else 1.0
     net = device.network
-    parts = [_pass(shape, s, tp, rows, tokens, context, device, factor, tp * pp) for s in st]
+    parts = [_pass(shape, s, tp, rows, tokens, context, device, factor, tp * pp, active) for s in st]
     busy = [c + d + a + g for c, d, a, g, _ in parts]
     hidden_bytes = rows * tokens * shape.hidden * device.act_bytes
     # each hand-off's first message reaches a rank that waits for it in a receive
@@ -704,6 +716,8 @@ def measure_host(
         import psutil
 
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        sharing = min(cores, 8)
+        shared = ((sharing, concurrent_bandwidth(dims, sharing, 0.5 * repeats)),) if sharing > 1 else ()
         bare = Device(
             "cpu", psutil.virtual_memory().available, bandwidth, tuple(points), Host(fitted), 4, cores
         )
@@ -757,6 +771,11 @@ def measure_host(
         figures["waiting ranks"] = (
             f"measured: a rank waiting in a receive takes {waiting:.2f} of a busy rank's core time"
         )
+    for k, bw in shared:
+        figures["shared bandwidth"] = (
+            f"measured: {bw / 1e9:.1f} GB/s a rank while {k} ranks read at once (the same batch-1 products, "
+            "one process each)"
+        )
     figures["cores"] = f"{cores}: ranks beyond them share cores"
     figures["usable memory"] = "measured: the host's available memory, shared by its ranks"
     return dataclasses.replace(
@@ -768,6 +787,7 @@ def measure_host(
         pass_row_s=pass_row_s,
         waiting_weight=waiting,
         shard_host=tuple(shard_host),
+        shared_bandwidth=shared,
         figures=figures,
     )
 
@@ -789,6 +809,50 @@ def host_layers(shape: ModelShape) -> tuple[int, int]:
     per_layer = layer_params(shape, 1) * 4
     small = min(HOST_MAX_LAYERS, max(1, -(-HOST_MODEL_BYTES // per_layer)))
     return small, 3 * small
+
+
+def concurrent_bandwidth(dims: list[tuple[int, int]], ranks: int, seconds: float) -> float:
+    """A rank's weight-read bandwidth while ``ranks`` processes of one thread each run batch-1
+    products of ``dims`` at once (weights cycled from memory, as ``measure_host`` reads them): the
+    mean of the processes' figures."""
+    import multiprocessing
+    import statistics
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(ranks), ctx.Queue()
+    procs = [ctx.Process(target=_read_weights, args=(dims, seconds, barrier, results)) for _ in range(ranks)]
+    for proc in procs:
+        proc.start()
+    try:
+        got = [results.get(timeout=300) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+    return statistics.mean(got)
+
+
+def _read_weights(dims, seconds: float, barrier, results) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    per_copy = sum(i * o for i, o in dims)
+    copies = max(2, min(64, (256 << 20) // (4 * per_copy)))
+    gen = torch.Generator().manual_seed(0)
+    weights = [[torch.randn(i, o, generator=gen) for i, o in dims] for _ in range(copies)]
+    xs = [torch.randn(1, i) for i, _ in dims]
+
+    def sweep() -> None:
+        for layer in weights:
+            for x, w in zip(xs, layer):
+                x @ w
+
+    sweep()
+    barrier.wait()
+    t, n = time.perf_counter(), 0
+    while time.perf_counter() - t < seconds:
+        sweep()
+        n += 1
+    results.put(n * copies * per_copy * 4 / (time.perf_counter() - t))
 
 
 def _host_work(bare: Device, shape: ModelShape, repeats: int) -> tuple[float, float, float, float]:

@@ -230,6 +230,9 @@ def test_measure_host_measures_this_machine():
     assert device.bandwidth > 1e8 and all(f > 1e7 for _, f in device.flops)
     assert [r for r, _ in device.flops] == [1, 4, 16, 64, 256]
     assert device.layer_s + device.pass_s > 0 and device.cores >= 1
+    if device.cores > 1:  # a rank's bandwidth with as many ranks as cores reading at once
+        ((k, bw),) = device.shared_bandwidth
+        assert k == min(device.cores, 8) and 1e8 < bw and "shared bandwidth" in device.figures
     assert device.layer_row_s >= 0 and device.pass_row_s >= 0 and device.waiting_weight >= 0
     # the hidden-size-64 model's shards of tp 2 and 4 measured too, every figure non-negative
     assert [h[0] for h in device.shard_host] == [2, 4] and all(min(h) >= 0 for h in device.shard_host)
@@ -431,6 +434,24 @@ def test_the_first_message_of_each_hand_off_costs_a_message_to_a_waiting_rank(tm
     # GPUs: a waiting rank costs nothing more than the message
     gpu = h100().network
     assert gpu.woken(hidden) == gpu.message(hidden)
+
+
+def test_ranks_computing_at_once_share_the_hosts_bandwidth(tmp_path):
+    """tp ranks read their shards at once, and on one host they share its memory: each reads at
+    the measured shared figure; one process, or one pipeline stage at a time, at its own."""
+    shape = planner.ModelShape.from_path(demo_config(tmp_path))
+    host = dataclasses.replace(fake_host(), flops=((1, 1e12), (256, 1e13)))  # 20 GB/s alone, 2 cores
+    shared = dataclasses.replace(host, shared_bandwidth=((2, 12e9),))
+    assert shared.bandwidth_for(1) == 20e9 and shared.bandwidth_for(2) == shared.bandwidth_for(4) == 12e9
+    one = planner.decode_step(shape, 1, 1, "float32", shared, 1, 16.0, 1)
+    assert one == planner.decode_step(shape, 1, 1, "float32", host, 1, 16.0, 1)
+    tp2 = planner.decode_step(shape, 2, 1, "float32", shared, 1, 16.0, 1)
+    alone = planner.decode_step(shape, 2, 1, "float32", host, 1, 16.0, 1)
+    assert tp2.compute == pytest.approx(alone.compute * 20 / 12)
+    # a pipeline of one micro-batch runs one stage at a time
+    pp2 = planner.decode_step(shape, 1, 2, "float32", shared, 1, 16.0, 1)
+    assert pp2.compute == planner.decode_step(shape, 1, 2, "float32", host, 1, 16.0, 1).compute
+    assert h100().bandwidth_for(8) == h100().bandwidth
 
 
 def test_gpu_devices_have_none_of_the_cpu_host_terms():
