@@ -114,3 +114,40 @@ def test_logits_match_transformers_with_products_split_over_threads(pair, thread
                 assert (logits[:, 0] - ref[:, t]).abs().max().item() <= TOL, f"{rows} rows at position {t}"
     finally:
         torch.set_num_threads(saved)
+
+
+@torch.inference_mode()
+def test_logits_match_transformers_with_weights_stored_by_rows(pair):
+    """A compiled CPU decoder turns its model's projections by rows ([out, in]); the steps it
+    leaves eager (prefill, chunks) then multiply by those weights: as blocks of output rows up to
+    32 rows on 2 threads, F.linear past that and on one thread. Every path within TOL of
+    transformers; the turned layers hold the same weights transposed."""
+    import copy
+
+    from engine.model import Linear
+
+    hf, gen = pair
+    model = copy.deepcopy(gen.model)
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    before = [m.weight.clone() for m in layers]
+    for m in layers:
+        m.store_by_rows()
+    assert all(m.by_rows and torch.equal(m.weight, w.t()) for m, w in zip(layers, before))
+    saved = torch.get_num_threads()
+    try:
+        g = torch.Generator().manual_seed(6)
+        for threads, rows in ((2, 1), (2, 5), (2, 40), (1, 5)):
+            torch.set_num_threads(threads)
+            tokens = torch.randint(0, hf.config.vocab_size, (rows, 6), generator=g)
+            ref = hf(tokens).logits
+            cache = _cache(gen, rows, tokens.shape[1])
+            prefill = tokens[:, :5]
+            logits = model(prefill, make_step(prefill, [0] * rows, list(range(rows)), gen.windows), cache)
+            assert (logits - ref[:, :5]).abs().max().item() <= TOL, (
+                f"prefill of {rows} rows, {threads} threads"
+            )
+            x = tokens[:, 5:6]
+            logits = model(x, make_step(x, [5] * rows, list(range(rows)), gen.windows), cache)
+            assert (logits[:, 0] - ref[:, 5]).abs().max().item() <= TOL, f"{rows} rows decoding"
+    finally:
+        torch.set_num_threads(saved)
