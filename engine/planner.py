@@ -284,11 +284,23 @@ class Device:
         return pts[-1][1]
 
 
-def gpu_device(kind: GPU, bandwidth_efficiency: float, flops_efficiency: float, calibrated: bool) -> Device:
+def gpu_device(
+    kind: GPU,
+    bandwidth_efficiency: float,
+    flops_efficiency: float,
+    calibrated: bool,
+    flops_calibrated: bool = False,
+) -> Device:
     bw_source = (
         f"calibrated: the fraction {bandwidth_efficiency:.2f} that benchmarks/device.py measured"
         if calibrated
         else f"assumption: {bandwidth_efficiency:.2f} of the datasheet figure (no GPU run exists yet)"
+    )
+    flops_source = (
+        f"calibrated: the fraction {flops_efficiency:.2f} of dense peak that benchmarks/device.py's "
+        "prefill reached"
+        if flops_calibrated
+        else f"assumption: {flops_efficiency:.2f} of dense peak in matmuls (no GPU run exists)"
     )
     nodes = Nodes(
         Link(kind.nvlink_alpha, 1 / kind.nvlink), Link(kind.network_alpha, 1 / kind.network), kind.per_node
@@ -302,8 +314,7 @@ def gpu_device(kind: GPU, bandwidth_efficiency: float, flops_efficiency: float, 
         figures={
             **{k: v for k, v in kind.sources.items()},
             "bandwidth efficiency": bw_source,
-            "flops efficiency": f"assumption: {flops_efficiency:.2f} of dense peak in matmuls "
-            "(no GPU run exists)",
+            "flops efficiency": flops_source,
             "usable memory": f"assumption: {MEMORY_FRACTION:.0%} of HBM for weights and KV cache",
             "latency": LATENCY_SOURCE,
             "host dispatch": "assumption: none; decode steps run as CUDA graphs (--compile)",
@@ -313,9 +324,10 @@ def gpu_device(kind: GPU, bandwidth_efficiency: float, flops_efficiency: float, 
     )
 
 
-def calibration(path: str | Path, kind: GPU) -> float:
-    """The fraction of ``kind``'s datasheet bandwidth that the engine's compiled batch-1 decode
-    achieved in a ``benchmarks/device.py --json`` file."""
+def calibration(path: str | Path, kind: GPU) -> tuple[float, float | None]:
+    """The fractions of ``kind``'s datasheet bandwidth that the engine's compiled batch-1 decode
+    achieved, and of its dense bf16 flops that the engine's bf16 prefill reached (None where the
+    file has no prefill row), in a ``benchmarks/device.py --json`` file."""
     p = Path(path)
     try:
         raw = json.loads(p.read_text())
@@ -324,11 +336,17 @@ def calibration(path: str | Path, kind: GPU) -> float:
         raise PlanError(f"--calibration {p}: not a benchmarks/device.py --json file ({e})") from e
     if kind.name not in str(device).upper():
         raise PlanError(f"--calibration {p}: measured on {device!r}, not on an {kind.name}")
+
+    def bf16(r: dict) -> bool:
+        label = str(r.get("runtime", ""))
+        return label.startswith("engine") and "int8" not in label
+
+    flops = max((r["tflops"] * 1e12 / kind.flops for r in rows if bf16(r) and r.get("tflops")), default=None)
     for r in rows:
         label = str(r.get("runtime", ""))
-        compiled_bf16 = label.startswith("engine") and "int8" not in label and "compiled" in label
-        if compiled_bf16 and r.get("batch") == 1 and r.get("gb_s"):  # (a failed row has none)
-            return r["gb_s"] * 1e9 / kind.bandwidth
+        decode = bf16(r) and "compiled" in label and "prefill" not in label
+        if decode and r.get("batch") == 1 and r.get("gb_s"):  # (a failed row has none)
+            return r["gb_s"] * 1e9 / kind.bandwidth, flops
     raise PlanError(f"--calibration {p}: no batch-1 compiled bf16 engine row")
 
 
@@ -1229,8 +1247,11 @@ def main(argv: list[str] | None = None) -> int:
             dtype = "float32" if args.dtype == "bf16" else args.dtype
         else:
             kind = gpu(args.gpu)
-            eff = calibration(args.calibration, kind) if args.calibration else BANDWIDTH_EFFICIENCY
-            device = gpu_device(kind, eff, FLOPS_EFFICIENCY, calibrated=bool(args.calibration))
+            eff, flops_eff = calibration(args.calibration, kind) if args.calibration else (None, None)
+            device = gpu_device(
+                kind, eff or BANDWIDTH_EFFICIENCY, flops_eff or FLOPS_EFFICIENCY, calibrated=eff is not None,
+                flops_calibrated=flops_eff is not None,
+            )  # fmt: skip
             dtype = args.dtype
         plan = make_plan(shape, args.gpus, device, dtype, work)
     except (RingleaderError, ValueError) as e:

@@ -501,7 +501,24 @@ def test_cli_errors_name_the_bad_input(tmp_path):
     assert run.returncode == 2 and "measured on 'NVIDIA H200', not on an H100" in run.stderr
     run = run_cli("--gpu", "H200", "--calibration", str(measured), "--json")
     assert run.returncode == 0, run.stderr
-    assert "calibrated: the fraction 0.70" in json.loads(run.stdout)["figures"]["bandwidth efficiency"]
+    figures = json.loads(run.stdout)["figures"]
+    assert "calibrated: the fraction 0.70" in figures["bandwidth efficiency"]
+    assert figures["flops efficiency"].startswith("assumption: 0.50")
+    # a failed row is skipped; a bf16 prefill row calibrates the flops (396 of 989 TFLOP/s: 0.40)
+    rows = [
+        {"runtime": "engine bfloat16, compiled", "batch": 1, "gb_s": None, "error": "RuntimeError: x"},
+        {"runtime": "engine bfloat16, eager", "batch": 1, "gb_s": 2400.0, "tok_s": 1.0},
+        {"runtime": "engine bfloat16, compiled", "batch": 1, "gb_s": 3840.0, "tok_s": 1.0},
+        {"runtime": "engine bfloat16, compiled, prefill", "batch": 1, "prompt_tokens": 2048, "tflops": 395.6},
+        {"runtime": "engine int8, compiled, prefill", "batch": 1, "prompt_tokens": 2048, "tflops": 900.0},
+    ]
+    measured.write_text(json.dumps({"device": "NVIDIA H200", "rows": rows}))
+    bw, flops = planner.calibration(measured, GPUS["H200"])
+    assert bw == pytest.approx(0.8) and flops == pytest.approx(395.6e12 / GPUS["H200"].flops)
+    run = run_cli("--gpu", "H200", "--calibration", str(measured), "--json")
+    figures = json.loads(run.stdout)["figures"]
+    assert "calibrated: the fraction 0.80" in figures["bandwidth efficiency"]
+    assert f"calibrated: the fraction {flops:.2f} of dense peak" in figures["flops efficiency"]
 
 
 def test_the_host_work_models_read_real_weights():
