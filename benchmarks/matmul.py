@@ -2,8 +2,10 @@
 
 For the projection shapes of a model (a demo preset or a checkpoint) and a range of row counts,
 times x [rows, in] @ W [in, out] as the BLAS does it (``plain``), as T blocks of output columns
-multiplied as a batch (``columns``), and as T slices of the input dimension whose partial
-products are summed (``split-k``, ``engine.model.split_k_matmul``), T being the thread count; with
+multiplied as a batch (``columns``), as T slices of the input dimension whose partial products
+are summed (``split-k``, ``engine.model.split_k_matmul``), T being the thread count, and, over the
+same weights stored [out, in], as T blocks of output rows (``row blocks``: the eager product of a
+``Linear`` turned by rows, as a compiled CPU decoder's prefill runs it); with
 ``--compiled`` the split-K also inside a compiled function, as the engine writes it (baddbmm,
 which inductor leaves to the BLAS) and as a bmm (which inductor turns into its own loop), and the
 product by rows of the [out, in] weight as a compiled CPU decode step writes it up to
@@ -71,6 +73,15 @@ def columns(x: torch.Tensor, w: torch.Tensor, threads: int) -> torch.Tensor:
     return y.transpose(0, 1).reshape(x.shape[0], n_out)
 
 
+def row_blocks(x: torch.Tensor, w: torch.Tensor, threads: int) -> torch.Tensor:
+    """x @ w.T for w [out, in] as T contiguous blocks of output rows multiplied as a batch: the
+    eager product of a ``Linear`` stored by rows."""
+    n_out, n_in = w.shape
+    blocks = w.view(threads, n_out // threads, n_in).transpose(1, 2)
+    y = torch.bmm(x.expand(threads, -1, -1), blocks)
+    return y.transpose(0, 1).reshape(x.shape[0], n_out)
+
+
 def split_k_bmm(x: torch.Tensor, w: torch.Tensor, threads: int) -> torch.Tensor:
     n_in, n_out = w.shape
     xs = x.view(x.shape[0], threads, n_in // threads).transpose(0, 1)
@@ -110,7 +121,8 @@ def main() -> int:
         "columns": lambda x, ws: [columns(x, w, T) for w in ws],
         "split-k": lambda x, ws: [split_k_matmul(x, w, T) for w in ws],
     }
-    by_rows = set()  # the layouts given the weights as [out, in]
+    layouts["row blocks"] = lambda x, ws: [row_blocks(x, w, T) for w in ws]
+    by_rows = {"row blocks"}  # the layouts given the weights as [out, in]
     if args.compiled:
         torch._dynamo.config.recompile_limit = 1024  # one graph per shape and row count
         layouts["split-k compiled"] = torch.compile(layouts["split-k"], dynamic=False)
@@ -135,7 +147,7 @@ def main() -> int:
         ]:
             copies = args.copies or min(64, max(2, (256 << 20) // (shape[0] * shape[1] * 4)))
             weights = [torch.randn(*shape) for _ in range(copies)]
-            turned = [w.t().contiguous() for w in weights] if by_rows and timed is layouts else []
+            turned = [w.t().contiguous() for w in weights] if timed is layouts else []
             for rows in [int(r) for r in args.rows.split(",")]:
                 x = torch.randn(rows, shape[0] if timed is layouts else shape[1])
                 cells = []

@@ -79,7 +79,7 @@ def worker(args) -> None:
         replica = load_stage(args.model, layout, env, tp, device, progress=False)
         gen = replica.generator() if replica.is_head else None
     beside = args.pp == 1 and args.tp > 1  # the tp group's all-reduces timed before and after its steps
-    shape = planner.ModelShape.from_path(args.model)
+    shape = planner.ModelShape.from_path(args.model) if beside else None
     calibrations = [planner.time_in_step(tp, shape)] if beside else []
     if gen is not None:
         for batch in [int(b) for b in args.batches.split(",")]:

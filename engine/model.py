@@ -130,17 +130,17 @@ def split_k_matmul(
     return torch.baddbmm(x.new_empty(threads, rows, ws.shape[2]), xs, ws, beta=0).sum(0)
 
 
+# Up to this many rows, a compiled CPU step multiplies by an [out, in] weight as a multiply-and-sum
+# over each output's contiguous row: inductor generates that loop vectorised over the row and
+# parallel over the outputs, and at one row it reads the weights within 1-12% of ``torch.sum``'s
+# speed, against 66-91% for the split-K (``benchmarks/matmul.py --compiled``, BENCHMARKS.md).
+REDUCTION_MAX_ROWS = 2
+
+
 def compiled_cpu_rows(x: torch.Tensor, rows: int) -> bool:
     """Whether a product of ``rows`` rows is being traced for a compiled CPU step and is few enough
     rows (``REDUCTION_MAX_ROWS``) to be written as one multiply-and-sum per output."""
     return x.device.type == "cpu" and rows <= REDUCTION_MAX_ROWS and torch.compiler.is_compiling()
-
-
-# Up to this many rows, a compiled CPU step multiplies by an [out, in] weight as a multiply-and-sum
-# over each output's contiguous row: inductor generates that loop vectorised over the row and
-# parallel over the outputs, and it reads the weights about as fast as ``torch.sum`` reads memory,
-# 1.3x the BLAS in a whole decode step (BENCHMARKS.md).
-REDUCTION_MAX_ROWS = 2
 
 
 def by_rows_matmul(x: torch.Tensor, weight: torch.Tensor, rows: int) -> torch.Tensor:

@@ -337,14 +337,16 @@ def calibration(path: str | Path, kind: GPU) -> tuple[float, float | None]:
     if kind.name not in str(device).upper():
         raise PlanError(f"--calibration {p}: measured on {device!r}, not on an {kind.name}")
 
-    def bf16(r: dict) -> bool:
+    def unquantized(r: dict) -> bool:  # the engine with the run's own dtype (bf16 by default)
         label = str(r.get("runtime", ""))
         return label.startswith("engine") and "int8" not in label
 
-    flops = max((r["tflops"] * 1e12 / kind.flops for r in rows if bf16(r) and r.get("tflops")), default=None)
+    flops = max(
+        (r["tflops"] * 1e12 / kind.flops for r in rows if unquantized(r) and r.get("tflops")), default=None
+    )
     for r in rows:
         label = str(r.get("runtime", ""))
-        decode = bf16(r) and "compiled" in label and "prefill" not in label
+        decode = unquantized(r) and "compiled" in label and "prefill" not in label
         if decode and r.get("batch") == 1 and r.get("gb_s"):  # (a failed row has none)
             return r["gb_s"] * 1e9 / kind.bandwidth, flops
     raise PlanError(f"--calibration {p}: no batch-1 compiled bf16 engine row")
@@ -712,10 +714,8 @@ def measure_host(
             h, d = shape.hidden, shape.head_dim
             dims = [(h, (shape.heads + 2 * shape.kv_heads) * d), (shape.heads * d, h)]
             dims += [(h, 2 * shape.intermediate), (shape.intermediate, h)]
-        per_copy = sum(i * o for i, o in dims)
-        copies = max(2, min(64, (256 << 20) // (4 * per_copy)))
-        gen = torch.Generator().manual_seed(0)
-        weights = [[torch.randn(i, o, generator=gen) for i, o in dims] for _ in range(copies)]
+        weights = cycled_weights(dims)
+        per_copy, copies = sum(i * o for i, o in dims), len(weights)
         points, bandwidth = [], 0.0
         for rows in (1, 4, 16, 64, 256):
             xs = [torch.randn(rows, i) for i, _ in dims]
@@ -829,6 +829,17 @@ def host_layers(shape: ModelShape) -> tuple[int, int]:
     return small, 3 * small
 
 
+def cycled_weights(dims: list[tuple[int, int]]) -> list[list]:
+    """Copies of float32 weights of ``dims`` ([in, out] each), about 256 MB of them (2 to 64
+    copies), cycled through so that every product reads its weights from memory, as a step does."""
+    import torch
+
+    per_copy = sum(i * o for i, o in dims)
+    copies = max(2, min(64, (256 << 20) // (4 * per_copy)))
+    gen = torch.Generator().manual_seed(0)
+    return [[torch.randn(i, o, generator=gen) for i, o in dims] for _ in range(copies)]
+
+
 def concurrent_bandwidth(dims: list[tuple[int, int]], ranks: int, seconds: float) -> float:
     """A rank's weight-read bandwidth while ``ranks`` processes of one thread each run batch-1
     products of ``dims`` at once (weights cycled from memory, as ``measure_host`` reads them): the
@@ -853,10 +864,8 @@ def _read_weights(dims, seconds: float, barrier, results) -> None:
     import torch
 
     torch.set_num_threads(1)
-    per_copy = sum(i * o for i, o in dims)
-    copies = max(2, min(64, (256 << 20) // (4 * per_copy)))
-    gen = torch.Generator().manual_seed(0)
-    weights = [[torch.randn(i, o, generator=gen) for i, o in dims] for _ in range(copies)]
+    weights = cycled_weights(dims)
+    per_copy, copies = sum(i * o for i, o in dims), len(weights)
     xs = [torch.randn(1, i) for i, _ in dims]
 
     def sweep() -> None:
