@@ -19,6 +19,8 @@ index of each of the row's physical blocks) to apply causality and the window.
 from __future__ import annotations
 
 import collections
+import ctypes
+import types
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
@@ -38,6 +40,37 @@ def resolve_decode_mode(requested: str, device: torch.device) -> str:
     if requested == "auto":
         return "compiled" if device.type == "cuda" else "eager"
     return requested
+
+
+_HEAP_THRESHOLD = 0  # the largest the mmap threshold has been raised to in this process
+
+
+def keep_scratch_in_the_heap(nbytes: int) -> bool:
+    """Have glibc's malloc serve allocations of up to ``nbytes`` from its heap and keep what is
+    freed, rather than mmap each one and munmap it when freed.
+
+    Each call of flex attention's CPU kernel allocates two scratch buffers as large as one layer's
+    keys in the whole pool (the template's key and value reorder buffers, allocated whether it
+    packs into them or not) and frees them on return. Past the mmap threshold, which glibc raises
+    on its own to 32 MiB at most, that is an mmap and a munmap per layer and step; a munmap also
+    flushes every core's TLB. A serving pool of 8192 blocks (128 MiB buffers in the demo) made a
+    compiled step of the demo a fifth slower than a pool of 128 (BENCHMARKS.md). The buffers are
+    never touched unless the kernel packs (not for these decode shapes), so what the heap keeps is
+    address space, not resident memory. Returns whether the thresholds were set (glibc only)."""
+    global _HEAP_THRESHOLD
+    if nbytes <= _HEAP_THRESHOLD:
+        return True
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc: its allocator decides
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    threshold = 2 * nbytes  # above each buffer, with room for the allocator's headers
+    if not (mallopt(M_MMAP_THRESHOLD, threshold) and mallopt(M_TRIM_THRESHOLD, 2 * threshold)):
+        return False
+    _HEAP_THRESHOLD = nbytes
+    return True
 
 
 def bucket_for(rows: int) -> int:
@@ -131,11 +164,18 @@ class _Bucket:
 class CompiledDecode:
     """Decode steps of ``model`` over the paged ``cache``, compiled per bucket of batch sizes."""
 
-    def __init__(self, model: CausalLM, cache, max_len: int, device: torch.device):
+    def __init__(
+        self, model: CausalLM, cache, max_len: int, device: torch.device, module_guards: bool = False
+    ):
+        """``module_guards``: on the CPU, have dynamo check its guards on the model's modules before
+        every step, as it does by default (benchmarks/step_overhead.py measures what they cost)."""
         if model.tp.size > 1 or model.model.embed_tokens is None or model.lm_head is None:
             raise ValueError("compiled decoding runs a whole model in one process (tp = pp = 1)")
         self.model, self.cache, self.device = model, cache, device
         let_compiler_read_threads()  # the CPU products split over the threads in compiled steps too
+        if device.type == "cpu":  # flex attention's scratch buffers (keep_scratch_in_the_heap)
+            keys = cache.k[model.layer_ids[0]]
+            self.heap_scratch = keep_scratch_in_the_heap(keys.numel() * keys.element_size())
         if device.type == "cpu":  # compiled steps multiply by rows (Linear's docstring)
             for m in model.modules():
                 if isinstance(m, Linear):
@@ -152,14 +192,24 @@ class CompiledDecode:
                 torch._dynamo.mark_static_address(t)
         # one graph per bucket; dynamo's default limit on recompiles would cut off the larger ones
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(BUCKETS))
+        # dynamo keeps the graphs it compiles per code object: this decoder's step has one of its
+        # own, so that no other decoder (over another model: module guards are off on the CPU)
+        # finds this one's graphs
+        own = types.FunctionType(CompiledDecode._step.__code__.replace(), CompiledDecode._step.__globals__)
+        step = types.MethodType(own, self)
         if cuda:
-            self.step = torch.compile(self._step, fullgraph=True, dynamic=False, mode="reduce-overhead")
+            self.step = torch.compile(step, fullgraph=True, dynamic=False, mode="reduce-overhead")
         else:
             # the CPU flex-attention kernel takes no fused epilogue (the cast before an int8
             # product); a C++ wrapper around the kernels instead of a Python one takes about 7%
-            # off a step (BENCHMARKS.md)
+            # off a step (BENCHMARKS.md). Dynamo checks no guard on the model's modules before
+            # each step: their weights and attributes do not change once this decoder holds
+            # them, and checking them took 0.55 ms a step against 0.16 ms for the guards left on 150M
+            # parameters (their graph inputs cost 0.1 ms more to gather: BENCHMARKS.md)
             options = {"epilogue_fusion": False, "cpp_wrapper": True}
-            self.step = torch.compile(self._step, fullgraph=True, dynamic=False, options=options)
+            if not module_guards:
+                options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+            self.step = torch.compile(step, fullgraph=True, dynamic=False, options=options)
 
     def _step(self, tokens, positions, slots, masks) -> torch.Tensor:
         step = Step(

@@ -2,6 +2,7 @@
 pool equals attention over gathered blocks; a compiled engine generates what an eager one does,
 at batch sizes padded up to their bucket; once warmed up it compiles nothing more."""
 
+import ctypes
 import random
 
 import pytest
@@ -130,3 +131,56 @@ def test_compiled_int8_decoding_equals_eager_int8(tmp_path):
     compiled = Engine.for_model(model, 16, 16, decode_mode="compiled", max_running=2)
     assert run(compiled, prompts, params, [0, 0]) == run(eager, prompts, params, [0, 0])
     assert compiled.executor.compiled.steps[2] >= 9
+
+
+@torch.inference_mode()
+def test_compiled_decoders_of_two_models_of_one_shape_in_one_process_each_run_their_own(tmp_path):
+    """A compiled CPU decoder checks no guard on its model's modules (engine/compiled.py), so a
+    second decoder over another model of the same shapes must not run the first one's graphs:
+    here the models differ in a constant the graphs hold (the norms' epsilon) and in the kind of
+    their layers (int8), and each compiled engine must generate what its own eager one does."""
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = [[5, 9, 2, 7], [3, 1, 4, 1, 5, 9, 2, 6, 5]]
+    outputs = []
+    for name, eps, quantize in (("a", 1e-6, None), ("b", 0.5, None), ("c", 0.5, "int8")):
+        write_hf_checkpoint("llama", tmp_path / name, seed=7, num_hidden_layers=2, rms_norm_eps=eps)
+        cfg = ModelConfig.from_hf(tmp_path / name)
+        model = build_model(
+            cfg, Checkpoint(tmp_path / name), torch.device("cpu"), None, 64, quantize=quantize
+        )
+        eager = run(Engine.for_model(model, 16, 16, max_running=2), prompts, params, [0, 0])
+        compiled = Engine.for_model(model, 16, 16, decode_mode="compiled", max_running=2)
+        assert run(compiled, prompts, params, [0, 0]) == eager, name
+        outputs.append(eager)
+    assert outputs[0] != outputs[1]  # the epsilon changes what the model generates
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                     "fordblks", "keepcost")
+    ]  # fmt: skip
+
+
+def _mapped_bytes() -> int:
+    """Bytes glibc's malloc holds in chunks of their own mmap (``mallinfo2().hblkhd``)."""
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = _Mallinfo2
+    return mallinfo2().hblkhd
+
+
+def test_flex_attention_scratch_buffers_come_from_the_heap():
+    """Once raised for buffers of ``nbytes``, glibc serves an allocation of that size from its heap
+    (no mmap of its own, so no munmap and TLB flush when it is freed); a larger one is still
+    mapped, which shows the measurement sees mappings."""
+    import engine.compiled as compiled
+
+    nbytes = max(64 << 20, compiled._HEAP_THRESHOLD)
+    assert compiled.keep_scratch_in_the_heap(nbytes)
+    before = _mapped_bytes()
+    within = torch.empty(nbytes, dtype=torch.uint8)  # as the kernel's buffers: allocated, untouched
+    assert _mapped_bytes() - before < nbytes
+    beyond = torch.empty(4 * nbytes, dtype=torch.uint8)
+    assert _mapped_bytes() - before >= 4 * nbytes
+    del within, beyond
