@@ -86,7 +86,8 @@ def worker(args) -> None:
         gen = replica.generator() if replica.is_head else None
     beside = args.pp == 1 and args.tp > 1  # the tp group's all-reduces timed before and after its steps
     shape = planner.ModelShape.from_path(args.model) if beside else None
-    calibrations = [planner.time_in_step(tp, shape)] if beside else []
+    host = tuple(float(v) for v in args.host_work.split(",")) if args.host_work else (0.0, 0.0)
+    calibrations = [planner.time_in_step(tp, shape, host)] if beside else []
     if gen is not None:
         for batch in [int(b) for b in args.batches.split(",")]:
             micro = max(1, min(gen.micro_batches, batch // max(1, gen.min_micro_batch_rows)))
@@ -96,7 +97,7 @@ def worker(args) -> None:
     else:
         replica.follow()
     if beside:
-        calibrations.append(planner.time_in_step(tp, shape))
+        calibrations.append(planner.time_in_step(tp, shape, host))
         if env.rank == 0:
             print(json.dumps({"in_step": [{**c, "procs": args.tp} for c in calibrations]}), flush=True)
     if dist.is_initialized():
@@ -126,6 +127,7 @@ def driver(args) -> int:
         for n in range(args.passes):  # each pass runs every layout once, so the passes interleave
             for tp, pp in LAYOUTS:
                 job = ["--role", "worker", "--model", model_dir, "--tp", str(tp), "--pp", str(pp)]
+                job += ["--host-work", ",".join(map(str, device.host_work(tp)[:2]))]
                 got = _torchrun(tp * pp, *job, "--batches", args.batches, "--repeats", str(args.repeats))
                 measured[(tp, pp)].append(got)
                 if args.passes > 1:
@@ -192,6 +194,7 @@ def main() -> int:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--pp", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--host-work", help=argparse.SUPPRESS)  # a tp rank's per layer: seconds, per row
     args = parser.parse_args()
     if args.role:
         worker(args)

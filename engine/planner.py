@@ -750,7 +750,8 @@ def measure_host(
     in_step: tuple[InStep, ...] = ()
     waiting, message = 0.0, None
     if calibrate:
-        in_step, waiting, message = calibrate_allreduce(fitted, measured, cores)
+        per_layer = {tp: (h[0], h[1]) for tp, *h in shard_host}
+        in_step, waiting, message = calibrate_allreduce(fitted, measured, cores, per_layer)
     where = f"{shape.name}'s" if shape else "hidden-size-64"
     layers = f"the projections of a layer of {shape.name}" if shape else "a 4096 x 4096 layer"
     figures = {
@@ -779,7 +780,8 @@ def measure_host(
         )
         rows = ", ".join(map(str, CALIBRATION_ROWS))
         figures["all-reduce in a step"] = (
-            f"measured: {cases}, at {rows} rows interleaved with matmuls of half a layer"
+            f"measured: {cases}, at {rows} rows interleaved with matmuls of half a layer and half its "
+            "host work"
         )
         figures["message in a step"] = (
             f"measured: {message.at(0) * 1e3:.3f} ms + {message.beta * 1e9:.2f} ns/byte to a rank waiting in "
@@ -942,7 +944,7 @@ CALIBRATION_STEPS = 40  # all-reduces per timed loop
 
 
 def calibrate_allreduce(
-    fitted: Fitted, shape: ModelShape, cores: int
+    fitted: Fitted, shape: ModelShape, cores: int, host: dict[int, tuple[float, float]] | None = None
 ) -> tuple[tuple[InStep, ...], float, InStep]:
     """What an all-reduce costs inside a decode step on this host, and the core time a waiting rank
     takes. Ranks (gloo, one thread each, ``comm.collectives.all_reduce`` with ``auto`` by
@@ -951,7 +953,9 @@ def calibrate_allreduce(
     alone: the difference per all-reduce is its cost in a step. Groups of 2 and of 4 ranks alone,
     then 2 ranks while 2 more wait in a receive, as a pipeline stage with no micro-batch waits;
     the last run's matmul loop against the 2-rank run's gives the waiting ranks' weight. And, with
-    2 ranks, what a message costs a rank that waits for it in a receive (``time_in_step_message``)."""
+    2 ranks, what a message costs a rank that waits for it in a receive (``time_in_step_message``).
+    ``host``: per tp size, the host work of a rank's layer (seconds, seconds per row), which the
+    loops do beside their matmuls (``time_in_step``)."""
     import tempfile
 
     import torch.multiprocessing as mp
@@ -960,8 +964,8 @@ def calibrate_allreduce(
     with tempfile.TemporaryDirectory() as tmp:
         for world, cases in ((2, ((2, 2),)), (4, ((4, 4), (2, 4)))):
             path = Path(tmp) / f"{world}.json"
-            mp.start_processes(_calibration_rank, (world, _free_port(), fitted, shape, cases, str(path)),
-                               nprocs=world, join=True, start_method="spawn")  # fmt: skip
+            args = (world, _free_port(), fitted, shape, cases, str(path), host or {})
+            mp.start_processes(_calibration_rank, args, nprocs=world, join=True, start_method="spawn")
             out += json.loads(path.read_text())
     message = in_step_fit(next(r for r in out if r.get("message")), shape)
     out = [r for r in out if not r.get("message")]
@@ -983,12 +987,15 @@ def in_step_fit(measured: dict, shape: ModelShape) -> InStep:
     return InStep(measured["n"], measured["procs"], alpha, beta, tuple(measured["back_to_back"]))
 
 
-def time_in_step(tp, shape: ModelShape) -> dict:
-    """On every rank of the tp group ``tp`` at once: loops of a matmul of half a tp rank's layer of
-    ``shape`` followed by an all-reduce of the activations, of the matmul alone and of the
-    all-reduce alone, at each of ``CALIBRATION_ROWS`` rows. Returns the cost of an all-reduce in
-    such a loop per row count, the back-to-back all-reduce times, and the matmul loop's time at
-    the most rows (for ``in_step_fit``)."""
+def time_in_step(tp, shape: ModelShape, host: tuple[float, float] = (0.0, 0.0)) -> dict:
+    """On every rank of the tp group ``tp`` at once: loops of the work between two all-reduces of
+    a step (a matmul of half a tp rank's layer of ``shape``, and small ops for half the host work
+    of a layer, ``host`` = (seconds, seconds per row) per layer) followed by an all-reduce of the
+    activations, of that work alone and of the all-reduce alone, at each of ``CALIBRATION_ROWS``
+    rows. What an all-reduce costs in such a loop grows with the work between them where ranks
+    share cores (BENCHMARKS.md), so the loop does as much as a step. Returns the cost of an
+    all-reduce per row count, the back-to-back all-reduce times, and the work loop's time at the
+    most rows (for ``in_step_fit``)."""
     import statistics
 
     import torch
@@ -999,11 +1006,12 @@ def time_in_step(tp, shape: ModelShape) -> dict:
     for rows in CALIBRATION_ROWS:
         x = torch.randn(rows, shape.hidden)
         buf = torch.zeros(rows, shape.hidden)
-        _loop(x, w, buf, tp, True, True)  # warm-up
+        ops = small_ops_for((host[0] + host[1] * rows) / 2)
+        _loop(x, w, buf, tp, True, True, ops)  # warm-up
         both, alone, only = [], [], []
         for _ in range(3):
-            both.append(_loop(x, w, buf, tp, True, True))
-            alone.append(_loop(x, w, buf, tp, True, False))
+            both.append(_loop(x, w, buf, tp, True, True, ops))
+            alone.append(_loop(x, w, buf, tp, True, False, ops))
             only.append(_loop(x, w, buf, tp, False, True))
         rows_out.append((rows, statistics.median(both) - statistics.median(alone)))
         b2b.append(statistics.median(only))
@@ -1065,21 +1073,38 @@ def time_in_step_message(rank: int, shape: ModelShape) -> dict:
     return {"n": 2, "procs": 2, "rows": rows_out, "back_to_back": b2b, "message": True}
 
 
-def _loop(x, w, buf, tp, compute: bool, reduce: bool) -> float:
-    """Seconds per iteration of a matmul of ``x`` by ``w`` and/or an all-reduce of ``buf``."""
+def _loop(x, w, buf, tp, compute: bool, reduce: bool, ops: int = 0) -> float:
+    """Seconds per iteration of a matmul of ``x`` by ``w`` and ``ops`` small ops (the host work
+    beside it), and/or an all-reduce of ``buf``."""
     import torch
     import torch.distributed as dist
 
     from comm.collectives import all_reduce
 
+    small = torch.zeros(8)
     dist.barrier(group=tp.group)
     t = time.perf_counter()
     for _ in range(CALIBRATION_STEPS):
         if compute:
             torch.nn.functional.linear(x, w)
+            for _ in range(ops):
+                torch.add(small, 1.0, out=small)
         if reduce:
             all_reduce(buf, tp)
     return (time.perf_counter() - t) / CALIBRATION_STEPS
+
+
+def small_ops_for(seconds: float) -> int:
+    """How many of ``_loop``'s small ops take ``seconds`` on this thread."""
+    import torch
+
+    small = torch.zeros(8)
+    for _ in range(100):
+        torch.add(small, 1.0, out=small)
+    t = time.perf_counter()
+    for _ in range(2000):
+        torch.add(small, 1.0, out=small)
+    return max(0, round(seconds / ((time.perf_counter() - t) / 2000)))
 
 
 def _free_port() -> int:
@@ -1090,7 +1115,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _calibration_rank(rank: int, world: int, port: int, fitted: Fitted, shape: ModelShape, cases, path: str):
+def _calibration_rank(
+    rank: int, world: int, port: int, fitted: Fitted, shape: ModelShape, cases, path: str, host: dict
+):
     from datetime import timedelta
 
     import torch
@@ -1110,7 +1137,7 @@ def _calibration_rank(rank: int, world: int, port: int, fitted: Fitted, shape: M
             dist.recv(torch.empty(1), src=0)
             continue
         tp = TPGroup(rank, n, groups[n], tuple(range(n)), "auto", n)
-        measured = time_in_step(tp, shape)
+        measured = time_in_step(tp, shape, host.get(n, (0.0, 0.0)))
         if rank == 0:
             for other in range(n, procs):
                 dist.send(torch.zeros(1), dst=other)

@@ -8,9 +8,11 @@ import importlib.util
 import json
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch
 
 from comm.cost import Fitted, Link
 from engine import planner
@@ -380,9 +382,11 @@ def test_calibration_fits_each_case_and_weighs_the_waiting_ranks(monkeypatch):
     r0, r1 = planner.CALIBRATION_ROWS
     b0, b1 = (r * hidden * 4 for r in planner.CALIBRATION_ROWS)
 
+    host = {2: (3e-4, 2e-6), 4: (2e-4, 1e-6)}  # a tp rank's host work per layer, which the loops do
+
     def fake_start(fn, args, nprocs, join, start_method):
-        world, _, _, _, cases, path = args
-        assert world == nprocs and start_method == "spawn"
+        world, _, _, _, cases, path, work = args
+        assert world == nprocs and start_method == "spawn" and work == host
         out = []
         for n, procs in cases:
             t0, t1 = 1e-4 * n + 1e-4 * (procs - n), 1e-4 * n + 1e-4 * (procs - n) + (b1 - b0) * 1e-9
@@ -395,7 +399,7 @@ def test_calibration_fits_each_case_and_weighs_the_waiting_ranks(monkeypatch):
         Path(path).write_text(json.dumps(out))
 
     monkeypatch.setattr(mp, "start_processes", fake_start)
-    cases, weight, message = planner.calibrate_allreduce(fake_host().network.fitted, planner.TINY, 2)
+    cases, weight, message = planner.calibrate_allreduce(fake_host().network.fitted, planner.TINY, 2, host)
     assert message.alpha == pytest.approx(5e-4) and message.beta == pytest.approx(2e-9)
     assert message.back_to_back == (4e-5, 5e-5)
     got = {(c.n, c.procs): c for c in cases}
@@ -407,6 +411,29 @@ def test_calibration_fits_each_case_and_weighs_the_waiting_ranks(monkeypatch):
     assert got[(2, 2)].back_to_back == (5e-5, 6e-5)
     # the matmul 1.3 times slower beside 2 waiting ranks on 2 cores: each takes 0.3 of a core
     assert weight == pytest.approx(0.3)
+
+
+def test_the_calibration_loops_do_a_layers_host_work_beside_its_matmul():
+    """What an all-reduce costs in a step grows with the work between two of them where ranks share
+    cores, so the calibration's loops do half a layer's host work as small ops beside the matmul:
+    as many as take that long on this thread."""
+    import torch.distributed as dist
+
+    from comm.collectives import TPGroup
+
+    assert planner.small_ops_for(0.0) == 0
+    ops = planner.small_ops_for(2e-3)
+    assert ops > planner.small_ops_for(1e-3) > 0
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=timedelta(seconds=60))
+    try:
+        tp = TPGroup(0, 1, None, (0,), "auto", 1)
+        x, w, buf = torch.randn(1, 8), torch.randn(8, 8), torch.zeros(1, 8)
+        bare = min(planner._loop(x, w, buf, tp, True, False) for _ in range(3))
+        busy = min(planner._loop(x, w, buf, tp, True, False, ops) for _ in range(3))
+    finally:
+        dist.destroy_process_group()
+    assert 0.5e-3 < busy - bare < 8e-3  # about the 2 ms asked for (this host's speed moves)
 
 
 def test_the_first_message_of_each_hand_off_costs_a_message_to_a_waiting_rank(tmp_path):
