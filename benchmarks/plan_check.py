@@ -86,8 +86,10 @@ def worker(args) -> None:
         gen = replica.generator() if replica.is_head else None
     beside = args.pp == 1 and args.tp > 1  # the tp group's all-reduces timed before and after its steps
     shape = planner.ModelShape.from_path(args.model) if beside else None
-    host = tuple(float(v) for v in args.host_work.split(",")) if args.host_work else (0.0, 0.0)
-    calibrations = [planner.time_in_step(tp, shape, host)] if beside else []
+    host, op_s = (0.0, 0.0), None
+    if args.host_work:  # a tp rank's host work per layer, and a small op's time, from the driver
+        *host, op_s = (float(v) for v in args.host_work.split(","))
+    calibrations = [planner.time_in_step(tp, shape, tuple(host), op_s)] if beside else []
     if gen is not None:
         for batch in [int(b) for b in args.batches.split(",")]:
             micro = max(1, min(gen.micro_batches, batch // max(1, gen.min_micro_batch_rows)))
@@ -97,7 +99,7 @@ def worker(args) -> None:
     else:
         replica.follow()
     if beside:
-        calibrations.append(planner.time_in_step(tp, shape, host))
+        calibrations.append(planner.time_in_step(tp, shape, tuple(host), op_s))
         if env.rank == 0:
             print(json.dumps({"in_step": [{**c, "procs": args.tp} for c in calibrations]}), flush=True)
     if dist.is_initialized():
@@ -127,7 +129,8 @@ def driver(args) -> int:
         for n in range(args.passes):  # each pass runs every layout once, so the passes interleave
             for tp, pp in LAYOUTS:
                 job = ["--role", "worker", "--model", model_dir, "--tp", str(tp), "--pp", str(pp)]
-                job += ["--host-work", ",".join(map(str, device.host_work(tp)[:2]))]
+                work = (*device.host_work(tp)[:2], planner.small_op_seconds())
+                job += ["--host-work", ",".join(map(str, work))]
                 got = _torchrun(tp * pp, *job, "--batches", args.batches, "--repeats", str(args.repeats))
                 measured[(tp, pp)].append(got)
                 if args.passes > 1:
@@ -194,7 +197,8 @@ def main() -> int:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--pp", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--host-work", help=argparse.SUPPRESS)  # a tp rank's per layer: seconds, per row
+    # a tp rank's host work per layer (seconds, seconds per row) and a small op's seconds
+    parser.add_argument("--host-work", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
         worker(args)

@@ -14,6 +14,15 @@ two all-reduces), which are per call.
     python -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/step_phases.py --tp 2
     python -m torch.distributed.run --standalone --nproc-per-node 4 benchmarks/step_phases.py \
         --tp 2 --pp 2 --batch 64
+
+``--between 0,0.1,0.2,0.5`` instead runs the planner's calibration loops (``engine.planner._loop``)
+on a tp group of every rank: a batch-1 all-reduce of the model's hidden size after that many
+milliseconds of one thread's small ops on each rank (their time measured on rank 0 alone),
+against the same work without the all-reduces, and prints what an all-reduce costs in such a loop
+for each amount of work between two.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 4 benchmarks/step_phases.py \
+        --tp 4 --between 0,0.05,0.1,0.2,0.5
 """
 
 from __future__ import annotations
@@ -97,6 +106,29 @@ def summary(rank: int, start: float, end: float, tokens: int, tp: int) -> list[s
     return lines
 
 
+def between(tp, hidden: int, works_ms: list[float], rank: int) -> None:
+    """The cost of an all-reduce in the calibration's loops, for each amount of work between two."""
+    from engine import planner
+
+    x, w, buf = torch.randn(1, 8), torch.randn(8, 8), torch.zeros(1, hidden)
+    # a small op's time, measured by one rank while the others wait at the barrier after it
+    op_s = [planner.small_op_seconds() if rank == 0 else 0.0]
+    dist.broadcast_object_list(op_s, src=0)
+    found: dict[float, list[tuple[float, float]]] = {ms: [] for ms in works_ms}
+    for _ in range(3):
+        for ms in works_ms:
+            ops = planner.small_ops_for(ms / 1e3, op_s[0])
+            both = planner._loop(x, w, buf, tp, True, True, ops)
+            alone = planner._loop(x, w, buf, tp, True, False, ops)
+            found[ms].append((both - alone, alone))
+    if rank == 0:
+        for ms, rounds in found.items():
+            cost = statistics.median(c for c, _ in rounds) * 1e3
+            work = statistics.median(a for _, a in rounds) * 1e3
+            print(f"{ms:.2f} ms of small ops asked ({work:.3f} ms a loop without all-reduces): "
+                  f"an all-reduce costs {cost:.3f} ms", flush=True)  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="checkpoint directory (default: the demo preset below)")
@@ -105,6 +137,7 @@ def main() -> int:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=41)
+    parser.add_argument("--between", help="milliseconds of work between all-reduces: the calibration's loops")
     args = parser.parse_args()
     env, device = init(timeout_s=300)
     layout = ParallelLayout(tp=args.tp, pp=args.pp)
@@ -117,6 +150,13 @@ def main() -> int:
         ensure_demo(model_dir, args.preset)
     dist.barrier()
     tp = make_groups(layout, env.rank, 300, algorithm="auto")
+    if args.between:
+        from engine.config import ModelConfig
+
+        hidden = ModelConfig.from_hf(model_dir).hidden_size
+        between(tp, hidden, [float(v) for v in args.between.split(",")], env.rank)
+        dist.destroy_process_group()
+        return 0
     replica = load_stage(model_dir, layout, env, tp, device, progress=False)
     instrument()
     window = [0.0, 0.0]

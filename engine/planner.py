@@ -964,7 +964,7 @@ def calibrate_allreduce(
     with tempfile.TemporaryDirectory() as tmp:
         for world, cases in ((2, ((2, 2),)), (4, ((4, 4), (2, 4)))):
             path = Path(tmp) / f"{world}.json"
-            args = (world, _free_port(), fitted, shape, cases, str(path), host or {})
+            args = (world, _free_port(), fitted, shape, cases, str(path), host or {}, small_op_seconds())
             mp.start_processes(_calibration_rank, args, nprocs=world, join=True, start_method="spawn")
             out += json.loads(path.read_text())
     message = in_step_fit(next(r for r in out if r.get("message")), shape)
@@ -987,13 +987,16 @@ def in_step_fit(measured: dict, shape: ModelShape) -> InStep:
     return InStep(measured["n"], measured["procs"], alpha, beta, tuple(measured["back_to_back"]))
 
 
-def time_in_step(tp, shape: ModelShape, host: tuple[float, float] = (0.0, 0.0)) -> dict:
+def time_in_step(
+    tp, shape: ModelShape, host: tuple[float, float] = (0.0, 0.0), op_seconds: float | None = None
+) -> dict:
     """On every rank of the tp group ``tp`` at once: loops of the work between two all-reduces of
     a step (a matmul of half a tp rank's layer of ``shape``, and small ops for half the host work
     of a layer, ``host`` = (seconds, seconds per row) per layer) followed by an all-reduce of the
     activations, of that work alone and of the all-reduce alone, at each of ``CALIBRATION_ROWS``
-    rows. What an all-reduce costs in such a loop grows with the work between them where ranks
-    share cores (BENCHMARKS.md), so the loop does as much as a step. Returns the cost of an
+    rows (``op_seconds``: a small op's time, measured before the ranks started). What an all-reduce
+    costs in such a loop grows with the work between them where ranks share cores (BENCHMARKS.md),
+    so the loop does as much as a step. Returns the cost of an
     all-reduce per row count, the back-to-back all-reduce times, and the work loop's time at the
     most rows (for ``in_step_fit``)."""
     import statistics
@@ -1006,7 +1009,7 @@ def time_in_step(tp, shape: ModelShape, host: tuple[float, float] = (0.0, 0.0)) 
     for rows in CALIBRATION_ROWS:
         x = torch.randn(rows, shape.hidden)
         buf = torch.zeros(rows, shape.hidden)
-        ops = small_ops_for((host[0] + host[1] * rows) / 2)
+        ops = small_ops_for((host[0] + host[1] * rows) / 2, op_seconds)
         _loop(x, w, buf, tp, True, True, ops)  # warm-up
         both, alone, only = [], [], []
         for _ in range(3):
@@ -1094,8 +1097,9 @@ def _loop(x, w, buf, tp, compute: bool, reduce: bool, ops: int = 0) -> float:
     return (time.perf_counter() - t) / CALIBRATION_STEPS
 
 
-def small_ops_for(seconds: float) -> int:
-    """How many of ``_loop``'s small ops take ``seconds`` on this thread."""
+def small_op_seconds() -> float:
+    """Seconds one of ``_loop``'s small ops takes on this thread (measure it with no other rank
+    running: ranks measuring at once on shared cores would each see a fraction of a core)."""
     import torch
 
     small = torch.zeros(8)
@@ -1104,7 +1108,12 @@ def small_ops_for(seconds: float) -> int:
     t = time.perf_counter()
     for _ in range(2000):
         torch.add(small, 1.0, out=small)
-    return max(0, round(seconds / ((time.perf_counter() - t) / 2000)))
+    return (time.perf_counter() - t) / 2000
+
+
+def small_ops_for(seconds: float, op_seconds: float | None = None) -> int:
+    """How many of ``_loop``'s small ops make ``seconds`` of one thread's work."""
+    return max(0, round(seconds / (op_seconds or small_op_seconds())))
 
 
 def _free_port() -> int:
@@ -1116,7 +1125,15 @@ def _free_port() -> int:
 
 
 def _calibration_rank(
-    rank: int, world: int, port: int, fitted: Fitted, shape: ModelShape, cases, path: str, host: dict
+    rank: int,
+    world: int,
+    port: int,
+    fitted: Fitted,
+    shape: ModelShape,
+    cases,
+    path: str,
+    host: dict,
+    op_seconds: float,
 ):
     from datetime import timedelta
 
@@ -1137,7 +1154,7 @@ def _calibration_rank(
             dist.recv(torch.empty(1), src=0)
             continue
         tp = TPGroup(rank, n, groups[n], tuple(range(n)), "auto", n)
-        measured = time_in_step(tp, shape, host.get(n, (0.0, 0.0)))
+        measured = time_in_step(tp, shape, host.get(n, (0.0, 0.0)), op_seconds)
         if rank == 0:
             for other in range(n, procs):
                 dist.send(torch.zeros(1), dst=other)

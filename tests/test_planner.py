@@ -385,7 +385,8 @@ def test_calibration_fits_each_case_and_weighs_the_waiting_ranks(monkeypatch):
     host = {2: (3e-4, 2e-6), 4: (2e-4, 1e-6)}  # a tp rank's host work per layer, which the loops do
 
     def fake_start(fn, args, nprocs, join, start_method):
-        world, _, _, _, cases, path, work = args
+        world, _, _, _, cases, path, work, op_seconds = args
+        assert 0 < op_seconds < 1e-3
         assert world == nprocs and start_method == "spawn" and work == host
         out = []
         for n, procs in cases:
