@@ -1,17 +1,18 @@
 """The planner's model of time against measured decode steps of every layout this host can run.
 
 For each model, the host is measured first (``engine.planner.measure_host``: one thread's weight
-bandwidth and matmul rates, host work beyond the matmuls on two random models of the model's
-shape (``host_layers``), the gloo links of topologies/fitted.json, and ``calibrate_allreduce``: all-reduces
-interleaved with matmuls of a layer's size, with 2 and 4 ranks and with waiting ranks), then every
-layout (tp = 1, 2, 4; pp = 2; tp 2 x pp 2) runs as its own torchrun job with one thread per rank
-and ``--allreduce auto``, timing decode steps at each batch size (``time_decode_step``: the time of
-20 generated tokens less that of 4, over the 16 steps between). Beside each measurement it prints
-what ``engine.planner.decode_step`` predicts for it, the code path of ``python -m engine.planner
---gpu cpu``, with its parts. A layout of tp ranks alone (pp = 1) also times its all-reduces in a
-step in its own tp group (``engine.planner.time_in_step``, the loops of the host's calibration)
-just before and just after its steps, and is predicted with the mean of those; the prediction
-with the host's calibration of minutes before is printed beside it ("host-calibrated").
+bandwidth and matmul rates, host work beyond the matmuls on two random models of the model's shape
+(``host_layers``), the gloo links of topologies/fitted.json, and ``calibrate_allreduce``:
+all-reduces interleaved with matmuls of a layer's size and its host work, with 2 and 4 ranks and
+with waiting ranks), then every layout (tp = 1, 2, 4; pp = 2; tp 2 x pp 2) runs as its own torchrun
+job with one thread per rank and ``--allreduce auto``, timing decode steps at each batch size
+(``time_decode_step``: the time of 20 generated tokens less that of 4, over the 16 steps between).
+Beside each measurement it prints what ``engine.planner.decode_step`` predicts for it, the code path
+of ``python -m engine.planner --gpu cpu``, with its parts. A layout of tp ranks alone (pp = 1) also
+times its all-reduces in a step in its own tp group (``engine.planner.time_in_step``, the loops of
+the host's calibration) just before and just after its steps, and is predicted with the mean of
+those; the prediction with the host's calibration of minutes before is printed beside it
+("host-calibrated").
 
     python benchmarks/plan_check.py
     python benchmarks/plan_check.py --presets demo --batches 1,16 --json out.json
@@ -88,8 +89,9 @@ def worker(args) -> None:
     shape = planner.ModelShape.from_path(args.model) if beside else None
     host, op_s = (0.0, 0.0), None
     if args.host_work:  # a tp rank's host work per layer, and a small op's time, from the driver
-        *host, op_s = (float(v) for v in args.host_work.split(","))
-    calibrations = [planner.time_in_step(tp, shape, tuple(host), op_s)] if beside else []
+        layer_s, layer_row_s, op_s = (float(v) for v in args.host_work.split(","))
+        host = (layer_s, layer_row_s)
+    calibrations = [planner.time_in_step(tp, shape, host, op_s)] if beside else []
     if gen is not None:
         for batch in [int(b) for b in args.batches.split(",")]:
             micro = max(1, min(gen.micro_batches, batch // max(1, gen.min_micro_batch_rows)))
@@ -99,7 +101,7 @@ def worker(args) -> None:
     else:
         replica.follow()
     if beside:
-        calibrations.append(planner.time_in_step(tp, shape, tuple(host), op_s))
+        calibrations.append(planner.time_in_step(tp, shape, host, op_s))
         if env.rank == 0:
             print(json.dumps({"in_step": [{**c, "procs": args.tp} for c in calibrations]}), flush=True)
     if dist.is_initialized():

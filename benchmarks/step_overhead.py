@@ -53,14 +53,19 @@ PARTS = {  # profiler event -> what it is
 }
 
 
-def parts(gen: Generator, prompt: list[list[int]], params: SamplingParams) -> dict[str, float]:
-    """Seconds per decode step in each of ``PARTS``, from one profiled generation."""
+def profiled(gen: Generator, prompt: list[list[int]], params: SamplingParams):
+    """The profiler's events of one generation, averaged by name."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         gen.generate(prompt, params)
+    return prof.key_averages()
+
+
+def parts(gen: Generator, prompt: list[list[int]], params: SamplingParams) -> dict[str, float]:
+    """Seconds per decode step in each of ``PARTS``, from one profiled generation."""
     out = dict.fromkeys(PARTS.values(), 0.0)
-    for event in prof.key_averages():
+    for event in profiled(gen, prompt, params):
         for prefix, name in PARTS.items():
             if event.key.startswith(prefix):
                 out[name] += event.self_cpu_time_total / 1e6 / (params.max_tokens - 1)
@@ -70,13 +75,9 @@ def parts(gen: Generator, prompt: list[list[int]], params: SamplingParams) -> di
 def kernels(gen: Generator, prompt: list[list[int]], params: SamplingParams) -> dict[str, float]:
     """Seconds per decode step in the generated kernels, by kind: flex attention, and the others
     (the products with what inductor fused into them), and their calls per step."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        gen.generate(prompt, params)
     steps = params.max_tokens - 1
     out = {"flex attention": 0.0, "other kernels": 0.0, "flex calls": 0.0, "other calls": 0.0}
-    for event in prof.key_averages():
+    for event in profiled(gen, prompt, params):
         if event.key.startswith("graph_") and "_cpp_" in event.key:
             kind = "flex" if "flex_attention" in event.key else "other"
             out["flex attention" if kind == "flex" else "other kernels"] += (
@@ -140,7 +141,13 @@ def pool_step(model_dir: str, blocks: int, heap: bool) -> dict[str, float]:
             eng.step()
             steps.append(time.perf_counter() - t)
         medians.append(statistics.median(steps[2:]))  # the decode steps, not the prefill
-    return {"step": statistics.median(medians), "set": eng.executor.compiled.heap_scratch}
+    return {"step": statistics.median(medians)}
+
+
+def child(*args: str) -> dict:
+    """The figures this script prints as its last line when run with ``args`` in a new process."""
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
@@ -170,17 +177,8 @@ def main() -> int:
         for _ in range(args.rounds):
             for blocks in [int(b) for b in args.pools.split(",")]:
                 for variant in variants:
-                    cmd = [
-                        sys.executable,
-                        __file__,
-                        "--model",
-                        model_dir,
-                        "--one-pool",
-                        f"{blocks}:{variant}",
-                    ]
-                    cmd += ["--threads", str(args.threads)]
-                    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-                    row = json.loads(out.stdout.strip().splitlines()[-1])
+                    row = child("--model", model_dir, "--one-pool", f"{blocks}:{variant}", "--threads",
+                                str(args.threads))  # fmt: skip
                     found.setdefault((blocks, variant), []).append(row["step"])
         print(
             f"model {model_dir}, {args.threads} threads, serving engine, compiled steps, {args.rounds} rounds"
@@ -203,10 +201,8 @@ def main() -> int:
     rows: dict[str, list[dict[str, float]]] = {v: [] for v in names}
     for _ in range(args.rounds):
         for variant in names:
-            cmd = [sys.executable, __file__, "--model", model_dir, "--one", variant]
-            cmd += ["--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            rows[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows[variant].append(child("--model", model_dir, "--one", variant, "--new-tokens",
+                                       str(args.new_tokens), "--threads", str(args.threads)))  # fmt: skip
     print(
         f"model {model_dir}, {args.threads} threads, torch {torch.__version__}, batch 1, {args.rounds} rounds"
     )

@@ -42,7 +42,8 @@ def resolve_decode_mode(requested: str, device: torch.device) -> str:
     return requested
 
 
-_HEAP_THRESHOLD = 0  # the largest the mmap threshold has been raised to in this process
+_HEAP_COVERS = 0  # the largest allocation the raised thresholds serve from the heap in this process
+_INT_MAX = 2**31 - 1  # mallopt takes a C int
 
 
 def keep_scratch_in_the_heap(nbytes: int) -> bool:
@@ -56,20 +57,22 @@ def keep_scratch_in_the_heap(nbytes: int) -> bool:
     flushes every core's TLB. A serving pool of 8192 blocks (128 MiB buffers in the demo) made a
     compiled step of the demo a fifth slower than a pool of 128 (BENCHMARKS.md). The buffers are
     never touched unless the kernel packs (not for these decode shapes), so what the heap keeps is
-    address space, not resident memory. Returns whether the thresholds were set (glibc only)."""
-    global _HEAP_THRESHOLD
-    if nbytes <= _HEAP_THRESHOLD:
+    address space, not resident memory. Returns whether the thresholds cover ``nbytes`` (glibc
+    only, and buffers below 1 GiB: the thresholds are C ints)."""
+    global _HEAP_COVERS
+    if nbytes <= _HEAP_COVERS:
         return True
+    threshold = 2 * nbytes  # above each buffer, with room for the allocator's headers
+    if threshold > _INT_MAX:
+        return False
     try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc: its allocator decides
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    threshold = 2 * nbytes  # above each buffer, with room for the allocator's headers
-    if not (mallopt(M_MMAP_THRESHOLD, threshold) and mallopt(M_TRIM_THRESHOLD, 2 * threshold)):
+    if not (mallopt(M_MMAP_THRESHOLD, threshold) and mallopt(M_TRIM_THRESHOLD, min(2 * threshold, _INT_MAX))):
         return False
-    _HEAP_THRESHOLD = nbytes
+    _HEAP_COVERS = nbytes
     return True
 
 
@@ -173,10 +176,10 @@ class CompiledDecode:
             raise ValueError("compiled decoding runs a whole model in one process (tp = pp = 1)")
         self.model, self.cache, self.device = model, cache, device
         let_compiler_read_threads()  # the CPU products split over the threads in compiled steps too
-        if device.type == "cpu":  # flex attention's scratch buffers (keep_scratch_in_the_heap)
-            keys = cache.k[model.layer_ids[0]]
-            self.heap_scratch = keep_scratch_in_the_heap(keys.numel() * keys.element_size())
-        if device.type == "cpu":  # compiled steps multiply by rows (Linear's docstring)
+        if device.type == "cpu":
+            keys = cache.k[model.layer_ids[0]]  # the size of flex attention's scratch buffers
+            keep_scratch_in_the_heap(keys.numel() * keys.element_size())
+            # compiled steps multiply by rows (Linear's docstring)
             for m in model.modules():
                 if isinstance(m, Linear):
                     m.store_by_rows()

@@ -948,14 +948,14 @@ def calibrate_allreduce(
 ) -> tuple[tuple[InStep, ...], float, InStep]:
     """What an all-reduce costs inside a decode step on this host, and the core time a waiting rank
     takes. Ranks (gloo, one thread each, ``comm.collectives.all_reduce`` with ``auto`` by
-    ``fitted``) time loops of a matmul of half a tp rank's layer of ``shape`` (the work between a
-    step's all-reduces) followed by an all-reduce of the activations, and loops of the matmul
-    alone: the difference per all-reduce is its cost in a step. Groups of 2 and of 4 ranks alone,
-    then 2 ranks while 2 more wait in a receive, as a pipeline stage with no micro-batch waits;
-    the last run's matmul loop against the 2-rank run's gives the waiting ranks' weight. And, with
-    2 ranks, what a message costs a rank that waits for it in a receive (``time_in_step_message``).
-    ``host``: per tp size, the host work of a rank's layer (seconds, seconds per row), which the
-    loops do beside their matmuls (``time_in_step``)."""
+    ``fitted``) time loops of the work between a step's all-reduces (``time_in_step``: a matmul of
+    half a tp rank's layer of ``shape`` and half its host work) followed by an all-reduce of the
+    activations, and loops of that work alone: the difference per all-reduce is its cost in a step.
+    Groups of 2 and of 4 ranks alone, then 2 ranks while 2 more wait in a receive, as a pipeline
+    stage with no micro-batch waits; the last run's matmul loop against the 2-rank run's gives the
+    waiting ranks' weight. And, with 2 ranks, what a message costs a rank that waits for it in a
+    receive (``time_in_step_message``). ``host``: per tp size, the host work of a rank's layer
+    (seconds, seconds per row), which the loops do beside their matmuls (``time_in_step``)."""
     import tempfile
 
     import torch.multiprocessing as mp
@@ -996,9 +996,8 @@ def time_in_step(
     activations, of that work alone and of the all-reduce alone, at each of ``CALIBRATION_ROWS``
     rows (``op_seconds``: a small op's time, measured before the ranks started). What an all-reduce
     costs in such a loop grows with the work between them where ranks share cores (BENCHMARKS.md),
-    so the loop does as much as a step. Returns the cost of an
-    all-reduce per row count, the back-to-back all-reduce times, and the work loop's time at the
-    most rows (for ``in_step_fit``)."""
+    so the loop does as much as a step. Returns the cost of an all-reduce per row count, the
+    back-to-back all-reduce times, and the work loop's time at the most rows (for ``in_step_fit``)."""
     import statistics
 
     import torch
