@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import itertools
 import math
 import time
@@ -280,8 +279,13 @@ class KvEventPublisher:
                 wait = HEARTBEAT_S
                 if may_send_load:
                     wait = max(0.0, last_record + HEARTBEAT_S - time.monotonic())
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(sub.wake.wait(), wait)
+                # asyncio.wait, not wait_for: before Python 3.12, wait_for returns normally when the
+                # event is set as the stream is cancelled, and the cancelled stream would go on
+                woken = asyncio.ensure_future(sub.wake.wait())
+                try:
+                    await asyncio.wait((woken,), timeout=wait)
+                finally:
+                    woken.cancel()
         finally:
             if snapshot is not None:
                 snapshot.cancel()
